@@ -1,0 +1,30 @@
+# Two commands for a new user: `make demo` and `make test`. Both create .venv and install.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench install clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+data/digits: | $(STAMP)
+	$(BIN)/tunecv data digits data/digits --image-size 64
+
+demo: $(STAMP) data/digits
+	$(BIN)/tunecv train --config configs/digits.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra
+
+bench: $(STAMP) data/digits
+	$(BIN)/python bench/throughput.py
+
+clean:
+	rm -rf runs data/digits

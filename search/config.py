@@ -1,0 +1,137 @@
+"""The one place a run's YAML file becomes typed, frozen, validated objects.
+
+A run file holds ``name`` and ``output_dir`` plus the trial sections (``data``,
+``model``, ``optim``, ``loss``, ``augment``, ``scaling``) defined in
+``trainables/config.py``. Loading checks everything that can be checked without
+compute (unknown keys, types, ranges, backbone and loss names, that paths exist) and
+raises one ``ConfigError`` listing every problem with its field and fix, before Ray or
+torch spend anything. Relative paths are taken from the current working directory,
+which is also the job's working directory under ``ray job submit``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from trainables.config import TrialConfig
+
+
+class ConfigError(ValueError):
+    """A run file is invalid; the message lists each field, the problem and the fix."""
+
+
+class RunConfig(TrialConfig):
+    """A whole run: where it goes, plus the trial settings."""
+
+    name: str = Field("tunecv", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    output_dir: Path = Path("runs")
+
+    @model_validator(mode="after")
+    def _fp16_needs_gpu(self) -> RunConfig:
+        if self.optim.precision == "fp16" and not self.scaling.use_gpu:
+            raise ValueError(
+                "optim.precision fp16 needs scaling.use_gpu: true; on the CPU use bf16 or fp32."
+            )
+        return self
+
+    def trial(self) -> TrialConfig:
+        """The trial part alone, as every trial receives it."""
+        return TrialConfig(**{k: getattr(self, k) for k in TrialConfig.model_fields})
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling against the README's config reference"
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
+        lines.append(f"  - {loc}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw mapping.
+
+    Raises:
+        ConfigError: An override is not of the form ``a.b=value``.
+    """
+    for item in overrides:
+        match = re.fullmatch(r"([A-Za-z_][\w.]*)=(.*)", item)
+        if not match:
+            raise ConfigError(f"override '{item}' must look like section.key=value, e.g. optim.epochs=3")
+        *parents, leaf = match.group(1).split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node[leaf] = yaml.safe_load(match.group(2))
+    return raw
+
+
+def _check_paths(cfg: RunConfig) -> list[str]:
+    problems = []
+    if not cfg.data.root.is_dir():
+        problems.append(f"  - data.root: directory '{cfg.data.root}' does not exist")
+    if cfg.data.manifest is not None and not cfg.data.manifest.is_file():
+        problems.append(f"  - data.manifest: file '{cfg.data.manifest}' does not exist")
+    if cfg.model.weights_file is not None and not cfg.model.weights_file.is_file():
+        problems.append(
+            f"  - model.weights_file: file '{cfg.model.weights_file}' does not exist; "
+            "give a local weights file or remove the key"
+        )
+    return problems
+
+
+def parse_config(raw: Any, source: str = "<dict>") -> RunConfig:
+    """Validate a raw mapping into a ``RunConfig``.
+
+    Raises:
+        ConfigError: With every problem found, each naming its field.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {source} must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+    problems = _check_paths(cfg)
+    if problems:
+        raise ConfigError("\n".join([f"invalid config {source}:", *problems]))
+    return cfg
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read, override and validate a run file.
+
+    Args:
+        path: YAML file.
+        overrides: ``section.key=value`` strings applied on top of the file.
+
+    Raises:
+        ConfigError: Unreadable YAML or any invalid field.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+    if isinstance(raw, dict):
+        raw = apply_overrides(raw, overrides)
+    return parse_config(raw, source=f"'{path}'")
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML, written into every run directory."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,147 @@
+"""DataLoaders and samplers for one rank: sharded training data, sharded validation.
+
+Owns batching decisions: per-rank sampling (shuffled or class-balanced, disjoint across
+ranks), ``drop_last`` on training (a last batch of 1 breaks BatchNorm), persistent
+workers, pinned memory on GPU, and the contiguous, unpadded validation shards whose
+results the loop gathers so metrics cover every validation image exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
+
+from trainables.datasets import DataSplit, ImageDataset
+from trainables.runtime import Runtime
+
+
+class WeightedShardSampler(Sampler[int]):
+    """Class-balanced sampling with replacement, drawn independently per rank.
+
+    Each rank draws ``len(dataset) // world_size`` indices per epoch with weights
+    ``1 / count(class)``, so every class is expected equally often across the job.
+    """
+
+    def __init__(self, labels: Sequence[int], runtime: Runtime, seed: int) -> None:
+        counts = np.bincount(np.asarray(labels))
+        weights = 1.0 / counts[np.asarray(labels)]
+        self.weights = torch.as_tensor(weights, dtype=torch.double)
+        self.num_samples = len(labels) // runtime.world_size
+        self.rank = runtime.rank
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed + 10_007 * self.epoch + self.rank)
+        return iter(torch.multinomial(self.weights, self.num_samples, True, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def _worker_init(worker_id: int) -> None:
+    import cv2
+
+    # Each loader process decodes one image at a time; OpenCV's own thread pool would
+    # only fight the training threads for the same cores.
+    cv2.setNumThreads(0)
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _loader(dataset, *, batch_size: int, sampler, drop_last: bool, num_workers: int, pin: bool):
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=pin,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+def create_train_loader(
+    split: DataSplit,
+    transform,
+    *,
+    batch_size: int,
+    num_workers: int,
+    balanced: bool,
+    seed: int,
+    runtime: Runtime,
+    max_pixels: int,
+) -> DataLoader:
+    """The training loader for this rank.
+
+    Raises:
+        ValueError: Fewer training images per rank than one batch.
+    """
+    per_rank = len(split.train) // runtime.world_size
+    if per_rank < batch_size:
+        raise ValueError(
+            f"optim.batch_size {batch_size} is larger than the {per_rank} training images "
+            f"each of {runtime.world_size} worker(s) gets; lower batch_size to at most {per_rank}."
+        )
+    dataset = ImageDataset(split.root, split.train, transform, max_pixels=max_pixels)
+    if balanced:
+        sampler = WeightedShardSampler([s.label for s in split.train], runtime, seed)
+    else:
+        sampler = DistributedSampler(
+            dataset,
+            num_replicas=runtime.world_size,
+            rank=runtime.rank,
+            shuffle=True,
+            seed=seed,
+            drop_last=True,
+        )
+    return _loader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=num_workers,
+        pin=runtime.device.type == "cuda",
+    )
+
+
+def val_shard(num_items: int, runtime: Runtime) -> range:
+    """This rank's contiguous slice of the validation set; slices cover it exactly once."""
+    per_rank = math.ceil(num_items / runtime.world_size)
+    start = min(num_items, runtime.rank * per_rank)
+    return range(start, min(num_items, start + per_rank))
+
+
+def create_val_loader(
+    split: DataSplit,
+    transform,
+    *,
+    batch_size: int,
+    num_workers: int,
+    runtime: Runtime,
+    max_pixels: int,
+) -> tuple[DataLoader, range]:
+    """The validation loader over this rank's shard, and the shard's global indices."""
+    dataset = ImageDataset(split.root, split.val, transform, max_pixels=max_pixels)
+    shard = val_shard(len(dataset), runtime)
+    loader = _loader(
+        Subset(dataset, list(shard)),
+        batch_size=batch_size,
+        sampler=None,
+        drop_last=False,
+        num_workers=num_workers,
+        pin=runtime.device.type == "cuda",
+    )
+    return loader, shard

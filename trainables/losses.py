@@ -1,0 +1,90 @@
+"""Training losses and class-imbalance weights.
+
+Owns the loss registry (``create_loss("focal", ...)``) and the 'balanced' class
+weights derived from training labels. Validation loss is not chosen here: the loop
+always reports plain cross-entropy so that trials with different training losses
+stay comparable in the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainables.config import LossConfig
+
+
+def balanced_class_weights(class_counts: Sequence[int]) -> torch.Tensor:
+    """Weights ``n_samples / (n_classes * count_c)``, scikit-learn's 'balanced' rule.
+
+    Example: counts [90, 10] -> 100 / (2 * 90) = 0.556 and 100 / (2 * 10) = 5.0.
+
+    Raises:
+        ValueError: A class has no training sample (its weight would be infinite).
+    """
+    counts = torch.as_tensor(list(class_counts), dtype=torch.float64)
+    if (counts <= 0).any():
+        empty = [i for i, c in enumerate(class_counts) if c <= 0]
+        raise ValueError(f"classes {empty} have no training samples; balanced weights need >= 1 each.")
+    return (counts.sum() / (len(counts) * counts)).float()
+
+
+class FocalLoss(nn.Module):
+    """Softmax focal loss, ``-alpha_y * (1 - p_y)^gamma * log p_y`` (Lin et al., 2017).
+
+    With ``gamma=0`` and no alpha it equals cross-entropy. ``alpha`` is an optional
+    per-class weight vector; the mean is taken over samples, unweighted, so the loss
+    scale does not depend on which classes a batch happens to hold.
+    """
+
+    def __init__(self, gamma: float = 2.0, alpha: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if gamma < 0:
+            raise ValueError(f"focal gamma cannot be negative, but got {gamma=}.")
+        self.gamma = gamma
+        self.register_buffer("alpha", alpha if alpha is None else alpha.float(), persistent=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        log_p = F.log_softmax(logits.float(), dim=1).gather(1, target[:, None]).squeeze(1)
+        loss = -((1.0 - log_p.exp()) ** self.gamma) * log_p
+        if self.alpha is not None:
+            loss = loss * self.alpha[target]
+        return loss.mean()
+
+
+def create_loss(cfg: LossConfig, class_counts: Sequence[int]) -> nn.Module:
+    """Build the training loss named by ``cfg.type``.
+
+    Args:
+        cfg: Loss settings.
+        class_counts: Training images per class, in class-index order.
+
+    Returns:
+        A module mapping (logits [N, C], targets [N]) to a scalar.
+
+    Raises:
+        ValueError: Unknown type, or focal ``alpha`` of the wrong length.
+    """
+    num_classes = len(class_counts)
+    if cfg.type == "ce":
+        return nn.CrossEntropyLoss()
+    if cfg.type == "label_smoothing":
+        return nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
+    if cfg.type == "weighted_ce":
+        return nn.CrossEntropyLoss(weight=balanced_class_weights(class_counts))
+    if cfg.type == "focal":
+        alpha = None
+        if cfg.alpha == "balanced":
+            alpha = balanced_class_weights(class_counts)
+        elif cfg.alpha is not None:
+            if len(cfg.alpha) != num_classes:
+                raise ValueError(
+                    f"loss.alpha has {len(cfg.alpha)} weights but the data has "
+                    f"{num_classes} classes; give one weight per class or 'balanced'."
+                )
+            alpha = torch.tensor(cfg.alpha, dtype=torch.float32)
+        return FocalLoss(gamma=cfg.gamma, alpha=alpha)
+    raise ValueError(f"unknown loss type '{cfg.type}'.")

@@ -1,0 +1,104 @@
+"""The one small interface through which a trial reports each epoch.
+
+The loop calls ``Reporter.report(result, checkpoint_dir)`` once per epoch on every
+rank; what happens next belongs to the caller: ``ConsoleReporter`` prints and keeps the
+best checkpoint on disk (``tunecv train``), ``RayTrainReporter`` hands metrics and the
+checkpoint to ``ray.train.report`` (TorchTrainer workers), and the search plugs in its
+own reporter for in-process Tune trials. The checkpoint directory is temporary: a
+reporter that wants it must copy it before returning.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from trainables.metrics import RANKING_METRIC, EvalMetrics, format_report
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """What one epoch produced."""
+
+    epoch: int  # 1-based
+    train_loss: float
+    train_images_per_s: float
+    epoch_time_s: float
+    lr_head: float
+    lr_base: float | None  # None when the base is frozen
+    metrics: EvalMetrics
+
+    def flat(self) -> dict:
+        """Scalars for schedulers and progress lines, plus the full per-class record."""
+        return {
+            "epoch": self.epoch,
+            "train_loss": self.train_loss,
+            "train_images_per_s": self.train_images_per_s,
+            "epoch_time_s": self.epoch_time_s,
+            "lr_head": self.lr_head,
+            "lr_base": self.lr_base,
+            **self.metrics.scalars(),
+            "per_class": {k: vars(v) for k, v in self.metrics.per_class.items()},
+            "confusion_matrix": self.metrics.confusion_matrix,
+        }
+
+
+class Reporter(Protocol):
+    def report(self, result: EpochResult, checkpoint_dir: Path | None) -> None:
+        """Receive one epoch. ``checkpoint_dir`` is only set on the chief rank."""
+
+
+class ConsoleReporter:
+    """Prints one line per epoch and keeps ``best/`` and ``last/`` checkpoints."""
+
+    def __init__(self, run_dir: Path, print_fn=print) -> None:
+        self.run_dir = Path(run_dir)
+        self.print = print_fn
+        self.best: EpochResult | None = None
+        self.history: list[EpochResult] = []
+
+    def report(self, result: EpochResult, checkpoint_dir: Path | None) -> None:
+        self.history.append(result)
+        m = result.metrics
+        self.print(
+            f"epoch {result.epoch:3d}  train_loss {result.train_loss:.4f}  "
+            f"val_loss {m.val_loss:.4f}  {RANKING_METRIC} {m.macro_f1:.4f}  "
+            f"acc {m.accuracy:.4f}  {result.train_images_per_s:.0f} img/s  "
+            f"{result.epoch_time_s:.1f}s"
+        )
+        with (self.run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(result.flat()) + "\n")
+        if checkpoint_dir is None:
+            return
+        _replace_dir(checkpoint_dir, self.run_dir / "last")
+        if self.best is None or m.macro_f1 > self.best.metrics.macro_f1:
+            self.best = result
+            _replace_dir(checkpoint_dir, self.run_dir / "best")
+
+    def final_report(self) -> str:
+        if self.best is None:
+            return "no epoch finished"
+        return f"best epoch {self.best.epoch} (by {RANKING_METRIC}):\n" + format_report(
+            self.best.metrics
+        )
+
+
+class RayTrainReporter:
+    """Forwards each epoch to ``ray.train.report`` (all ranks must call it)."""
+
+    def report(self, result: EpochResult, checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(result.flat(), checkpoint=checkpoint)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)  # readers see the old or the new checkpoint, never half of one

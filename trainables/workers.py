@@ -1,0 +1,27 @@
+"""Entry point of one Ray Train worker: the same loop, with Ray's runtime and reporter.
+
+``TorchTrainer`` pickles the function by reference, so it lives in an importable module
+and receives only JSON-able data: the trial config as a dict and the path of the run's
+split file (shared storage on a multi-node cluster).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainables.config import TrialConfig
+from trainables.datasets import read_split
+from trainables.loop import run_trial
+from trainables.reporting import RayTrainReporter
+from trainables.runtime import ray_train_runtime
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Run one rank of a trial.
+
+    Args:
+        config: ``{"trial": TrialConfig as JSON dict, "split_path": str}``.
+    """
+    cfg = TrialConfig.model_validate(config["trial"])
+    split = read_split(Path(config["split_path"]))
+    run_trial(cfg, split, RayTrainReporter(), ray_train_runtime())
