@@ -123,8 +123,9 @@ def _train_with_ray(cfg: RunConfig, run_dir: Path, print_fn) -> None:
         ),
     )
     result = trainer.fit()
-    if result.checkpoint is not None:
-        result.checkpoint.to_directory(str(run_dir / "best"))
+    if result.best_checkpoints:
+        best, _ = max(result.best_checkpoints, key=lambda pair: pair[1][RANKING_METRIC])
+        best.to_directory(str(run_dir / "best"))
     m = result.metrics
     print_fn(f"last epoch {m['epoch']}: {RANKING_METRIC} {m[RANKING_METRIC]:.4f}, accuracy {m['accuracy']:.4f}")
     print_fn(f"best checkpoint: {run_dir / 'best'}")

@@ -126,7 +126,7 @@ def test_walk_is_recursive_skips_hidden_and_scans_every_extension(tmp_path, capl
     _write_png(tmp_path / "a" / ".cache" / "y.png", 79)
     _write_png(tmp_path / ".thumbnails" / "z.png", 80)  # a hidden "class"
     (tmp_path / "b" / "README.txt").write_text("not an image")
-    with caplog.at_level(logging.WARNING, logger="trainables.datasets"):
+    with caplog.at_level(logging.INFO, logger="trainables.datasets"):
         split = prepare_split(tmp_path)
     paths = {s.path for s in split.train + split.val}
     assert "a/nested/deep/x.jpg.png" in paths

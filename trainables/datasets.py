@@ -347,7 +347,8 @@ def _scan(
                 f"{len(bad_files)} bad file(s) found (strict=True):\n{listing}\n"
                 "Fix or remove them, or pass strict=False to skip them."
             )
-        logger.warning("skipping %d bad file(s):\n%s", len(bad_files), listing)
+        # Callers report bad_files themselves; this is for debugging a run from its log.
+        logger.info("skipping %d bad file(s):\n%s", len(bad_files), listing)
     sha1_of = {Path(image.path).relative_to(root_abs).as_posix(): image.sha1 for image in good}
     label_of = {name: index for index, name in enumerate(class_names)}
     labelled = [

@@ -238,6 +238,7 @@ def run_trial(cfg: TrialConfig, split: DataSplit, reporter: Reporter, runtime: R
         start = time.perf_counter()
         train_loss, seen = train_one_epoch(parts, runtime, cfg.optim.grad_accum_steps, scaler)
         train_time = time.perf_counter() - start
+        runtime.average_buffers(unwrap(parts.model))
         metrics = evaluate(parts.model, parts.val_loader, runtime, class_names, parts.precision)
         result = EpochResult(
             epoch=epoch,

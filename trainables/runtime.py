@@ -39,6 +39,20 @@ class Runtime:
             return ray.train.torch.prepare_model(model, move_to_device=self.device)
         return model.to(self.device)
 
+    def average_buffers(self, model: nn.Module) -> None:
+        """Average floating-point buffers (BatchNorm running stats) over all ranks.
+
+        DDP trains with identical weights but each rank updates its running stats on
+        its own batches; without this, rank 1 would evaluate its validation shard with
+        other statistics than the checkpoint that rank 0 saves.
+        """
+        if self.world_size == 1:
+            return
+        for buffer in model.buffers():
+            if buffer.is_floating_point():
+                torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
+                buffer.div_(self.world_size)
+
     def all_gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order (a one-element list in-process)."""
         if self.world_size == 1:

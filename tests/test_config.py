@@ -1,0 +1,107 @@
+"""Run-file validation: every bad field is named with its fix, before any compute."""
+
+import pytest
+
+from search.config import ConfigError, load_config, parse_config
+from tests.conftest import small_run_config
+
+
+def _raw(tmp_path, **sections):
+    (tmp_path / "data").mkdir(exist_ok=True)
+    return small_run_config(tmp_path / "data", tmp_path / "runs", **sections)
+
+
+def _error(raw) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    return str(info.value)
+
+
+def test_valid_config_parses_to_frozen_objects(tmp_path):
+    cfg = parse_config(_raw(tmp_path))
+    assert cfg.model.backbone == "test_resnet"
+    assert cfg.trial().optim.epochs == 2
+    with pytest.raises(Exception):
+        cfg.optim.epochs = 5  # frozen
+
+
+def test_unknown_key_is_named(tmp_path):
+    msg = _error(_raw(tmp_path, optim={"lr_heda": 1e-3}))
+    assert "optim.lr_heda: unknown key" in msg
+
+
+def test_unknown_top_level_section_is_named(tmp_path):
+    raw = _raw(tmp_path)
+    raw["optimiser"] = {}
+    assert "optimiser: unknown key" in _error(raw)
+
+
+def test_wrong_type_is_named(tmp_path):
+    msg = _error(_raw(tmp_path, optim={"epochs": "ten"}))
+    assert "optim.epochs" in msg and "'ten'" in msg
+
+
+def test_out_of_range_value_is_named(tmp_path):
+    msg = _error(_raw(tmp_path, data={"val_fraction": 0.5}))
+    assert "data.val_fraction" in msg and "0.3" in msg
+
+
+def test_every_problem_is_listed_at_once(tmp_path):
+    msg = _error(_raw(tmp_path, optim={"epochs": 0, "lr_head": -1.0}))
+    assert "optim.epochs" in msg and "optim.lr_head" in msg
+
+
+def test_unknown_backbone_suggests_timm_names(tmp_path):
+    msg = _error(_raw(tmp_path, model={"backbone": "convnext_tny"}))
+    assert "model.backbone" in msg and "convnext_tiny" in msg
+
+
+def test_unknown_loss_is_named(tmp_path):
+    msg = _error(_raw(tmp_path, loss={"type": "hinge"}))
+    assert "loss.type" in msg and "'focal'" in msg
+
+
+def test_warmup_longer_than_training_is_inverted(tmp_path):
+    msg = _error(_raw(tmp_path, optim={"epochs": 2, "warmup_epochs": 3}))
+    assert "warmup_epochs" in msg and "less than epochs" in msg
+
+
+def test_negative_unfreeze_depth(tmp_path):
+    assert "model.unfreeze_depth" in _error(_raw(tmp_path, model={"unfreeze_depth": -1}))
+
+
+def test_weights_file_without_pretrained(tmp_path):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x")
+    msg = _error(_raw(tmp_path, model={"pretrained": False, "weights_file": str(weights)}))
+    assert "pretrained is false" in msg
+
+
+def test_missing_paths_are_errors(tmp_path):
+    raw = _raw(tmp_path, model={"pretrained": True, "weights_file": str(tmp_path / "nope.safetensors")})
+    raw["data"]["root"] = str(tmp_path / "missing")
+    msg = _error(raw)
+    assert "data.root" in msg and "model.weights_file" in msg
+
+
+def test_fp16_on_cpu_is_refused(tmp_path):
+    assert "use_gpu" in _error(_raw(tmp_path, optim={"precision": "fp16"}))
+
+
+def test_yaml_file_with_overrides(tmp_path):
+    import yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(_raw(tmp_path)))
+    cfg = load_config(path, ["optim.epochs=7", "loss.type=focal"])
+    assert cfg.optim.epochs == 7 and cfg.loss.type == "focal"
+
+
+def test_malformed_override_and_yaml(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    path.write_text("{}")
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(path, ["epochs"])
