@@ -1,7 +1,8 @@
 """The ``tunecv`` command line: argument parsing only, no logic of its own.
 
-Subcommands: ``train`` (one configuration), ``data digits`` / ``data synthetic``
-(write the bundled demo data or a synthetic set as an image folder).
+Subcommands: ``run`` (the search), ``report`` and ``export`` (on a run directory),
+``train`` (one configuration), ``data digits`` / ``data synthetic`` (write the bundled
+demo data or a synthetic set as an image folder).
 """
 
 from __future__ import annotations
@@ -18,6 +19,42 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     train(cfg)
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from search.config import load_config
+    from search.driver import run_search
+
+    overrides = list(args.set) + ([f"search.space={args.space}"] if args.space else [])
+    run_search(load_config(args.config, overrides))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from search.report import REPORT_MARKDOWN, format_table, write_report
+
+    run_dir = _existing_run_dir(args.run_dir)
+    _, rows = write_report(run_dir)
+    print(format_table(rows))
+    print(f"report: {run_dir / REPORT_MARKDOWN}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from search.winner import export_run
+
+    result = export_run(_existing_run_dir(args.run_dir), args.trial)
+    print(f"exported {result.onnx_path} (ONNX macro-F1 {result.onnx_macro_f1:.4f})")
+    return 0
+
+
+def _existing_run_dir(path: str) -> Path:
+    from search.config import ConfigError
+
+    run_dir = Path(path)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"'{path}' is not a tunecv run directory (no config.yaml in it).")
+    return run_dir
 
 
 def _data_digits(args: argparse.Namespace) -> int:
@@ -54,6 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(func=_train)
 
+    run = sub.add_parser("run", help="search, rank on macro-F1, export the winner")
+    run.add_argument("--config", required=True, help="run YAML file")
+    run.add_argument("--space", help="search space: a name in spaces/, a YAML path, or 'auto'")
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    run.set_defaults(func=_run)
+
+    report = sub.add_parser("report", help="rebuild and print the ranked report of a run")
+    report.add_argument("run_dir")
+    report.set_defaults(func=_report)
+
+    export = sub.add_parser("export", help="export a run's winner (or --trial) to ONNX")
+    export.add_argument("run_dir")
+    export.add_argument("--trial", help="trial id (default: the top-ranked trial)")
+    export.set_defaults(func=_export)
+
     data = sub.add_parser("data", help="write demo data as an image folder").add_subparsers(
         dest="dataset", required=True
     )
@@ -73,13 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from search.config import ConfigError
+    from search.space import SpaceError
+    from search.winner import NothingToExportError
     from trainables.backbones import PretrainedWeightsError
     from trainables.datasets import DataError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, PretrainedWeightsError) as err:
+    except (ConfigError, SpaceError, DataError, PretrainedWeightsError, NothingToExportError) as err:
         # Input problems get their message alone: the traceback would only bury the fix.
         print(f"tunecv: error: {err}", file=sys.stderr)
         return 2

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trainables.config import TrialConfig
 
@@ -26,11 +28,58 @@ class ConfigError(ValueError):
     """A run file is invalid; the message lists each field, the problem and the fix."""
 
 
+class AshaConfig(BaseModel):
+    """Asynchronous successive halving over epochs (max_t is ``optim.epochs``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    grace_period: int = Field(1, ge=1)  # epochs every trial gets before it can be stopped
+    reduction_factor: float = Field(2.0, gt=1.0)
+
+
+class SearchConfig(BaseModel):
+    """How ``tunecv run`` searches: space, budget, searcher, scheduler, concurrency."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    space: str = "auto"  # a name in spaces/, a YAML path, or 'auto' (tier by data size)
+    num_samples: int = Field(8, ge=1, le=100_000)
+    max_concurrent_trials: int = Field(2, ge=1, le=10_000)
+    time_budget_s: float | None = Field(None, gt=0)
+    searcher: Literal["tpe", "random"] = "tpe"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    asha: AshaConfig = Field(default_factory=AshaConfig)
+    seed: int = 0
+    storage: str | None = None  # Optuna storage URL; default: a journal file in the run dir
+    warm_start: bool = True  # evaluate the space's warm-start recipes first
+    cpus_per_trial: float = Field(1.0, gt=0)  # in-process trials (scaling.num_workers: 0)
+    export: bool = True  # export the winner to ONNX at the end of the run
+
+    @model_validator(mode="after")
+    def _storage_scheme(self) -> SearchConfig:
+        if self.storage is not None and not re.match(r"^(sqlite|postgresql|mysql)(\+\w+)?://", self.storage):
+            raise ValueError(
+                f"search.storage must be an SQLAlchemy URL such as "
+                f"postgresql://user@host/db or sqlite:///path.db, got {self.storage!r}."
+            )
+        return self
+
+
 class RunConfig(TrialConfig):
-    """A whole run: where it goes, plus the trial settings."""
+    """A whole run: where it goes, how it searches, plus the trial settings."""
 
     name: str = Field("tunecv", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     output_dir: Path = Path("runs")
+    search: SearchConfig = Field(default_factory=SearchConfig)
+
+    @model_validator(mode="after")
+    def _grace_within_epochs(self) -> RunConfig:
+        if self.search.scheduler == "asha" and self.search.asha.grace_period > self.optim.epochs:
+            raise ValueError(
+                f"search.asha.grace_period ({self.search.asha.grace_period}) exceeds optim.epochs "
+                f"({self.optim.epochs}); ASHA could never stop a trial. Lower grace_period."
+            )
+        return self
 
     @model_validator(mode="after")
     def _fp16_needs_gpu(self) -> RunConfig:

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 from search.config import RunConfig, dump_config
+from search.records import SPLIT_FILE
 from trainables.datasets import DataSplit, prepare_split, write_split
 from trainables.metrics import RANKING_METRIC
 
-SPLIT_FILE = "split.parquet"
 _MAX_LISTED_BAD_FILES = 20
 
 

@@ -1,8 +1,8 @@
 """The one small interface through which a trial reports each epoch.
 
 The loop calls ``Reporter.report(result, checkpoint_dir)`` once per epoch on every
-rank; what happens next belongs to the caller: ``ConsoleReporter`` prints and keeps the
-best checkpoint on disk (``tunecv train``), ``RayTrainReporter`` hands metrics and the
+rank; what happens next belongs to the caller: ``RunDirReporter`` keeps metrics and the
+best checkpoint on disk, ``ConsoleReporter`` also prints (``tunecv train``), ``RayTrainReporter`` hands metrics and the
 checkpoint to ``ray.train.report`` (TorchTrainer workers), and the search plugs in its
 own reporter for in-process Tune trials. The checkpoint directory is temporary: a
 reporter that wants it must copy it before returning.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -51,17 +52,40 @@ class Reporter(Protocol):
         """Receive one epoch. ``checkpoint_dir`` is only set on the chief rank."""
 
 
-class ConsoleReporter:
-    """Prints one line per epoch and keeps ``best/`` and ``last/`` checkpoints."""
+class RunDirReporter:
+    """Appends every epoch to ``metrics.jsonl`` and keeps the best checkpoint in ``best/``.
 
-    def __init__(self, run_dir: Path, print_fn=print) -> None:
-        self.run_dir = Path(run_dir)
-        self.print = print_fn
+    Best is by macro-F1; ``keep_last`` also keeps the latest epoch in ``last/``.
+    """
+
+    def __init__(self, directory: Path, keep_last: bool = False) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.keep_last = keep_last
         self.best: EpochResult | None = None
-        self.history: list[EpochResult] = []
 
     def report(self, result: EpochResult, checkpoint_dir: Path | None) -> None:
-        self.history.append(result)
+        with (self.directory / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({**result.flat(), "timestamp": time.time()}) + "\n")
+        improved = self.best is None or result.metrics.macro_f1 > self.best.metrics.macro_f1
+        if improved:
+            self.best = result
+        if checkpoint_dir is None:
+            return
+        if self.keep_last:
+            _replace_dir(checkpoint_dir, self.directory / "last")
+        if improved:
+            _replace_dir(checkpoint_dir, self.directory / "best")
+
+
+class ConsoleReporter(RunDirReporter):
+    """``RunDirReporter`` that also prints one line per epoch (``tunecv train``)."""
+
+    def __init__(self, run_dir: Path, print_fn=print) -> None:
+        super().__init__(run_dir, keep_last=True)
+        self.print = print_fn
+
+    def report(self, result: EpochResult, checkpoint_dir: Path | None) -> None:
         m = result.metrics
         self.print(
             f"epoch {result.epoch:3d}  train_loss {result.train_loss:.4f}  "
@@ -69,14 +93,7 @@ class ConsoleReporter:
             f"acc {m.accuracy:.4f}  {result.train_images_per_s:.0f} img/s  "
             f"{result.epoch_time_s:.1f}s"
         )
-        with (self.run_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(result.flat()) + "\n")
-        if checkpoint_dir is None:
-            return
-        _replace_dir(checkpoint_dir, self.run_dir / "last")
-        if self.best is None or m.macro_f1 > self.best.metrics.macro_f1:
-            self.best = result
-            _replace_dir(checkpoint_dir, self.run_dir / "best")
+        super().report(result, checkpoint_dir)
 
     def final_report(self) -> str:
         if self.best is None:
@@ -87,11 +104,20 @@ class ConsoleReporter:
 
 
 class RayTrainReporter:
-    """Forwards each epoch to ``ray.train.report`` (all ranks must call it)."""
+    """Forwards each epoch to ``ray.train.report`` (all ranks must call it).
+
+    ``local`` (rank 0 only) also keeps the epoch on disk, e.g. in a search trial's
+    directory, so the search's records look the same for one worker or many.
+    """
+
+    def __init__(self, local: RunDirReporter | None = None) -> None:
+        self.local = local
 
     def report(self, result: EpochResult, checkpoint_dir: Path | None) -> None:
         import ray.train
 
+        if self.local is not None:
+            self.local.report(result, checkpoint_dir)
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(result.flat(), checkpoint=checkpoint)
 

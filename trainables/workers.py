@@ -12,7 +12,7 @@ from pathlib import Path
 from trainables.config import TrialConfig
 from trainables.datasets import read_split
 from trainables.loop import run_trial
-from trainables.reporting import RayTrainReporter
+from trainables.reporting import RayTrainReporter, RunDirReporter
 from trainables.runtime import ray_train_runtime
 
 
@@ -20,8 +20,13 @@ def train_loop_per_worker(config: dict) -> None:
     """Run one rank of a trial.
 
     Args:
-        config: ``{"trial": TrialConfig as JSON dict, "split_path": str}``.
+        config: ``{"trial": TrialConfig as JSON dict, "split_path": str}`` and
+            optionally ``"record_dir"``, where rank 0 keeps metrics and the best
+            checkpoint (shared storage on a multi-node cluster).
     """
     cfg = TrialConfig.model_validate(config["trial"])
     split = read_split(Path(config["split_path"]))
-    run_trial(cfg, split, RayTrainReporter(), ray_train_runtime())
+    record_dir = config.get("record_dir")
+    runtime = ray_train_runtime()
+    local = RunDirReporter(Path(record_dir)) if record_dir and runtime.is_chief else None
+    run_trial(cfg, split, RayTrainReporter(local), runtime)

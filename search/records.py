@@ -1,0 +1,108 @@
+"""The on-disk record of every trial of a search: what it tried and how it ended.
+
+Each trial owns ``RUN_DIR/trials/<trial_id>/``: ``trial.json`` (its parameters, the
+overrides they became, status, failure reason, timing), ``metrics.jsonl`` (one line per
+epoch, written by the trial's reporter) and ``best/`` (its best checkpoint). This
+module owns that layout and its reading and writing, so the report can be rebuilt
+from disk alone, also for a search that is still running or was interrupted. It does
+not rank or format anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+SPLIT_FILE = "split.parquet"  # the run's fixed train/val split, shared by every trial
+SPACE_FILE = "space.yaml"  # copy of the search space, so the run is self-contained
+TRIALS_DIR = "trials"
+RECORD_FILE = "trial.json"
+METRICS_FILE = "metrics.jsonl"
+BEST_DIR = "best"
+STATE_FILE = "search_state.json"
+
+RUNNING, COMPLETED, STOPPED_EARLY, FAILED, INTERRUPTED = (
+    "running", "completed", "stopped_early", "failed", "interrupted",
+)
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as the search saw it."""
+
+    trial_id: str
+    params: dict[str, Any]  # the searcher's flat parameters
+    overrides: dict[str, Any]  # the nested config overrides they became
+    max_epochs: int
+    status: str = RUNNING
+    reason: str | None = None  # why it failed, in one line
+    start_time: float = field(default_factory=time.time)
+    end_time: float | None = None
+
+
+def trial_dir(run_dir: Path, trial_id: str) -> Path:
+    return Path(run_dir) / TRIALS_DIR / trial_id
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # a reader never sees half a file
+
+
+def write_record(run_dir: Path, record: TrialRecord) -> None:
+    directory = trial_dir(run_dir, record.trial_id)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(directory / RECORD_FILE, json.dumps(asdict(record), indent=2, default=str))
+
+
+def read_record(run_dir: Path, trial_id: str) -> TrialRecord:
+    return TrialRecord(**json.loads((trial_dir(run_dir, trial_id) / RECORD_FILE).read_text()))
+
+
+def finish_record(run_dir: Path, trial_id: str, status: str, reason: str | None = None) -> TrialRecord:
+    """Set a terminal status, unless the trial already recorded one itself."""
+    record = read_record(run_dir, trial_id)
+    if record.status != RUNNING:
+        return record
+    record = replace(record, status=status, reason=reason, end_time=time.time())
+    write_record(run_dir, record)
+    return record
+
+
+def read_records(run_dir: Path) -> list[TrialRecord]:
+    """Every trial record under the run, in trial-id order."""
+    root = Path(run_dir) / TRIALS_DIR
+    if not root.is_dir():
+        return []
+    return [
+        TrialRecord(**json.loads(p.read_text())) for p in sorted(root.glob(f"*/{RECORD_FILE}"))
+    ]
+
+
+def read_epochs(run_dir: Path, trial_id: str) -> list[dict[str, Any]]:
+    """The trial's per-epoch results; a half-written last line is ignored."""
+    path = trial_dir(run_dir, trial_id) / METRICS_FILE
+    if not path.is_file():
+        return []
+    epochs = []
+    for line in path.read_text().splitlines():
+        try:
+            epochs.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # the trial was killed mid-write; everything before is intact
+    return epochs
+
+
+def write_state(run_dir: Path, **state: Any) -> None:
+    """The search's own status (running/finished), for reports of unfinished runs."""
+    _atomic_write(Path(run_dir) / STATE_FILE, json.dumps(state, indent=2, default=str))
+
+
+def read_state(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / STATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,0 +1,139 @@
+"""The search end to end on a real local Ray: Optuna TPE, ASHA, report, ONNX export."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from search.config import ConfigError, parse_config
+from search.records import COMPLETED, FAILED, STOPPED_EARLY, read_records
+from search.report import REPORT_MARKDOWN, REPORT_PARQUET, write_report
+from tests.conftest import small_run_config
+
+# Two families (ResNet, EfficientNet), four losses. The warm start runs first, one at a
+# time: a good recipe, then one that cannot learn in 3 epochs (lr 1e-6), which ASHA
+# must stop at its first rung. TPE then fills the remaining trials.
+SPACE = {
+    "description": "test space",
+    "backbones": {"test_resnet": {"unfreeze_depth": ["all", 2]}, "test_efficientnet": {"unfreeze_depth": ["all"]}},
+    "lr_head": {"low": 1.0e-6, "high": 1.0e-2},
+    "lr_base": {"ratio": {"low": 0.5, "high": 1.0}},
+    "losses": {"ce": {}, "focal": {"gamma": {"low": 1.0, "high": 2.0}}, "label_smoothing": {"smoothing": {"low": 0.05, "high": 0.1}}},
+    "warm_start": [
+        {"backbone": "test_resnet", "unfreeze_depth": "all", "lr_head": 3.0e-3, "lr_base_ratio": 1.0, "loss": "ce"},
+        {"backbone": "test_efficientnet", "unfreeze_depth": "all", "lr_head": 1.0e-6, "lr_base_ratio": 1.0,
+         "loss": "focal", "gamma": 2.0},
+    ],
+}
+
+
+def _search_config(synthetic_root, tmp_path, **search):
+    space_path = tmp_path / "space.yaml"
+    space_path.write_text(yaml.safe_dump(SPACE))
+    raw = small_run_config(
+        synthetic_root, tmp_path / "runs", optim={"epochs": 3, "warmup_epochs": 0.2},
+        search={"space": str(space_path), "num_samples": 6, "max_concurrent_trials": 1,
+                "asha": {"grace_period": 1, "reduction_factor": 2}, "seed": 0, **search},
+    )
+    return parse_config(raw)
+
+
+@pytest.fixture(scope="module")
+def search_run(synthetic_root, tmp_path_factory):
+    import ray
+
+    from search.driver import run_search
+
+    tmp = tmp_path_factory.mktemp("search")
+    lines = []
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        run_dir = run_search(_search_config(synthetic_root, tmp), print_fn=lines.append)
+    finally:
+        ray.shutdown()
+    return run_dir, lines
+
+
+@pytest.mark.slow
+def test_every_trial_is_recorded_with_a_status(search_run):
+    run_dir, _ = search_run
+    records = read_records(run_dir)
+    assert len(records) == 6
+    assert len({r.trial_id for r in records}) == 6
+    assert all(r.status in (COMPLETED, STOPPED_EARLY, FAILED) for r in records)
+    assert {r.overrides["model"]["backbone"] for r in records} == {"test_resnet", "test_efficientnet"}
+    assert len({r.overrides["loss"]["type"] for r in records}) >= 2
+
+
+@pytest.mark.slow
+def test_asha_stops_the_hopeless_warm_start_early(search_run):
+    run_dir, _ = search_run
+    hopeless = [r for r in read_records(run_dir) if r.params.get("lr_head") == 1.0e-6]
+    assert len(hopeless) == 1 and hopeless[0].status == STOPPED_EARLY
+    epochs = (run_dir / "trials" / hopeless[0].trial_id / "metrics.jsonl").read_text().splitlines()
+    assert len(epochs) < 3
+
+
+@pytest.mark.slow
+def test_report_ranks_by_macro_f1_and_lists_every_trial(search_run):
+    run_dir, lines = search_run
+    table = pq.read_table(run_dir / REPORT_PARQUET).to_pylist()
+    assert len(table) == 6 and [r["rank"] for r in table] == list(range(1, 7))
+    scores = [r["macro_f1"] for r in table if not math.isnan(r["macro_f1"])]
+    assert scores == sorted(scores, reverse=True)
+    assert table[0]["macro_f1"] > 0.6  # chance is ~0.25 with 4 balanced classes
+    md = (run_dir / REPORT_MARKDOWN).read_text()
+    for row in table:
+        assert row["trial_id"] in md
+    assert "Confusion matrix" in md and "class_3" in md
+    assert any("macro_f1" in line and "epoch" in line for line in lines)  # live progress
+
+
+@pytest.mark.slow
+def test_winner_is_exported_and_verified(search_run):
+    run_dir, _ = search_run
+    export = run_dir / "export"
+    for name in ("model.onnx", "class_names.json", "preprocessing.json", "metrics.json"):
+        assert (export / name).is_file(), name
+    metrics = json.loads((export / "metrics.json").read_text())
+    top = pq.read_table(run_dir / REPORT_PARQUET).to_pylist()[0]
+    flat = json.dumps(metrics)
+    assert f"{top['macro_f1']}"[:6] in flat
+
+
+@pytest.mark.slow
+def test_report_rebuilds_from_disk_via_cli(search_run):
+    run_dir, _ = search_run
+    (run_dir / REPORT_PARQUET).unlink()
+    proc = subprocess.run(
+        [sys.executable, "-m", "search.cli", "report", str(run_dir)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (run_dir / REPORT_PARQUET).is_file()
+    assert sum(r.trial_id in proc.stdout for r in read_records(run_dir)) == 6
+
+
+def test_bad_space_fails_before_ray_or_data(tmp_path, synthetic_root):
+    import ray
+
+    from search.driver import run_search
+    from search.space import SpaceError
+
+    cfg = _search_config(synthetic_root, tmp_path)  # writes the good space.yaml...
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(dict(SPACE, losses={"hinge": {}})))  # ...spoil it
+    with pytest.raises((SpaceError, ConfigError), match="hinge"):
+        run_search(cfg, print_fn=lambda *_: None)
+    assert not ray.is_initialized()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_search_config_is_named(tmp_path):
+    (tmp_path / "d").mkdir()
+    raw = small_run_config(tmp_path / "d", tmp_path, search={"num_samples": 0, "asha": {"grace_period": 9}})
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert "search.num_samples" in str(info.value)
