@@ -18,7 +18,7 @@ data/digits: | $(STAMP)
 	$(BIN)/tunecv data digits data/digits --image-size 64
 
 demo: $(STAMP) data/digits
-	$(BIN)/tunecv train --config configs/digits.yaml
+	$(BIN)/tunecv run --config configs/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra

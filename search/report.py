@@ -96,7 +96,11 @@ _HEADERS = {"unfreeze_depth": "depth", "epochs_run": "epochs", "wall_time_s": "t
 
 def _cell(value: Any) -> str:
     if isinstance(value, float):
-        return "-" if math.isnan(value) else (f"{value:.2e}" if 0 < abs(value) < 1e-2 else f"{value:.4f}")
+        if math.isnan(value):
+            return "-"
+        if 0 < abs(value) < 1e-2:
+            return f"{value:.2e}"
+        return f"{value:.1f}" if abs(value) >= 10 else f"{value:.4f}"
     return "-" if value is None else str(value)
 
 

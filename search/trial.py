@@ -11,6 +11,7 @@ so Tune and the searcher see the failure too.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -78,6 +79,9 @@ def run_search_trial(params: dict[str, Any], context: TrialContext) -> None:
 
     from search.space import load_space
 
+    # Ray logs every persisted checkpoint at INFO: one line per epoch per trial would
+    # drown the search's own progress lines.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     run_dir = Path(context.run_dir)
     trial_id = tune.get_context().get_trial_id()
     space = load_space(run_dir / SPACE_FILE, check_depths=False)
