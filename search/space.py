@@ -1,0 +1,533 @@
+"""Named search spaces: YAML files a user edits, turned into Optuna define-by-run searches.
+
+This module owns the search-space file format (described for users in
+``spaces/README.md``), its validation before any compute, the Optuna parameters a space
+suggests (conditional ones only on their branch), the way back from a trial's flat
+Optuna parameters to nested ``TrialConfig`` overrides, and picking a shipped space by
+name or by training-set size (``--space auto``). It does not read the run file, merge
+overrides or start Ray: the driver hands ``define_by_run`` to
+``OptunaSearch(space=...)`` and ``warm_start_points()`` to its ``points_to_evaluate``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Union
+
+import yaml
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, Tag, ValidationError
+from pydantic import PlainValidator, ValidationInfo, field_validator, model_validator
+
+from trainables.config import LOSS_TYPES, AugmentConfig, LossConfig, OptimConfig
+from trainables.config import check_backbone_name
+
+if TYPE_CHECKING:
+    import optuna
+
+SPACES_DIR = Path(__file__).resolve().parents[1] / "spaces"
+
+# (exclusive upper bound on training images, or None for no bound; space name).
+TIERS: tuple[tuple[int | None, str], ...] = (
+    (1_000, "tier_lt1k"), (10_000, "tier_1k_10k"), (100_000, "tier_10k_100k"), (None, "tier_gt100k"),
+)
+_TIER_REASONS = {  # the reference guide's decision framework, one line per tier
+    "tier_lt1k": "under 1K images: EfficientNet-B0 / ResNet-50, frozen or shallow-unfrozen "
+    "backbone, heavy augmentation",
+    "tier_1k_10k": "1K-10K images: EfficientNet-B2/B3 or ResNet-50, fine-tune the top layers",
+    "tier_10k_100k": "10K-100K images: ConvNeXt-Small or ViT-Base, full or deep fine-tuning",
+    "tier_gt100k": "over 100K images: ViT-Large or Swin-Large, full fine-tuning",
+}
+
+# Optuna parameter names. Only the unfreeze depth has different choices per branch, so
+# only it carries the branch (the backbone) in its name; smoothing and gamma each
+# belong to a single loss and keep plain names.
+BACKBONE, LOSS, LR_HEAD, LR_BASE = "backbone", "loss", "lr_head", "lr_base"
+LR_BASE_RATIO = "lr_base_ratio"
+BATCH_SIZE, WEIGHT_DECAY, AUGMENT_STRENGTH = "batch_size", "weight_decay", "augment_strength"
+LOSS_PARAMS = {"label_smoothing": ("smoothing",), "focal": ("gamma",)}
+
+# Where each searched value lands in the trial config: ranges are checked against the
+# limits the trial itself enforces rather than a second copy of them.
+_TRIAL_FIELDS = {
+    LR_HEAD: ("optim", OptimConfig, "lr_head"),
+    LR_BASE: ("optim", OptimConfig, "lr_base"),
+    BATCH_SIZE: ("optim", OptimConfig, "batch_size"),
+    WEIGHT_DECAY: ("optim", OptimConfig, "weight_decay"),
+    AUGMENT_STRENGTH: ("augment", AugmentConfig, "strength"),
+    "smoothing": ("loss", LossConfig, "smoothing"),
+    "gamma": ("loss", LossConfig, "gamma"),
+}
+
+
+class SpaceError(ValueError):
+    """A search space is invalid; the message lists each field path, the problem and the fix."""
+
+
+def unfreeze_depth_param(backbone: str) -> str:
+    """The Optuna parameter holding ``backbone``'s unfreeze depth."""
+    return f"unfreeze_depth__{backbone}"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class UniformRange(_Frozen):
+    """A float range sampled uniformly, bounds included."""
+
+    log: ClassVar[bool] = False
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> UniformRange:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low:g}) is greater than high ({self.high:g}); swap them.")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log-uniform range needs low > 0, got {self.low:g}; use a small "
+                             f"positive value such as 1.0e-6.")
+        return self
+
+
+class LogRange(UniformRange):
+    """A float range sampled log-uniformly; bounds must be > 0."""
+
+    log: ClassVar[bool] = True
+
+
+class RatioRange(_Frozen):
+    """``lr_base`` searched as a log-uniform multiple of ``lr_head``."""
+
+    ratio: LogRange
+
+
+def _lr_base_form(value: Any) -> str:
+    is_ratio = isinstance(value, RatioRange) or (isinstance(value, dict) and "ratio" in value)
+    return "ratio" if is_ratio else "absolute"
+
+
+_FORM_TAGS = ("absolute", "ratio")  # union branch tags, dropped from error paths
+LrBase = Annotated[
+    Union[Annotated[LogRange, Tag("absolute")], Annotated[RatioRange, Tag("ratio")]],
+    Discriminator(_lr_base_form),
+]
+
+
+def _depth(value: Any) -> int | str:
+    if value == "all" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise ValueError(f"{value!r} is not an unfreeze depth: use a count of coarse parameter groups "
+                     f"from the top (0 = head only, 1, 2, ...) or 'all' for everything.")
+
+
+Depth = Annotated[Union[int, str], PlainValidator(_depth)]
+
+
+class BackboneChoice(_Frozen):
+    """One backbone in a space: the unfreeze depths to try with it."""
+
+    unfreeze_depth: Annotated[tuple[Depth, ...], Field(min_length=1)]
+
+
+class LossChoice(_Frozen):
+    """One loss in a space, with the ranges of its own parameters if they are searched."""
+
+    smoothing: UniformRange | None = None
+    gamma: UniformRange | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_key(cls, value: Any) -> Any:
+        return {} if value is None else value  # `ce:` with nothing after it means `ce: {}`
+
+    def searched(self) -> dict[str, UniformRange]:
+        """The loss parameters this space searches, by Optuna name."""
+        ranges = {name: getattr(self, name) for name in type(self).model_fields}
+        return {name: rng for name, rng in ranges.items() if rng is not None}
+
+
+class WarmStartRecipe(_Frozen):
+    """A complete point evaluated before the sampler takes over: every searched value is given."""
+
+    backbone: str
+    loss: str
+    unfreeze_depth: Depth | None = None
+    lr_head: float | None = None
+    lr_base: float | None = None
+    lr_base_ratio: float | None = None
+    smoothing: float | None = None
+    gamma: float | None = None
+    batch_size: StrictInt | None = None
+    weight_decay: float | None = None
+    augment_strength: float | None = None
+
+    def point(self) -> dict[str, Any]:
+        """The recipe as flat Optuna parameters, named as ``define_by_run`` names them."""
+        point = self.model_dump(exclude_none=True)
+        if "unfreeze_depth" in point:
+            point[unfreeze_depth_param(self.backbone)] = point.pop("unfreeze_depth")
+        return point
+
+
+class SearchSpace(_Frozen):
+    """A parsed, validated search space (one YAML file in ``spaces/``)."""
+
+    description: str = ""
+    backbones: dict[str, BackboneChoice]
+    lr_head: LogRange
+    lr_base: LrBase
+    losses: dict[str, LossChoice]
+    batch_size: Annotated[tuple[StrictInt, ...], Field(min_length=1)] | None = None
+    weight_decay: LogRange | None = None
+    augment_strength: UniformRange | None = None
+    warm_start: tuple[WarmStartRecipe, ...] = ()
+
+    @field_validator("backbones")
+    @classmethod
+    def _known_backbones(cls, backbones: dict, info: ValidationInfo) -> dict:
+        if not backbones:
+            raise ValueError("backbones: empty; list at least one timm name, e.g. "
+                             "`resnet50: {unfreeze_depth: [all]}`.")
+        problems = []
+        for name, choice in backbones.items():
+            try:
+                check_backbone_name(name)
+            except ValueError as err:
+                problems.append(f"backbones.{name}: {err} Fix the name or remove the entry.")
+                continue
+            if (info.context or {}).get("check_depths", True):
+                problems += _depth_problems(name, choice.unfreeze_depth)
+        _raise_if(problems)
+        return backbones
+
+    @field_validator("losses")
+    @classmethod
+    def _known_losses(cls, losses: dict) -> dict:
+        if not losses:
+            raise ValueError(f"losses: empty; list at least one of {list(LOSS_TYPES)}, e.g. `ce: {{}}`.")
+        problems = []
+        for name, choice in losses.items():
+            if name not in LOSS_TYPES:
+                close = difflib.get_close_matches(name, LOSS_TYPES, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                problems.append(f"losses.{name}: unknown loss; expected one of "
+                                f"{list(LOSS_TYPES)}.{hint}")
+                continue
+            for param in choice.searched():
+                if param not in LOSS_PARAMS.get(name, ()):
+                    owner = next(loss for loss, params in LOSS_PARAMS.items() if param in params)
+                    problems.append(f"losses.{name}.{param}: {param} only applies to the '{owner}' "
+                                    f"loss; remove it here or move it under losses.{owner}.")
+        _raise_if(problems)
+        return losses
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> SearchSpace:
+        problems = self._trial_limit_problems()
+        for i, recipe in enumerate(self.warm_start):
+            problems += self._recipe_problems(recipe, f"warm_start[{i}]")
+        _raise_if(problems)
+        return self
+
+    def _trial_limit_problems(self) -> list[str]:
+        """Values the trial config would reject, found before any trial spends compute."""
+        checks = []  # (parameter, field path, values)
+        ranges = {LR_HEAD: self.lr_head, WEIGHT_DECAY: self.weight_decay,
+                  AUGMENT_STRENGTH: self.augment_strength}
+        if isinstance(self.lr_base, RatioRange):
+            # lr_base = lr_head * ratio, so its extremes are the products of the bounds.
+            ratio = self.lr_base.ratio
+            extremes = (self.lr_head.low * ratio.low, self.lr_head.high * ratio.high)
+            checks.append((LR_BASE, "lr_base.ratio (times lr_head)", extremes))
+        else:
+            ranges[LR_BASE] = self.lr_base
+        checks += [(p, p, (r.low, r.high)) for p, r in ranges.items() if r is not None]
+        for loss, choice in self.losses.items():
+            checks += [(p, f"losses.{loss}.{p}", (r.low, r.high)) for p, r in choice.searched().items()]
+        if self.batch_size is not None:
+            checks.append((BATCH_SIZE, BATCH_SIZE, self.batch_size))
+        return [problem for check in checks for problem in _trial_limit_problems(*check)]
+
+    def _recipe_problems(self, recipe: WarmStartRecipe, path: str) -> list[str]:
+        for key, options in ((BACKBONE, self.backbones), (LOSS, self.losses)):
+            if getattr(recipe, key) not in options:
+                return [f"{path}.{key}: {getattr(recipe, key)!r} is not in this space "
+                        f"({list(options)}); pick one of those or add it to the space."]
+        shown = {unfreeze_depth_param(recipe.backbone): "unfreeze_depth"}
+        dists = self._distributions(recipe.backbone, recipe.loss)
+        return _point_problems(recipe.point(), dists, path, shown)
+
+    def backbone_names(self) -> list[str]:
+        """The backbones this space chooses from, in file order."""
+        return list(self.backbones)
+
+    def _distributions(self, backbone: str, loss: str) -> dict[str, BaseDistribution]:
+        """Every parameter a trial with this backbone and loss gets, by Optuna name."""
+        ratio_form = isinstance(self.lr_base, RatioRange)
+        lr_base = {LR_BASE_RATIO: self.lr_base.ratio} if ratio_form else {LR_BASE: self.lr_base}
+        specs = {
+            BACKBONE: tuple(self.backbones),
+            unfreeze_depth_param(backbone): self.backbones[backbone].unfreeze_depth,
+            LR_HEAD: self.lr_head,
+            **lr_base,
+            LOSS: tuple(self.losses),
+            **self.losses[loss].searched(),
+            BATCH_SIZE: self.batch_size,
+            WEIGHT_DECAY: self.weight_decay,
+            AUGMENT_STRENGTH: self.augment_strength,
+        }
+        return {name: _distribution(spec) for name, spec in specs.items() if spec is not None}
+
+    def define_by_run(self, trial: optuna.Trial) -> None:
+        """Suggest every parameter of this space; branch parameters only on their branch.
+
+        Args:
+            trial: An Optuna trial, Ray's wrapper of one, or an ``optuna.trial.FixedTrial``.
+        """
+        backbone = trial.suggest_categorical(BACKBONE, self.backbone_names())
+        loss = trial.suggest_categorical(LOSS, list(self.losses))
+        for name, dist in self._distributions(backbone, loss).items():
+            if name in (BACKBONE, LOSS):
+                continue
+            if isinstance(dist, CategoricalDistribution):
+                trial.suggest_categorical(name, dist.choices)
+            else:
+                trial.suggest_float(name, dist.low, dist.high, log=dist.log)
+
+    def to_overrides(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Turn a trial's flat Optuna parameters into nested ``TrialConfig`` overrides.
+
+        Args:
+            params: Exactly the parameters ``define_by_run`` suggested (Tune's trial config).
+
+        Returns:
+            ``{"model": ..., "optim": ..., "loss": ...[, "augment": ...]}`` holding only
+            searched fields; every other field keeps the run config's value.
+
+        Raises:
+            SpaceError: A parameter is missing, unexpected, or outside this space.
+        """
+        backbone, loss = params.get(BACKBONE), params.get(LOSS)
+        if backbone not in self.backbones or loss not in self.losses:
+            raise SpaceError(f"params: backbone {backbone!r} and loss {loss!r} must be choices of "
+                             f"this space ({self.backbone_names()}, {list(self.losses)}); pass the "
+                             f"parameters define_by_run suggested for this same space.")
+        problems = _point_problems(params, self._distributions(backbone, loss), "params")
+        if problems:
+            raise SpaceError("trial parameters do not fit the search space:\n  - "
+                             + "\n  - ".join(problems))
+        lr_head = params[LR_HEAD]
+        lr_base = lr_head * params[LR_BASE_RATIO] if LR_BASE_RATIO in params else params[LR_BASE]
+        optim = {"lr_head": lr_head, "lr_base": lr_base}
+        optim.update({key: params[key] for key in (BATCH_SIZE, WEIGHT_DECAY) if key in params})
+        overrides = {
+            "model": {"backbone": backbone, "unfreeze_depth": params[unfreeze_depth_param(backbone)]},
+            "optim": optim,
+            "loss": {"type": loss, **{p: params[p] for p in self.losses[loss].searched()}},
+        }
+        if AUGMENT_STRENGTH in params:
+            overrides["augment"] = {"strength": params[AUGMENT_STRENGTH]}
+        return overrides
+
+    def warm_start_points(self) -> list[dict[str, Any]]:
+        """The warm-start recipes as flat Optuna parameters, in file order.
+
+        Ready for ``OptunaSearch(points_to_evaluate=...)``, which enqueues each one. Each
+        point is complete, so ``to_overrides`` accepts it as it is.
+        """
+        return [recipe.point() for recipe in self.warm_start]
+
+
+def _raise_if(problems: list[str]) -> None:
+    if problems:
+        raise ValueError("\n".join(problems))
+
+
+def _distribution(spec: tuple | UniformRange) -> BaseDistribution:
+    if isinstance(spec, UniformRange):
+        return FloatDistribution(spec.low, spec.high, log=spec.log)
+    return CategoricalDistribution(spec)
+
+
+@functools.cache
+def _group_count(backbone: str) -> int:
+    """Coarse parameter groups of ``backbone``, counted without allocating its weights."""
+    import timm  # deferred: timm and torch take seconds to import; only depth checks need them
+    import torch
+
+    from trainables.backbones import param_groups
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(backbone, pretrained=False, num_classes=2)
+    except Exception:  # noqa: BLE001 - some inits use ops meta tensors lack; build for real
+        model = timm.create_model(backbone, pretrained=False, num_classes=2)
+    return len(param_groups(model).groups)
+
+
+def _depth_problems(backbone: str, depths: tuple[Depth, ...]) -> list[str]:
+    path = f"backbones.{backbone}.unfreeze_depth"
+    try:
+        n_groups = _group_count(backbone)
+    except Exception as err:  # noqa: BLE001 - listed as a problem with the others
+        return [f"{path}: could not build '{backbone}' to count its parameter groups "
+                f"({type(err).__name__}: {err}); pick another backbone."]
+    too_deep = [depth for depth in depths if depth != "all" and depth > n_groups]
+    return [f"{path}: {depth} exceeds the {n_groups} coarse parameter groups of '{backbone}' "
+            f"(allowed 0..{n_groups} or 'all')." for depth in too_deep]
+
+
+def _trial_limit_problems(param: str, path: str, values: tuple) -> list[str]:
+    section, config_cls, field = _TRIAL_FIELDS[param]
+    problems = []
+    for value in values:
+        try:
+            config_cls(**{field: value})
+        except ValidationError as err:
+            reason = err.errors()[0]["msg"].removeprefix("Value error, ")
+            problems.append(f"{path}: {value:g} is outside what a trial accepts for "
+                            f"{section}.{field} ({reason}); change it.")
+    return problems
+
+
+def _point_problems(point: dict, dists: dict, path: str, shown: dict | None = None) -> list[str]:
+    """Entries of ``point`` missing from, foreign to, or outside the parameters ``dists``."""
+    label = {name: (shown or {}).get(name, name) for name in {*dists, *point}}
+    problems = [f"{path}.{label[name]}: missing; this space searches it ({_describe(dist)}), "
+                f"so give a value." for name, dist in dists.items() if name not in point]
+    for name, value in point.items():
+        where, dist = f"{path}.{label[name]}", dists.get(name)
+        if dist is None:
+            problems.append(f"{where}: not a parameter of this space for this backbone and loss "
+                            f"(its parameters: {sorted(label[n] for n in dists)}); remove it.")
+        elif isinstance(dist, CategoricalDistribution):
+            if isinstance(value, bool) or value not in dist.choices:  # True == 1 in Python
+                problems.append(f"{where}: {value!r} is not {_describe(dist)}.")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{where}: expected a number, got {value!r}.")
+        elif not dist.low <= value <= dist.high:
+            problems.append(f"{where}: {value:g} is outside {_describe(dist)}.")
+    return problems
+
+
+def _describe(dist: BaseDistribution) -> str:
+    if isinstance(dist, CategoricalDistribution):
+        return f"one of {list(dist.choices)}"
+    return f"{dist.low:g}..{dist.high:g}"
+
+
+def available_spaces() -> list[str]:
+    """Names of the spaces shipped in ``spaces/`` (file stems), sorted."""
+    return sorted(path.stem for path in SPACES_DIR.glob("*.yaml"))
+
+
+def resolve_space_name(name_or_path: str, num_train_images: int | None = None) -> tuple[Path, str]:
+    """Find the file for ``--space``: a shipped name, a ``.yaml`` path, or ``auto``.
+
+    Args:
+        name_or_path: ``"demo"``, ``"tier_1k_10k"``, ``"auto"`` or a path to a YAML file.
+        num_train_images: Training-set size; needed only for ``"auto"``.
+
+    Returns:
+        The file, and one line saying which space was picked and why.
+
+    Raises:
+        SpaceError: Unknown name, missing file, or ``auto`` without an image count.
+    """
+    if name_or_path == "auto":
+        if num_train_images is None or num_train_images < 0:
+            raise SpaceError(f"--space auto picks a tier by the number of training images, got "
+                             f"{num_train_images!r}; pass the count, or name a space such as "
+                             f"'tier_1k_10k'.")
+        name = next(name for bound, name in TIERS if bound is None or num_train_images < bound)
+        why = f"{num_train_images:,} training images -> {name} ({_TIER_REASONS[name]})"
+        return SPACES_DIR / f"{name}.yaml", f"--space auto: {why}"
+    if name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise SpaceError(f"--space {name_or_path}: no such file; check the path, or use one "
+                             f"of {available_spaces()} or 'auto'.")
+        return path, f"--space {name_or_path}: search space file {path}"
+    path = SPACES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise SpaceError(f"--space {name_or_path}: unknown search space; available: "
+                         f"{available_spaces()}, 'auto' (picked by training-set size), or a path "
+                         f"to a .yaml file.")
+    return path, f"--space {name_or_path}: {path}"
+
+
+def load_space(path: Path, *, check_depths: bool = True) -> SearchSpace:
+    """Read and validate a search-space YAML file.
+
+    Args:
+        path: The YAML file (``spaces/README.md`` describes the format).
+        check_depths: Build each backbone on the meta device to check its unfreeze depths
+            against its coarse parameter groups (0.1-0.6 s per backbone).
+
+    Returns:
+        The validated space.
+
+    Raises:
+        SpaceError: The file is unreadable, not YAML, or invalid; lists every problem.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise SpaceError(f"cannot read search space '{path}': {err.strerror}; check the path.") from err
+    except yaml.YAMLError as err:
+        raise SpaceError(f"search space {path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise SpaceError(f"search space {path} must be a YAML mapping with backbones, lr_head, "
+                         f"lr_base and losses; got {type(raw).__name__}. See spaces/README.md.")
+    try:
+        return SearchSpace.model_validate(raw, context={"check_depths": check_depths})
+    except ValidationError as err:
+        raise SpaceError(_format_errors(err, path)) from err
+
+
+_KNOWN_KEYS = sorted({key for model in (SearchSpace, BackboneChoice, LossChoice, RatioRange,
+                                         UniformRange, WarmStartRecipe) for key in model.model_fields})
+_FRIENDLY = {  # pydantic's wording speaks of Python types; users wrote YAML
+    "missing": "required but missing; add it (spaces/README.md shows an example)",
+    "tuple_type": "expected a list, e.g. [2, all] or [32, 64]",
+    "too_short": "empty list; give at least one value",
+    "dict_type": "expected a mapping of `key: value` entries (spaces/README.md shows its shape)",
+    "model_type": "expected a mapping of `key: value` entries (spaces/README.md shows its shape)",
+}
+
+
+def _format_errors(err: ValidationError, source: Path) -> str:
+    lines = [f"invalid search space {source}:"]
+    for error in err.errors():
+        loc = _loc_path(error["loc"])
+        for line in _error_message(error).splitlines():
+            # Our own validators already start each line with its full field path.
+            lines.append(f"  - {line}" if loc == "" or line.startswith(loc) else f"  - {loc}: {line}")
+    lines.append("See spaces/README.md for the format.")
+    return "\n".join(lines)
+
+
+def _error_message(error: dict) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(str(error["loc"][-1]), _KNOWN_KEYS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"unknown key; remove it or fix its spelling{hint}."
+    if kind in _FRIENDLY:
+        return _FRIENDLY[kind]
+    message = error["msg"].removeprefix("Value error, ")
+    got = error.get("input")
+    return message if kind == "value_error" or isinstance(got, dict) else f"{message} (got {got!r})"
+
+
+def _loc_path(loc: tuple) -> str:
+    if loc[:1] == ("lr_base",) and len(loc) > 1 and loc[1] in _FORM_TAGS:
+        loc = loc[:1] + loc[2:]  # the union's branch tag is not a key the user wrote
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
