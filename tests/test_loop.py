@@ -12,7 +12,7 @@ from tests.conftest import small_run_config
 from trainables.checkpoint import load_model, read_meta
 from trainables.datasets import read_split
 from trainables.loaders import create_val_loader
-from trainables.loop import evaluate, resolve_precision
+from trainables.loop import evaluate
 from trainables.runtime import Runtime, local_runtime
 from trainables.transforms import create_eval_transform
 
@@ -45,7 +45,7 @@ def test_checkpoint_reloads_to_the_reported_metrics(synthetic_root, tmp_path):
     tf = create_eval_transform(pre["image_size"], pre["resize_mode"], pre["mean"], pre["std"], pre["crop_pct"])
     runtime = local_runtime(use_gpu=False)
     loader, _ = create_val_loader(split, tf, batch_size=7, num_workers=0, runtime=runtime, max_pixels=10**8)
-    metrics = evaluate(model, loader, runtime, list(split.class_names), resolve_precision("fp32", runtime.device))
+    metrics = evaluate(model, loader, runtime, list(split.class_names))
     assert metrics.macro_f1 == pytest.approx(meta["metrics"]["macro_f1"], abs=1e-9)
     assert meta["data_fingerprint"] == split.fingerprint()
     assert meta["class_names"] == list(split.class_names)
@@ -117,6 +117,6 @@ def test_two_rank_ddp_under_ray_train_matches_one_process_evaluation(synthetic_r
     tf = create_eval_transform(pre["image_size"], pre["resize_mode"], pre["mean"], pre["std"], pre["crop_pct"])
     runtime = local_runtime(use_gpu=False)
     loader, _ = create_val_loader(split, tf, batch_size=32, num_workers=0, runtime=runtime, max_pixels=10**8)
-    single = evaluate(model, loader, runtime, list(split.class_names), resolve_precision("fp32", runtime.device))
+    single = evaluate(model, loader, runtime, list(split.class_names))
     assert single.macro_f1 == pytest.approx(meta["metrics"]["macro_f1"], abs=1e-9)
     assert single.accuracy == pytest.approx(meta["metrics"]["accuracy"], abs=1e-9)

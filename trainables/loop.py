@@ -177,18 +177,35 @@ def train_one_epoch(parts: _Parts, runtime: Runtime, accum_steps: int, scaler) -
     return mean_loss, seen
 
 
+@contextlib.contextmanager
+def _exact_fp32():
+    """fp32 without TF32 on CUDA: the numbers an fp32 ONNX export will reproduce."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
     loader: torch.utils.data.DataLoader,
     runtime: Runtime,
     class_names: list[str],
-    precision: Precision,
 ) -> EvalMetrics:
     """Metrics over the whole validation set: each rank runs its shard, all gather.
 
     Shards are contiguous and in rank order, so concatenating the gathered pieces
     restores the validation order, and the numbers equal a single-process run.
+    Evaluation is always plain fp32, whatever the training precision: the reported
+    macro-F1 must be the one the exported (fp32) model reproduces, and it decides
+    the ranking, where bf16 rounding could swap near-tied trials.
     """
     net = unwrap(model)  # plain forward: DDP would try to sync buffers across ranks
     net.eval()
@@ -196,7 +213,7 @@ def evaluate(
     labels, topk, losses = [], [], []
     for x, y in loader:
         x, y = _to_device(x, y, runtime.device)
-        with torch.autocast(runtime.device.type, dtype=precision.dtype, enabled=precision.dtype is not None):
+        with _exact_fp32():
             logits = net(x).float()
         losses.append(F.cross_entropy(logits, y, reduction="none").cpu().numpy())
         topk.append(logits.topk(k, dim=1).indices.cpu().numpy())
@@ -239,7 +256,7 @@ def run_trial(cfg: TrialConfig, split: DataSplit, reporter: Reporter, runtime: R
         train_loss, seen = train_one_epoch(parts, runtime, cfg.optim.grad_accum_steps, scaler)
         train_time = time.perf_counter() - start
         runtime.average_buffers(unwrap(parts.model))
-        metrics = evaluate(parts.model, parts.val_loader, runtime, class_names, parts.precision)
+        metrics = evaluate(parts.model, parts.val_loader, runtime, class_names)
         result = EpochResult(
             epoch=epoch,
             train_loss=train_loss,

@@ -1,0 +1,225 @@
+"""ONNX export: a real checkpoint, real torch.onnx, real ONNX Runtime, no mocks."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import timm
+import torch
+
+from search.export import TENSORRT_HINT, ExportError, create_session, export_checkpoint
+from trainables.backbones import data_config
+from trainables.checkpoint import META_FILE, load_model, save_checkpoint
+from trainables.datasets import DataSplit, ImageDataset, prepare_split
+from trainables.demo_data import write_synthetic
+from trainables.images import DEFAULT_MAX_PIXELS
+from trainables.loaders import create_val_loader
+from trainables.loop import evaluate
+from trainables.metrics import RANKING_METRIC
+from trainables.runtime import local_runtime
+from trainables.transforms import create_eval_transform, preprocessing_spec
+
+BUNDLE_FILES = (
+    "model.onnx", "class_names.json", "preprocessing.json", "metrics.json", "config.json",
+    "fingerprint.txt", "README.md",
+)
+
+
+def _tensorrt_ready() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _fit_briefly(model: torch.nn.Module, split: DataSplit, transform, steps: int) -> None:
+    """A few full-batch Adam steps, so predictions differ across images and classes."""
+    if steps == 0:
+        return
+    train = ImageDataset(split.root, split.train, transform)
+    x = torch.stack([train[i][0] for i in range(len(train))])
+    y = torch.tensor(train.labels)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    model.eval()
+
+
+def make_checkpoint(
+    directory: Path, split: DataSplit, backbone: str, image_size: int, fit_steps: int = 10
+) -> dict:
+    """Fit a tiny timm model briefly, evaluate it on ``split``, save a tunecv checkpoint."""
+    torch.manual_seed(0)
+    model = timm.create_model(backbone, pretrained=False, num_classes=len(split.class_names))
+    pre = data_config(model)
+    args = (image_size, "center_crop", pre["mean"], pre["std"], pre["crop_pct"])
+    spec, transform = preprocessing_spec(*args), create_eval_transform(*args)
+    _fit_briefly(model, split, transform, fit_steps)
+    runtime = local_runtime(False)
+    loader, _ = create_val_loader(
+        split, transform, batch_size=8, num_workers=0, runtime=runtime,
+        max_pixels=DEFAULT_MAX_PIXELS,
+    )
+    metrics = evaluate(model, loader, runtime, list(split.class_names))
+    meta = {
+        "class_names": list(split.class_names),
+        "backbone": backbone,
+        "preprocessing": spec,
+        "config": {},
+        "data_fingerprint": split.fingerprint(),
+        "metrics": metrics.scalars(),
+    }
+    save_checkpoint(directory, model, meta)
+    return meta
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("export-data")
+    write_synthetic(root, num_classes=3, images_per_class=20, image_size=32)
+    return root
+
+
+@pytest.fixture(scope="module")
+def split(data_root) -> DataSplit:
+    return prepare_split(data_root)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, split) -> Path:
+    directory = tmp_path_factory.mktemp("ckpt")
+    make_checkpoint(directory, split, "test_resnet", 32)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, checkpoint, split):
+    """The export of ``checkpoint``, and torch's thread count before and after it."""
+    threads_before = torch.get_num_threads()
+    out_dir = tmp_path_factory.mktemp("out") / "export"
+    result = export_checkpoint(checkpoint, split, out_dir, batch_size=5)  # 12 images: 3 batches
+    return result, threads_before, torch.get_num_threads()
+
+
+def test_export_passes_the_checker_with_named_io(exported):
+    result, _, _ = exported
+    onnx.checker.check_model(str(result.onnx_path), full_check=True)
+    model = onnx.load(str(result.onnx_path))
+    assert [v.name for v in model.graph.input] == ["input"]
+    assert [v.name for v in model.graph.output] == ["logits"]
+    assert result.opset >= 17
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_batch_axis_is_dynamic(exported, checkpoint, batch):
+    result, _, _ = exported
+    model, _ = load_model(checkpoint)
+    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+    logits = create_session(result.onnx_path).run(["logits"], {"input": x.numpy()})[0]
+    with torch.inference_mode():
+        expected = model(x).numpy()
+    assert logits.shape == (batch, 3)
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
+
+
+def test_bundle_files_hold_the_checkpoint_metadata(exported, checkpoint, split):
+    result, _, _ = exported
+    meta = json.loads((checkpoint / META_FILE).read_text())
+    for name in BUNDLE_FILES:
+        assert (result.out_dir / name).is_file(), name
+    assert not list(result.out_dir.parent.glob(".export-*")), "staging directory left behind"
+    out = result.out_dir
+    assert json.loads((out / "class_names.json").read_text()) == list(split.class_names)
+    assert json.loads((out / "preprocessing.json").read_text()) == meta["preprocessing"]
+    assert json.loads((out / "config.json").read_text()) == {}
+    assert (out / "fingerprint.txt").read_text().strip() == split.fingerprint()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics[RANKING_METRIC] == meta["metrics"][RANKING_METRIC]
+    assert metrics["verification"]["max_abs_logit_diff"] == result.max_abs_logit_diff
+    assert metrics["verification"]["onnx"][RANKING_METRIC] == result.onnx_macro_f1
+    readme = (out / "README.md").read_text()
+    mean_r = str(meta["preprocessing"]["mean"][0])
+    for needle in ("NCHW", "float32", "input", "logits", *split.class_names, mean_r):
+        assert needle in readme, needle
+
+
+def test_onnx_logits_match_eager_over_the_whole_val_split(exported, split):
+    result, _, _ = exported
+    assert result.num_images == len(split.val) == 12  # 60 images, 20 % held out
+    assert result.max_abs_logit_diff < 1e-4
+    assert result.argmax_agreement == 1.0
+
+
+def test_onnx_macro_f1_equals_reported(exported, checkpoint):
+    result, _, _ = exported
+    reported = json.loads((checkpoint / META_FILE).read_text())["metrics"][RANKING_METRIC]
+    assert result.reported_macro_f1 == reported
+    assert abs(result.onnx_macro_f1 - reported) <= 1e-6
+    assert 0.0 < result.onnx_macro_f1 <= 1.0
+
+
+def test_export_leaves_torch_threads_alone(exported):
+    _, before, after = exported
+    assert before == after
+
+
+def test_tampered_reported_metric_is_refused(tmp_path, checkpoint, split):
+    tampered = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, tampered)
+    meta = json.loads((tampered / META_FILE).read_text())
+    meta["metrics"][RANKING_METRIC] = meta["metrics"][RANKING_METRIC] - 0.05
+    (tampered / META_FILE).write_text(json.dumps(meta))
+    out_dir = tmp_path / "out"
+    with pytest.raises(ExportError, match="expected the ONNX macro-F1 to equal") as info:
+        export_checkpoint(tampered, split, out_dir)
+    assert "PyTorch eager (fp32) gives" in str(info.value)
+    assert not out_dir.exists(), "an unverified export must not reach out_dir"
+
+
+def test_other_split_is_refused_as_wrong_data(tmp_path, checkpoint, data_root):
+    other = prepare_split(data_root, seed=1)
+    with pytest.raises(ExportError, match="wrong data"):
+        export_checkpoint(checkpoint, other, tmp_path / "out")
+
+
+def test_opset_below_18_is_refused(tmp_path, checkpoint, split):
+    with pytest.raises(ValueError, match="at least 18"):
+        export_checkpoint(checkpoint, split, tmp_path / "out", opset=17)
+
+
+@pytest.mark.skipif(_tensorrt_ready(), reason="CUDA and tensorrt are present: the gpu test runs it")
+def test_tensorrt_required_without_gpu_gives_install_hint(tmp_path, checkpoint, split):
+    with pytest.raises(ExportError, match="needs a CUDA GPU") as info:
+        export_checkpoint(checkpoint, split, tmp_path / "out", tensorrt=True)
+    assert TENSORRT_HINT in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not _tensorrt_ready(), reason=f"needs a CUDA GPU and the tensorrt package ({TENSORRT_HINT})"
+)
+def test_tensorrt_engine_agrees_with_eager(tmp_path, checkpoint, split):
+    result = export_checkpoint(checkpoint, split, tmp_path / "out", tensorrt=True)
+    trt = result.tensorrt
+    assert trt["precision"] in ("fp16", "fp32")
+    assert trt["argmax_agreement"] >= 0.9  # fp16 may flip a near-tie
+    assert trt["max_abs_logit_diff"] < (5e-2 if trt["precision"] == "fp16" else 1e-3)
+
+
+def test_vit_family_exports_and_verifies(tmp_path, split):
+    # load_model builds test_vit at its default 160 px; the eval transform upsizes 32 px images.
+    make_checkpoint(tmp_path / "ckpt", split, "test_vit", 160, fit_steps=0)
+    result = export_checkpoint(tmp_path / "ckpt", split, tmp_path / "out", tensorrt=False)
+    assert result.max_abs_logit_diff < 1e-4
+    assert result.argmax_agreement == 1.0
+    assert abs(result.onnx_macro_f1 - result.reported_macro_f1) <= 1e-6
