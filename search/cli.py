@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     from search.space import SpaceError
     from search.winner import NothingToExportError
     from trainables.backbones import PretrainedWeightsError
-    from trainables.datasets import DataError
+    from trainables.layouts import DataError
 
     args = build_parser().parse_args(argv)
     try:

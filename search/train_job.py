@@ -70,7 +70,7 @@ def train(cfg: RunConfig, print_fn=print) -> Path:
     """Train one configuration and return its run directory.
 
     Raises:
-        DataError: The data cannot produce a usable split (before any training).
+        trainables.layouts.DataError: The data cannot produce a usable split (before any training).
     """
     run_dir = create_run_dir(cfg)
     print_fn(f"run directory: {run_dir}")

@@ -18,15 +18,8 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from PIL import Image
 
-from trainables.datasets import (
-    DataError,
-    ImageDataset,
-    Sample,
-    prepare_split,
-    read_split,
-    resolve_inside,
-    write_split,
-)
+from trainables.datasets import ImageDataset, Sample, prepare_split, read_split, write_split
+from trainables.layouts import DataError, resolve_inside
 
 
 def _write_png(path: Path, seed: int, size: tuple[int, int] = (8, 8)) -> Path:

@@ -1,0 +1,190 @@
+"""Where samples come from: the three data layouts, and paths kept inside the data root.
+
+This module owns finding candidate files (``root/train|val/<class>``, ``root/<class>``,
+or a CSV/Parquet manifest with ``path,label[,split]``) and rejecting any path that
+escapes the data root (``..``, absolute paths elsewhere, symlinks out). It does not
+decode, scan or split anything: ``trainables.datasets`` turns candidates into a split.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import NamedTuple
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+SPLITS = ("train", "val")
+
+
+class DataError(ValueError):
+    """The data root, manifest or split file cannot produce a usable split."""
+
+
+class Candidate(NamedTuple):
+    path: str  # relative to the root, posix style
+    class_name: str
+    split: str | None  # None when the split is a stratified holdout
+
+
+def resolve_inside(root: Path, relpath: str) -> Path:
+    """Join ``relpath`` onto ``root`` and refuse anything that escapes it.
+
+    ``..`` components, absolute paths elsewhere and symlinks whose target lies
+    outside the root are all caught by comparing real paths.
+
+    Args:
+        root: The data root.
+        relpath: A path relative to ``root``, or absolute but inside it.
+
+    Returns:
+        The normalised absolute path (symlinks kept, so class folders stay
+        as the user laid them out).
+
+    Raises:
+        DataError: The real path of the result is not inside the real root.
+    """
+    root_abs = os.path.abspath(root)
+    candidate = os.path.normpath(os.path.join(root_abs, os.fspath(relpath)))
+    root_real = os.path.realpath(root_abs)
+    target_real = os.path.realpath(candidate)
+    if os.path.commonpath([root_real, target_real]) != root_real:
+        raise DataError(
+            f"path {os.fspath(relpath)!r} resolves to {target_real!r}, outside the data root "
+            f"{root_real!r}. Paths must stay inside the root (no '..', no absolute paths "
+            "elsewhere, no symlinks pointing out): copy the file under the root or choose "
+            "a root that contains it."
+        )
+    return Path(candidate)
+
+
+def relative_posix(root_abs: Path, path: Path) -> str:
+    try:
+        return path.relative_to(root_abs).as_posix()
+    except ValueError:
+        # Inside only by real path, e.g. the root is itself a symlink.
+        return Path(os.path.realpath(path)).relative_to(os.path.realpath(root_abs)).as_posix()
+
+
+def _class_dirs(root_abs: Path, parent: Path) -> list[str]:
+    """Sorted names of the non-hidden subdirectories of ``parent``."""
+    names = []
+    for entry in sorted(os.listdir(parent)):
+        path = parent / entry
+        if not entry.startswith(".") and path.is_dir():
+            resolve_inside(root_abs, str(path))
+            names.append(entry)
+    return names
+
+
+def _walk_files(root_abs: Path, class_dir: Path) -> list[Path]:
+    """Every non-hidden regular file under ``class_dir``, recursively, sorted."""
+    found = []
+    seen_dirs = {os.path.realpath(class_dir)}
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        kept = []
+        for name in sorted(dirnames):
+            sub = os.path.join(dirpath, name)
+            real = os.path.realpath(sub)
+            if name.startswith(".") or real in seen_dirs:
+                continue  # hidden, or a symlink loop / second link to one folder
+            resolve_inside(root_abs, sub)
+            seen_dirs.add(real)
+            kept.append(name)
+        dirnames[:] = kept
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            path = resolve_inside(root_abs, os.path.join(dirpath, name))
+            try:
+                is_regular = stat.S_ISREG(os.stat(path).st_mode)
+            except OSError:
+                is_regular = True  # a dangling link: let the scan report it as unreadable
+            if is_regular:  # reading a FIFO or device would block or never end
+                found.append(path)
+    return sorted(found)
+
+
+def folder_candidates(root_abs: Path) -> tuple[list[str], list[Candidate]]:
+    train_dir, val_dir = root_abs / "train", root_abs / "val"
+    if train_dir.is_dir() != val_dir.is_dir():
+        present, absent = ("train", "val") if train_dir.is_dir() else ("val", "train")
+        raise DataError(
+            f"{root_abs} has a '{present}' folder but no '{absent}' folder. Use "
+            "root/train/<class> with root/val/<class>, or put class folders directly under "
+            "the root for a holdout."
+        )
+    layout = [("train", train_dir), ("val", val_dir)] if train_dir.is_dir() else [(None, root_abs)]
+    classes_by_split = {split: _class_dirs(root_abs, parent) for split, parent in layout}
+    if train_dir.is_dir():
+        unknown = sorted(set(classes_by_split["val"]) - set(classes_by_split["train"]))
+        if unknown:
+            raise DataError(
+                f"classes {unknown} are in {val_dir} but not in {train_dir}; a model cannot be "
+                "evaluated on classes it never trained on. Add them to train or drop them."
+            )
+    candidates = [
+        Candidate(relative_posix(root_abs, path), class_name, split)
+        for split, parent in layout
+        for class_name in classes_by_split[split]
+        for path in _walk_files(root_abs, parent / class_name)
+    ]
+    return classes_by_split[layout[0][0]], candidates
+
+
+def _read_manifest_table(manifest: Path) -> pa.Table:
+    suffix = manifest.suffix.lower()
+    if suffix not in (".csv", ".parquet", ".pq"):
+        raise DataError(f"manifest must be a .csv or .parquet file, got {str(manifest)!r}.")
+    try:
+        if suffix == ".csv":
+            as_text = {name: pa.string() for name in ("path", "label", "split")}
+            options = pa_csv.ConvertOptions(column_types=as_text, strings_can_be_null=False)
+            return pa_csv.read_csv(manifest, convert_options=options)
+        return pq.read_table(manifest)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"cannot read manifest {str(manifest)!r}: {err}") from err
+
+
+def _manifest_error(manifest: Path, row: int, column: str, problem: str) -> DataError:
+    where = f"manifest {str(manifest)!r} row {row} (after the header), column {column!r}"
+    return DataError(f"{where}: {problem}.")
+
+
+def manifest_candidates(root_abs: Path, manifest: Path) -> tuple[list[str], list[Candidate]]:
+    table = _read_manifest_table(manifest)
+    missing = [name for name in ("path", "label") if name not in table.column_names]
+    if missing:
+        raise DataError(
+            f"manifest {str(manifest)!r} is missing column(s) {missing}; found "
+            f"{table.column_names}. It needs 'path' and 'label', and optionally 'split'."
+        )
+    splits = table.column("split").to_pylist() if "split" in table.column_names else None
+    candidates, first_row_of = [], {}
+    rows = zip(table.column("path").to_pylist(), table.column("label").to_pylist())
+    for index, (raw_path, raw_label) in enumerate(rows):
+        row = index + 1  # 1 = first data row, as a spreadsheet shows it below the header
+        if raw_path is None or not str(raw_path).strip():
+            raise _manifest_error(manifest, row, "path", "empty; every row needs an image path")
+        label = "" if raw_label is None else str(raw_label).strip()
+        if not label:
+            raise _manifest_error(manifest, row, "label", "empty; every row needs a class label")
+        split = None
+        if splits is not None:
+            split = "" if splits[index] is None else str(splits[index]).strip()
+            if split not in SPLITS:
+                problem = f"got {split!r}, expected 'train' or 'val' (or drop the column)"
+                raise _manifest_error(manifest, row, "split", problem)
+        try:
+            relpath = relative_posix(root_abs, resolve_inside(root_abs, str(raw_path).strip()))
+        except DataError as err:
+            raise _manifest_error(manifest, row, "path", str(err).rstrip(".")) from err
+        if relpath in first_row_of:
+            problem = f"{relpath!r} repeats row {first_row_of[relpath]}; list each file once"
+            raise _manifest_error(manifest, row, "path", problem)
+        first_row_of[relpath] = row
+        candidates.append(Candidate(relpath, label, split))
+    return sorted({c.class_name for c in candidates}), candidates
