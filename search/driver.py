@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from ray import tune
@@ -40,7 +41,7 @@ OPTUNA_JOURNAL = "optuna.journal"
 
 def _load_space_checked(cfg: RunConfig, path: Path):
     """Load the space and build every warm-start recipe's config: all before Ray starts."""
-    from search.space import load_space
+    from search.space_catalog import load_space
 
     space = load_space(path)
     base = cfg.trial().model_dump(mode="json")
@@ -108,14 +109,19 @@ def _trial_resources(cfg: RunConfig) -> dict[str, float]:
     return resources
 
 
-def run_search(cfg: RunConfig, print_fn=print) -> Path:
+def run_search(cfg: RunConfig, print_fn=print, callbacks: Sequence[tune.Callback] = ()) -> Path:
     """Search, rank, report and export; return the run directory.
+
+    Args:
+        cfg: The validated run config.
+        print_fn: Where progress lines go.
+        callbacks: Extra Tune callbacks (benchmarks use one to time trials).
 
     Raises:
         ConfigError: The space is invalid (raised before data or Ray are touched,
             except for ``space: auto``, which needs the training-set size).
     """
-    from search.space import resolve_space_name
+    from search.space_catalog import resolve_space_name
 
     space_path = None
     if cfg.search.space != "auto":
@@ -131,7 +137,7 @@ def run_search(cfg: RunConfig, print_fn=print) -> Path:
     shutil.copyfile(space_path, run_dir / SPACE_FILE)
     write_state(run_dir, status="running", pid=os.getpid(), hostname=socket.gethostname(), started=time.time())
     try:
-        _fit(cfg, space, run_dir, print_fn)
+        _fit(cfg, space, run_dir, print_fn, callbacks)
     finally:
         write_state(run_dir, status="finished", finished=time.time())
     _, rows = write_report(run_dir)
@@ -151,7 +157,7 @@ def _export(run_dir: Path, print_fn) -> None:
     )
 
 
-def _fit(cfg: RunConfig, space, run_dir: Path, print_fn) -> None:
+def _fit(cfg: RunConfig, space, run_dir: Path, print_fn, callbacks: Sequence[tune.Callback]) -> None:
     import ray
 
     # Tune warns whenever checkpoints force frequent experiment snapshots, which short
@@ -176,7 +182,7 @@ def _fit(cfg: RunConfig, space, run_dir: Path, print_fn) -> None:
             storage_path=str(run_dir),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=0),
-            callbacks=[ProgressCallback(run_dir, space, cfg.optim.epochs, print_fn)],
+            callbacks=[ProgressCallback(run_dir, space, cfg.optim.epochs, print_fn), *callbacks],
             verbose=0,
         ),
     )

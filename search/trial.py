@@ -77,7 +77,7 @@ def run_search_trial(params: dict[str, Any], context: TrialContext) -> None:
     """
     from ray import tune
 
-    from search.space import load_space
+    from search.space_catalog import load_space
 
     # Ray logs every persisted checkpoint at INFO: one line per epoch per trial would
     # drown the search's own progress lines.

@@ -2,7 +2,6 @@
 
 import pytest
 import timm
-import torch
 
 from trainables.backbones import apply_unfreeze_depth, param_groups
 from trainables.config import OptimConfig

@@ -11,7 +11,7 @@ import yaml
 
 from search.config import ConfigError, parse_config
 from search.records import COMPLETED, FAILED, STOPPED_EARLY, read_records
-from search.report import REPORT_MARKDOWN, REPORT_PARQUET, write_report
+from search.report import REPORT_MARKDOWN, REPORT_PARQUET
 from tests.conftest import small_run_config
 
 # Two families (ResNet, EfficientNet), four losses. The warm start runs first, one at a
