@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from search.tensorrt_engine import run_tensorrt, tensorrt_unavailable_reason
 from trainables.checkpoint import load_model, read_meta
 from trainables.datasets import DataSplit
 from trainables.images import DEFAULT_MAX_PIXELS
@@ -384,18 +385,14 @@ TensorRT engines are tied to a GPU and TensorRT version; build one on the servin
 """
 
 
-# --- TensorRT: GPU machines only ------------------------------------------------------------
+# --- TensorRT: GPU machines only (the engine itself lives in search/tensorrt_engine.py) ---
 
 
 def _resolve_tensorrt(requested: bool | None) -> bool:
     """Whether to run the TensorRT check; refuses ``True`` early when it cannot run."""
     if requested is False:
         return False
-    why_not = None if torch.cuda.is_available() else "CUDA is not available on this machine"
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError as err:
-        why_not = why_not or f"the tensorrt package does not import ({err})"
+    why_not = tensorrt_unavailable_reason()
     if why_not and requested:
         raise ExportError(
             f"tensorrt=True needs a CUDA GPU and the tensorrt package, but {why_not}. On a GPU "
@@ -413,62 +410,20 @@ def _tensorrt_report(required: bool, onnx_path: Path, loader, preds: _Prediction
     try:
         return _verify_tensorrt(onnx_path, loader, preds, meta)
     except Exception as err:  # noqa: BLE001 - recorded in metrics.json and warned about
-        if required and isinstance(err, ExportError):
-            raise
         if required:
             raise ExportError(f"the TensorRT check failed ({type(err).__name__}: {err}).") from err
         warnings.warn(f"TensorRT check failed, ONNX export kept: {err}", RuntimeWarning, 2)
         return {"error": f"{type(err).__name__}: {err}"}
 
 
-def _build_engine(onnx_path: Path, image_size: int, max_batch: int):
-    """Parse the ONNX and build an engine for batch 1..max_batch; fp16 where the API has it."""
-    import tensorrt as trt
-
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch, the only mode since TensorRT 10
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ExportError(f"TensorRT {trt.__version__} cannot parse the ONNX model: {errors}")
-    config = builder.create_builder_config()
-    # TensorRT 11 removed the FP16 flag (precision must then live in the graph); fp16
-    # kernels need compute capability 5.3 or newer.
-    fp16 = hasattr(trt.BuilderFlag, "FP16") and torch.cuda.get_device_capability() >= (5, 3)
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    shape = (3, image_size, image_size)
-    profile = builder.create_optimization_profile()
-    profile.set_shape(INPUT_NAME, (1, *shape), (max_batch, *shape), (max_batch, *shape))
-    config.add_optimization_profile(profile)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise ExportError(f"TensorRT {trt.__version__} could not build an engine; see its log.")
-    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
-    return engine, ("fp16" if fp16 else "fp32"), trt.__version__
-
-
 def _verify_tensorrt(onnx_path: Path, loader, preds: _Predictions, meta) -> dict:
     """Run the engine over the validation split and compare it with PyTorch eager."""
-    image_size = meta["preprocessing"]["image_size"]
-    engine, precision, version = _build_engine(onnx_path, image_size, loader.batch_size)
-    context = engine.create_execution_context()
-    stream = torch.cuda.Stream()
-    outputs = []
-    with torch.cuda.stream(stream):  # copies and the engine share one stream
-        for x, _ in loader:
-            x = x.cuda().contiguous()
-            out = torch.empty((x.shape[0], len(meta["class_names"])), device="cuda")
-            context.set_input_shape(INPUT_NAME, tuple(x.shape))
-            context.set_tensor_address(INPUT_NAME, x.data_ptr())
-            context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
-            if not context.execute_async_v3(stream.cuda_stream):
-                raise ExportError("TensorRT failed to run the engine on a validation batch.")
-            outputs.append(out.cpu().numpy())  # .cpu() waits for the stream
-    logits = np.concatenate(outputs)
+    logits, info = run_tensorrt(
+        onnx_path, loader, INPUT_NAME, OUTPUT_NAME,
+        num_classes=len(meta["class_names"]), image_size=meta["preprocessing"]["image_size"],
+    )
     return {
-        "version": version, "precision": precision, "device": torch.cuda.get_device_name(),
+        **info,
         "max_abs_logit_diff": float(np.abs(logits - preds.eager).max()),
         "argmax_agreement": float((logits.argmax(1) == preds.eager.argmax(1)).mean()),
         "macro_f1": _metrics_from_logits(logits, preds.labels, meta["class_names"]).macro_f1,
