@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -62,7 +63,9 @@ def _create_searcher(cfg: RunConfig, space, run_dir: Path):
     if s.searcher == "tpe":
         # multivariate+group model the joint, conditional space; constant_liar keeps
         # concurrent trials from all sampling the same promising point.
-        sampler = optuna.samplers.TPESampler(seed=s.seed, multivariate=True, group=True, constant_liar=True)
+        with warnings.catch_warnings():  # group= is "experimental" but documented for this use
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(seed=s.seed, multivariate=True, group=True, constant_liar=True)
     else:
         sampler = optuna.samplers.RandomSampler(seed=s.seed)
     if s.storage is None:

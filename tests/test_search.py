@@ -14,19 +14,29 @@ from search.records import COMPLETED, FAILED, STOPPED_EARLY, read_records
 from search.report import REPORT_MARKDOWN, REPORT_PARQUET
 from tests.conftest import small_run_config
 
-# Two families (ResNet, EfficientNet), four losses. The warm start runs first, one at a
-# time: a good recipe, then one that cannot learn in 3 epochs (lr 1e-6), which ASHA
-# must stop at its first rung. TPE then fills the remaining trials.
+# Three families (ResNet, EfficientNet, ViT), three losses. The warm start runs first,
+# one at a time: a good recipe; one that cannot learn in 3 epochs (lr 1e-6), which ASHA
+# must stop at its first rung; and one whose batch (1,000) is larger than the 128
+# training images, which must fail with its reason while the search goes on. TPE fills
+# the rest.
 SPACE = {
     "description": "test space",
-    "backbones": {"test_resnet": {"unfreeze_depth": ["all", 2]}, "test_efficientnet": {"unfreeze_depth": ["all"]}},
+    "backbones": {
+        "test_resnet": {"unfreeze_depth": ["all", 2]},
+        "test_efficientnet": {"unfreeze_depth": ["all"]},
+        "test_vit": {"unfreeze_depth": ["all"]},
+    },
     "lr_head": {"low": 1.0e-6, "high": 1.0e-2},
     "lr_base": {"ratio": {"low": 0.5, "high": 1.0}},
+    "batch_size": [16, 1000],
     "losses": {"ce": {}, "focal": {"gamma": {"low": 1.0, "high": 2.0}}, "label_smoothing": {"smoothing": {"low": 0.05, "high": 0.1}}},
     "warm_start": [
-        {"backbone": "test_resnet", "unfreeze_depth": "all", "lr_head": 3.0e-3, "lr_base_ratio": 1.0, "loss": "ce"},
+        {"backbone": "test_resnet", "unfreeze_depth": "all", "lr_head": 3.0e-3, "lr_base_ratio": 1.0, "loss": "ce",
+         "batch_size": 16},
         {"backbone": "test_efficientnet", "unfreeze_depth": "all", "lr_head": 1.0e-6, "lr_base_ratio": 1.0,
-         "loss": "focal", "gamma": 2.0},
+         "loss": "focal", "gamma": 2.0, "batch_size": 16},
+        {"backbone": "test_vit", "unfreeze_depth": "all", "lr_head": 1.0e-3, "lr_base_ratio": 1.0, "loss": "ce",
+         "batch_size": 1000},
     ],
 }
 
@@ -65,7 +75,7 @@ def test_every_trial_is_recorded_with_a_status(search_run):
     assert len(records) == 6
     assert len({r.trial_id for r in records}) == 6
     assert all(r.status in (COMPLETED, STOPPED_EARLY, FAILED) for r in records)
-    assert {r.overrides["model"]["backbone"] for r in records} == {"test_resnet", "test_efficientnet"}
+    assert {r.overrides["model"]["backbone"] for r in records} >= {"test_resnet", "test_efficientnet", "test_vit"}
     assert len({r.overrides["loss"]["type"] for r in records}) >= 2
 
 
@@ -79,6 +89,21 @@ def test_asha_stops_the_hopeless_warm_start_early(search_run):
 
 
 @pytest.mark.slow
+def test_a_trial_that_raises_is_recorded_failed_and_the_searcher_is_told(search_run):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    run_dir, _ = search_run
+    failed = [r for r in read_records(run_dir) if r.status == FAILED]
+    assert failed and all(r.overrides["optim"]["batch_size"] == 1000 for r in failed)
+    assert all("ValueError: optim.batch_size 1000 is larger than" in r.reason for r in failed)
+    study = optuna.load_study(study_name="t", storage=JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal"))))
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.FAIL) == len(failed)
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 6 - len(failed)
+
+
+@pytest.mark.slow
 def test_report_ranks_by_macro_f1_and_lists_every_trial(search_run):
     run_dir, lines = search_run
     table = pq.read_table(run_dir / REPORT_PARQUET).to_pylist()
@@ -86,6 +111,7 @@ def test_report_ranks_by_macro_f1_and_lists_every_trial(search_run):
     scores = [r["macro_f1"] for r in table if not math.isnan(r["macro_f1"])]
     assert scores == sorted(scores, reverse=True)
     assert table[0]["macro_f1"] > 0.6  # chance is ~0.25 with 4 balanced classes
+    assert math.isnan(table[-1]["macro_f1"]) and table[-1]["status"] == FAILED  # failed rank last
     md = (run_dir / REPORT_MARKDOWN).read_text()
     for row in table:
         assert row["trial_id"] in md
