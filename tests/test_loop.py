@@ -36,16 +36,21 @@ def test_two_epochs_beat_chance_by_a_clear_margin(synthetic_root, tmp_path):
     assert any("macro-F1" in l for l in lines)
 
 
-def test_checkpoint_reloads_to_the_reported_metrics(synthetic_root, tmp_path):
-    cfg, run_dir, _ = _train(synthetic_root, tmp_path, optim={"epochs": 1})
+def _evaluate_checkpoint(run_dir, batch_size):
+    """Reload ``run_dir/best`` and evaluate it in this process, as a user would."""
     meta = read_meta(run_dir / "best")
     model, _ = load_model(run_dir / "best")
     split = read_split(run_dir / "split.parquet")
     pre = meta["preprocessing"]
     tf = create_eval_transform(pre["image_size"], pre["resize_mode"], pre["mean"], pre["std"], pre["crop_pct"])
     runtime = local_runtime(use_gpu=False)
-    loader, _ = create_val_loader(split, tf, batch_size=7, num_workers=0, runtime=runtime, max_pixels=10**8)
-    metrics = evaluate(model, loader, runtime, list(split.class_names))
+    loader, _ = create_val_loader(split, tf, batch_size=batch_size, num_workers=0, runtime=runtime, max_pixels=10**8)
+    return evaluate(model, loader, runtime, list(split.class_names)), meta, split
+
+
+def test_checkpoint_reloads_to_the_reported_metrics(synthetic_root, tmp_path):
+    cfg, run_dir, _ = _train(synthetic_root, tmp_path, optim={"epochs": 1})
+    metrics, meta, split = _evaluate_checkpoint(run_dir, batch_size=7)
     assert metrics.macro_f1 == pytest.approx(meta["metrics"]["macro_f1"], abs=1e-9)
     assert meta["data_fingerprint"] == split.fingerprint()
     assert meta["class_names"] == list(split.class_names)
@@ -109,14 +114,7 @@ def test_two_rank_ddp_under_ray_train_matches_one_process_evaluation(synthetic_r
         )
     finally:
         ray.shutdown()
-    meta = read_meta(run_dir / "best")
+    single, meta, _ = _evaluate_checkpoint(run_dir, batch_size=32)
     assert meta["metrics"]["macro_f1"] > 0.5  # chance is ~0.25 with 4 balanced classes
-    model, _ = load_model(run_dir / "best")
-    split = read_split(run_dir / "split.parquet")
-    pre = meta["preprocessing"]
-    tf = create_eval_transform(pre["image_size"], pre["resize_mode"], pre["mean"], pre["std"], pre["crop_pct"])
-    runtime = local_runtime(use_gpu=False)
-    loader, _ = create_val_loader(split, tf, batch_size=32, num_workers=0, runtime=runtime, max_pixels=10**8)
-    single = evaluate(model, loader, runtime, list(split.class_names))
     assert single.macro_f1 == pytest.approx(meta["metrics"]["macro_f1"], abs=1e-9)
     assert single.accuracy == pytest.approx(meta["metrics"]["accuracy"], abs=1e-9)
