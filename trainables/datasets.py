@@ -354,6 +354,11 @@ class ImageDataset(torch.utils.data.Dataset):
         self._transform = transform
         self._max_pixels = max_pixels
 
+    def reseed(self, seed: int) -> None:
+        """Reseed the transform's own RNG (albumentations ignores numpy's global seed)."""
+        if hasattr(self._transform, "set_random_seed"):
+            self._transform.set_random_seed(seed)
+
     @property
     def labels(self) -> list[int]:
         """Class index of every sample, in dataset order (for samplers)."""

@@ -54,12 +54,18 @@ def _worker_init(worker_id: int) -> None:
     # Each loader process decodes one image at a time; OpenCV's own thread pool would
     # only fight the training threads for the same cores.
     cv2.setNumThreads(0)
+    # torch gives each worker base_seed + worker_id, base_seed drawn from the loader's
+    # seeded generator: reproducible, and distinct per worker. Albumentations keeps its
+    # own RNG inside Compose, which every forked worker would otherwise share.
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    dataset = torch.utils.data.get_worker_info().dataset
+    if isinstance(dataset, ImageDataset):
+        dataset.reseed(seed)
 
 
-def _loader(dataset, *, batch_size: int, sampler, drop_last: bool, num_workers: int, pin: bool):
+def _loader(dataset, *, batch_size: int, sampler, drop_last: bool, num_workers: int, pin: bool, seed: int = 0):
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -70,6 +76,7 @@ def _loader(dataset, *, batch_size: int, sampler, drop_last: bool, num_workers: 
         pin_memory=pin,
         worker_init_fn=_worker_init if num_workers > 0 else None,
         prefetch_factor=4 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -114,6 +121,7 @@ def create_train_loader(
         drop_last=True,
         num_workers=num_workers,
         pin=runtime.device.type == "cuda",
+        seed=seed + runtime.rank,
     )
 
 

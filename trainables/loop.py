@@ -96,7 +96,7 @@ def _build(cfg: TrialConfig, split: DataSplit, runtime: Runtime) -> _Parts:
     head = param_groups(model).head
     pre = data_config(model)
     size, data = cfg.data.image_size, cfg.data
-    train_tf = create_train_transform(size, cfg.augment, pre["mean"], pre["std"])
+    train_tf = create_train_transform(size, cfg.augment, pre["mean"], pre["std"], seed=cfg.optim.seed + runtime.rank)
     val_tf = create_eval_transform(size, data.resize_mode, pre["mean"], pre["std"], pre["crop_pct"])
     common = dict(num_workers=data.num_workers, runtime=runtime, max_pixels=data.max_image_pixels)
     train_loader = create_train_loader(

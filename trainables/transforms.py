@@ -18,11 +18,16 @@ from trainables.config import AugmentConfig
 
 
 def create_train_transform(
-    image_size: int, aug: AugmentConfig, mean: Sequence[float], std: Sequence[float]
+    image_size: int,
+    aug: AugmentConfig,
+    mean: Sequence[float],
+    std: Sequence[float],
+    seed: int | None = None,
 ) -> A.Compose:
     """RandomResizedCrop, optional flip, colour jitter, coarse dropout, normalise.
 
     ``aug.strength`` scales every magnitude: at 0 this is a plain full-frame resize.
+    ``seed`` makes the augmentation sequence reproducible (loader workers reseed it).
     """
     s = aug.strength
     scale_min = min(1.0, max(0.05, 1.0 - (1.0 - aug.scale_min) * s))
@@ -51,7 +56,7 @@ def create_train_transform(
             )
         )
     steps += [A.Normalize(mean=tuple(mean), std=tuple(std)), ToTensorV2()]
-    return A.Compose(steps)
+    return A.Compose(steps, seed=seed)
 
 
 def create_eval_transform(
