@@ -1,0 +1,437 @@
+"""Training-loop throughput against raw forward+backward, and decode+augment per worker.
+
+This benchmark owns one question from the issue: on the bundled digits, how close does
+the real training loop (``trainables.loop.train_one_epoch`` over the real DataLoader,
+with its worker, PNG decode and augmentation) get to the raw speed of the same model,
+optimizer and loss stepping on batches that are already decoded and augmented, with the
+same torch threads, in the same process? Target: loop / raw >= 0.9. It also times
+decode + augment in one process, which is what one DataLoader worker can supply. The
+two timed passes alternate (loop, raw, raw, loop, ...) so that drift from other work on
+the machine hits both; other processes' CPU use is recorded per pass from /proc. It
+changes no product code: the parts come from the loop's own ``_build``.
+
+Usage (from anywhere; relative config paths are taken from the repository root):
+    python bench/throughput.py [--config configs/digits.yaml] [--set data.num_workers=2]
+        [--repeats 5] [--epochs 1] [--steps N] [--out bench/results/throughput.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from itertools import islice
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS_ROOT = Path("data/digits")
+TARGET_RATIO = 0.9
+# Cores other processes may use during a pass before it is marked contended (a tenth
+# of this 2-core machine already slows a 2-thread torch step measurably).
+CLEAN_OTHER_CORES = 0.2
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=REPO / "configs/digits.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value, as `tunecv train --set` (repeatable)")
+    parser.add_argument("--repeats", type=int, default=5, help="clean loop/raw pairs wanted")
+    parser.add_argument("--budget-s", type=float, default=240.0,
+                        help="start no new pair after this long, even with fewer clean pairs")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs per timed loop pass")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="cap on batches per epoch (default: a full epoch)")
+    parser.add_argument("--decode-images", type=int, default=1000,
+                        help="images per decode+augment measurement")
+    parser.add_argument("--out", type=Path, default=REPO / "bench/results/throughput.json")
+    args = parser.parse_args(argv)
+    for name in ("repeats", "epochs", "steps", "decode_images", "budget_s"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+    args.config, args.out = args.config.resolve(), args.out.resolve()
+    return args
+
+
+# ---- CPU accounting: how much of the machine other processes used during a pass ----
+
+def _proc_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _tree_ticks(root_pid: int) -> int:
+    """CPU ticks of ``root_pid`` and every live descendant (the DataLoader workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue  # exited while we looked
+            children.setdefault(ppid, []).append(int(entry))
+    total, stack = 0, [root_pid]
+    while stack:
+        pid = stack.pop()
+        try:
+            total += _proc_ticks(pid)
+        except OSError:
+            pass
+        stack.extend(children.get(pid, []))
+    return total
+
+
+def cpu_snapshot() -> tuple[int, int, int] | None:
+    """Busy ticks of the machine, of this process tree, of this process; None off Linux."""
+    try:
+        with open("/proc/stat") as handle:
+            values = [int(v) for v in handle.readline().split()[1:9]]
+        busy = sum(values) - values[3] - values[4]  # all but idle and iowait
+        return busy, _tree_ticks(os.getpid()), _proc_ticks(os.getpid())
+    except OSError:
+        return None
+
+
+def cpu_usage(before, after, wall_s: float) -> dict:
+    """Average cores used during a pass by this process, its children (the DataLoader
+    workers) and every other process on the machine."""
+    if before is None or after is None:
+        return {}
+    busy, tree, main = ((b - a) / os.sysconf("SC_CLK_TCK") / wall_s for a, b in zip(before, after))
+    return {"main_cores": round(main, 2), "child_cores": round(tree - main, 3),
+            "other_cores": round(max(0.0, busy - tree), 2)}
+
+
+# ---- the three measurements ----
+
+class _StepClock:
+    """Hands batches through unchanged (at most ``max_steps``, for ``--steps``) and
+    notes when each one is handed over.
+
+    A step's time is the gap between two handovers (data wait + compute), the last
+    one ending with the pass. Their median shrugs off a burst of outside load that
+    a whole-pass total on a shared machine cannot.
+    """
+
+    def __init__(self, batches, max_steps: int | None = None):
+        self.batches, self.sampler, self.marks = batches, getattr(batches, "sampler", None), []
+        self.max_steps = max_steps or len(batches)
+
+    def __len__(self) -> int:
+        return min(self.max_steps, len(self.batches))
+
+    def __iter__(self):
+        for batch in islice(self.batches, len(self)):
+            self.marks.append(time.perf_counter())
+            yield batch
+
+
+def _timed(fn, clock: _StepClock | None = None) -> dict:
+    """Run ``fn`` (returning an image count); report images/s, step times and CPU use."""
+    if clock is not None:
+        clock.marks.clear()
+    before, start = cpu_snapshot(), time.perf_counter()
+    images = fn()
+    end = time.perf_counter()
+    wall_s = end - start
+    out = {"images": images, "wall_s": round(wall_s, 3), "images_per_s": round(images / wall_s, 2)}
+    if clock is not None and clock.marks:
+        steps_s = [b - a for a, b in zip(clock.marks, clock.marks[1:] + [end])]
+        step_s = statistics.median(steps_s)
+        out |= {"step_ms_median": round(1000 * step_s, 1),
+                "step_median_images_per_s": round(images / len(steps_s) / step_s, 2)}
+    return out | cpu_usage(before, cpu_snapshot(), wall_s)
+
+
+def loop_pass(parts, runtime, accum_steps: int, scaler, epochs: int, first_epoch: int) -> int:
+    """The real loop: ``train_one_epoch`` as ``run_trial`` calls it, ``epochs`` times."""
+    from trainables.loop import train_one_epoch
+
+    seen = 0
+    for epoch in range(first_epoch, first_epoch + epochs):
+        parts.train_loader.sampler.set_epoch(epoch)
+        seen += train_one_epoch(parts, runtime, accum_steps, scaler)[1]
+    return seen
+
+
+def raw_pass(parts, runtime, accum_steps: int, batches) -> int:
+    """Forward, loss, backward and optimizer step on pre-decoded batches: no loader.
+
+    Same model, optimizer, loss, precision and accumulation as the loop; no scheduler,
+    no loss bookkeeping. One ``float(loss)`` at the end, as the loop syncs once.
+    """
+    import torch
+
+    from trainables.backbones import set_train_mode
+
+    model, optimizer, p = parts.model, parts.optimizer, parts.precision
+    set_train_mode(model)
+    optimizer.zero_grad(set_to_none=True)
+    images, n_batches = 0, len(batches)
+    for i, (x, y) in enumerate(batches):
+        with torch.autocast(runtime.device.type, dtype=p.dtype, enabled=p.dtype is not None):
+            loss = parts.loss_fn(model(x), y)
+        (loss / accum_steps).backward()
+        if (i + 1) % accum_steps == 0 or i + 1 == n_batches:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        images += x.shape[0]
+    float(loss.detach())
+    return images
+
+
+def collect_batches(loader, epoch: int, epochs: int) -> list:
+    """The loop loader's own batches (decoded and augmented), held in memory."""
+    batches = []
+    for e in range(epoch, epoch + epochs):
+        loader.sampler.set_epoch(e)
+        batches += [(x.clone(), y.clone()) for x, y in loader]
+    return batches
+
+
+def decode_augment(dataset, num_images: int, decode_only: bool) -> int:
+    """Decode (+ augment) ``num_images`` in this process, as one DataLoader worker does."""
+    from trainables.images import load_rgb
+
+    for i in range(num_images):
+        index = i % len(dataset)
+        if decode_only:
+            load_rgb(dataset._paths[index], max_pixels=dataset._max_pixels)
+        else:
+            dataset[index]
+    return num_images
+
+
+def measure_decode(cfg, split, model, num_images: int, repeats: int) -> dict:
+    """Median images/s of decode+augment and of decode alone, worker thread settings."""
+    import cv2
+    import torch
+
+    from trainables.backbones import data_config, unwrap
+    from trainables.datasets import ImageDataset
+    from trainables.transforms import create_train_transform
+
+    pre = data_config(unwrap(model))  # the same transform _build gives the train loader
+    tf = create_train_transform(cfg.data.image_size, cfg.augment, pre["mean"], pre["std"])
+    dataset = ImageDataset(split.root, split.train, tf, max_pixels=cfg.data.max_image_pixels)
+    # A DataLoader worker runs torch with 1 thread; loaders._worker_init turns off
+    # OpenCV's pool. Match both here, then restore the training process's settings.
+    torch_threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(0)
+    try:
+        full = [_timed(lambda: decode_augment(dataset, num_images, False)) for _ in range(repeats)]
+        bare = [_timed(lambda: decode_augment(dataset, num_images, True)) for _ in range(repeats)]
+    finally:
+        torch.set_num_threads(torch_threads)
+        cv2.setNumThreads(cv2_threads)
+    return {
+        "images_per_measurement": num_images,
+        "decode_augment_runs": full,
+        "decode_only_runs": bare,
+        "decode_augment_images_per_s": _median(full),
+        "decode_only_images_per_s": _median(bare),
+    }
+
+
+def _median(runs: list[dict], key: str = "images_per_s") -> float:
+    return round(statistics.median(r[key] for r in runs), 2)
+
+
+# ---- orchestration ----
+
+def load_run_config(args: argparse.Namespace):
+    """Make sure the digits exist (as `tunecv data digits data/digits --image-size 64`), load."""
+    from search.config import load_config
+    from trainables.demo_data import write_digits
+
+    if not DIGITS_ROOT.is_dir():
+        print(f"writing the bundled digits to {DIGITS_ROOT} (64 px)")
+        write_digits(DIGITS_ROOT, image_size=64)
+    return load_config(args.config, args.set)
+
+
+def prepare(cfg):
+    """The split as `tunecv train` prepares it, then the loop's own parts."""
+    from trainables.datasets import prepare_split
+    from trainables.loop import _build
+    from trainables.runtime import local_runtime
+
+    split = prepare_split(
+        cfg.data.root, manifest=cfg.data.manifest, val_fraction=cfg.data.val_fraction,
+        seed=cfg.optim.seed, strict=cfg.data.strict, max_pixels=cfg.data.max_image_pixels,
+    )
+    runtime = local_runtime(cfg.scaling.use_gpu)
+    return split, runtime, _build(cfg.trial(), split, runtime)
+
+
+def run_pairs(parts, runtime, cfg, args) -> dict:
+    """Cold loop epoch, warm-up, then alternating loop/raw pairs until enough are clean.
+
+    The machine may be shared: a pass during which other processes used more than
+    ``CLEAN_OTHER_CORES`` is kept in the record but marked contended, and pairs go on
+    (within ``--budget-s``) until ``--repeats`` pairs are clean.
+    """
+    import torch
+
+    accum = cfg.optim.grad_accum_steps
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=parts.precision.grad_scaling)
+    parts.train_loader = loader = _StepClock(parts.train_loader, args.steps)
+    # Epoch 1 of every trial: forks the (persistent) worker and fills its prefetch queue.
+    cold = _timed(lambda: loop_pass(parts, runtime, accum, scaler, 1, 1), loader)
+    batches = _StepClock(collect_batches(loader, 2, args.epochs))
+    epoch = 2 + args.epochs
+    raw_pass(parts, runtime, accum, batches)  # warm-up: allocator and oneDNN caches
+    loop, raw, start = [], [], time.perf_counter()
+    while _clean_pairs(loop, raw) < args.repeats:
+        if loop and time.perf_counter() - start > args.budget_s:
+            print(f"  budget of {args.budget_s:.0f} s spent with {_clean_pairs(loop, raw)} clean pair(s)")
+            break
+        order = ("loop", "raw") if len(loop) % 2 == 0 else ("raw", "loop")  # ABBA against drift
+        for kind in order:
+            if kind == "loop":
+                loop.append(_timed(lambda: loop_pass(parts, runtime, accum, scaler, args.epochs, epoch), loader))
+                epoch += args.epochs
+            else:
+                raw.append(_timed(lambda: raw_pass(parts, runtime, accum, batches), batches))
+        flag = "" if _is_clean(loop[-1]) and _is_clean(raw[-1]) else "  (contended: other processes busy)"
+        print(f"  pair {len(loop)}: loop {loop[-1]['images_per_s']:.1f}, "
+              f"raw {raw[-1]['images_per_s']:.1f} images/s{flag}", flush=True)
+    return {"cold_first_epoch": cold, "loop_runs": loop, "raw_runs": raw}
+
+
+def _is_clean(run: dict) -> bool:
+    return run.get("other_cores", 0.0) <= CLEAN_OTHER_CORES
+
+
+def _clean_pairs(loop: list[dict], raw: list[dict]) -> int:
+    return sum(_is_clean(a) and _is_clean(b) for a, b in zip(loop, raw))
+
+
+def machine_info(cfg) -> dict:
+    import albumentations
+    import cv2
+    import timm
+    import torch
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "data_workers": cfg.data.num_workers,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "albumentations": albumentations.__version__,
+        "opencv": cv2.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_at_start": list(os.getloadavg()),
+    }
+
+
+def summarise(pairs: dict, decode: dict) -> dict:
+    """Medians over the clean pairs (over all pairs, flagged, when none was clean)."""
+    all_pairs = list(zip(pairs["loop_runs"], pairs["raw_runs"]))
+    clean = [(a, b) for a, b in all_pairs if _is_clean(a) and _is_clean(b)]
+    used = clean or all_pairs
+    loop_used, raw_used = [a for a, _ in used], [b for _, b in used]
+    loop_med, raw_med = _median(loop_used), _median(raw_used)
+    ratio = loop_med / raw_med
+    per_pair = [a["images_per_s"] / b["images_per_s"] for a, b in used]
+    return {
+        "loop_images_per_s_median": loop_med,
+        "raw_images_per_s_median": raw_med,
+        "ratio": round(ratio, 3),  # of the medians: the issue's loop / raw images/s
+        "ratio_per_pair": [round(r, 3) for r in per_pair],
+        "ratio_median_of_pairs": round(statistics.median(per_pair), 3),
+        # the same from median step times: robust to bursts of outside load within a pass
+        "ratio_of_step_medians": round(_median(loop_used, "step_median_images_per_s")
+                                       / _median(raw_used, "step_median_images_per_s"), 3),
+        "target_ratio": TARGET_RATIO,
+        "meets_target": ratio >= TARGET_RATIO,
+        "pairs_run": len(all_pairs),
+        "pairs_used": len(used),
+        "contended": not clean,
+        "clean_other_cores_max": CLEAN_OTHER_CORES,
+        # e.g. 170 images/s of training / 2,700 images/s per worker = 0.06 of a core
+        "decode_augment_cores_at_loop_rate": round(loop_med / decode["decode_augment_images_per_s"], 3),
+        # what the workers really used (decode, augment, collate, IPC), from /proc
+        "worker_cores_measured": round(statistics.median(a.get("child_cores", 0.0) for a, _ in used), 3),
+    }
+
+
+WHAT_IS_TIMED = {
+    "loop": "trainables.loop.train_one_epoch on the parts from trainables.loop._build: DataLoader "
+            "iteration (persistent worker(s), PNG decode, albumentations, collate), forward, loss, "
+            "backward, AdamW step, LR scheduler, loss bookkeeping. Worker start-up and first-step "
+            "warm-up are excluded (cold_first_epoch has them); evaluation and checkpoints are excluded.",
+    "raw": "the same model/optimizer/loss/precision stepping over one epoch of the loop loader's own "
+           "batches held in memory; no DataLoader, no scheduler; same process, same torch threads.",
+    "decode_augment": "ImageDataset.__getitem__ with the train transform in this process, torch at "
+                      "1 thread and cv2.setNumThreads(0), as in one DataLoader worker.",
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    os.chdir(REPO)  # the config's relative paths (data/digits) are repository-relative
+    import torch
+
+    cfg = load_run_config(args)
+    split, runtime, parts = prepare(cfg)
+    steps = len(parts.train_loader) if args.steps is None else min(args.steps, len(parts.train_loader))
+    print(f"{len(split.train)} train images, {steps} batches of {cfg.optim.batch_size} per epoch, "
+          f"torch threads {torch.get_num_threads()}, data workers {cfg.data.num_workers}", flush=True)
+    pairs = run_pairs(parts, runtime, cfg, args)
+    decode = measure_decode(cfg, split, parts.model, args.decode_images, repeats=3)
+    summary = summarise(pairs, decode)
+    result = {
+        "benchmark": "training-loop throughput vs raw forward+backward (bundled digits)",
+        "what_is_timed": WHAT_IS_TIMED,
+        "machine": machine_info(cfg),
+        "config_file": os.path.relpath(args.config, REPO),
+        "overrides": args.set,
+        "config": cfg.model_dump(mode="json"),
+        "measurement": {
+            "clean_pairs_wanted": args.repeats, "budget_s": args.budget_s,
+            "epochs_per_pass": args.epochs, "batches_per_epoch": steps,
+            "train_images": len(split.train),
+        },
+        "summary": summary,
+        **pairs,
+        "decode_augment_per_worker": decode,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print_summary(summary, pairs, decode, args.out)
+    return result
+
+
+def print_summary(summary: dict, pairs: dict, decode: dict, out: Path) -> None:
+    met = "meets" if summary["meets_target"] else "MISSES"
+    used = f"{summary['pairs_used']} of {summary['pairs_run']} pairs"
+    if summary["contended"]:
+        used += ", ALL CONTENDED by other processes: rerun on a quiet machine"
+    print(f"loop {summary['loop_images_per_s_median']:.1f} images/s, raw "
+          f"{summary['raw_images_per_s_median']:.1f} images/s (medians of {used}): ratio "
+          f"{summary['ratio']:.3f}, {met} the {TARGET_RATIO} target; per pair {summary['ratio_per_pair']}")
+    print(f"from median step times: ratio {summary['ratio_of_step_medians']:.3f} "
+          f"(median of per-pair ratios {summary['ratio_median_of_pairs']:.3f})")
+    print(f"data workers used {summary['worker_cores_measured']:.2f} of a core during the loop "
+          f"(decode+augment alone would need {summary['decode_augment_cores_at_loop_rate']:.2f})")
+    print(f"cold first epoch (worker start-up included): "
+          f"{pairs['cold_first_epoch']['images_per_s']:.1f} images/s")
+    print(f"decode+augment, one worker: {decode['decode_augment_images_per_s']:.0f} images/s "
+          f"(decode alone {decode['decode_only_images_per_s']:.0f}); wrote {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
