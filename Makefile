@@ -25,6 +25,9 @@ test: $(STAMP)
 
 bench: $(STAMP) data/digits
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python -m bench.search_overhead
+	$(BIN)/python -m bench.search_efficiency
+	$(BIN)/python bench/export_latency.py
 
 clean:
 	rm -rf runs data/digits
