@@ -163,3 +163,29 @@ def test_bad_search_config_is_named(tmp_path):
     with pytest.raises(ConfigError) as info:
         parse_config(raw)
     assert "search.num_samples" in str(info.value)
+
+
+@pytest.mark.slow
+def test_multi_worker_trials_run_through_torch_trainer(synthetic_root, tmp_path):
+    """scaling.num_workers >= 1: each trial drives a TorchTrainer (here 2 gloo workers)
+    whose rank 0 keeps the trial's metrics and best checkpoint like an in-process trial."""
+    import ray
+
+    from search.driver import run_search
+
+    cfg = _search_config(synthetic_root, tmp_path, num_samples=1, warm_start=True, export=False)
+    raw = cfg.model_dump(mode="json")
+    raw["scaling"] = {"num_workers": 2, "cpus_per_worker": 0.9}
+    raw["optim"]["epochs"] = 2
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        run_dir = run_search(parse_config(raw), print_fn=lambda *_: None)
+    finally:
+        ray.shutdown()
+    (record,) = read_records(run_dir)
+    assert record.status == COMPLETED, record.reason
+    epochs = (run_dir / "trials" / record.trial_id / "metrics.jsonl").read_text().splitlines()
+    assert len(epochs) == 2
+    assert (run_dir / "trials" / record.trial_id / "best" / "model.safetensors").is_file()
+    table = pq.read_table(run_dir / REPORT_PARQUET).to_pylist()
+    assert table[0]["macro_f1"] > 0.3
