@@ -2,9 +2,10 @@
 
 The loop calls ``Reporter.report(result, checkpoint_dir)`` once per epoch on every
 rank; what happens next belongs to the caller: ``RunDirReporter`` keeps metrics and the
-best checkpoint on disk, ``ConsoleReporter`` also prints (``tunecv train``), ``RayTrainReporter`` hands metrics and the
-checkpoint to ``ray.train.report`` (TorchTrainer workers), and the search plugs in its
-own reporter for in-process Tune trials. The checkpoint directory is temporary: a
+best checkpoint on disk, ``ConsoleReporter`` also prints (``tunecv train``),
+``RayTrainReporter`` hands metrics and the checkpoint to ``ray.train.report``
+(TorchTrainer workers), and the search plugs in its own reporter for in-process Tune
+trials. The checkpoint directory is temporary: a
 reporter that wants it must copy it before returning.
 """
 
