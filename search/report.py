@@ -25,9 +25,9 @@ REPORT_MARKDOWN = "report.md"
 TOP_DETAILED = 3
 
 
-def _effective(run_dir: Path, row: TrialSummary) -> dict[str, Any]:
-    base = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-    return deep_merge(base, row.record.overrides)
+def _base_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}
 
 
 def _loss_label(loss: dict[str, Any]) -> str:
@@ -42,8 +42,9 @@ def _loss_label(loss: dict[str, Any]) -> str:
 def report_rows(run_dir: Path, ranked: list[TrialSummary]) -> list[dict[str, Any]]:
     """One flat dict per trial, in rank order: the columns of the report."""
     rows = []
+    base = _base_config(run_dir)  # the run's fixed settings; each trial overrides some
     for rank, row in enumerate(ranked, start=1):
-        cfg = _effective(run_dir, row)
+        cfg = deep_merge(base, row.record.overrides)
         best = row.best_epoch or {}
         rows.append({
             "rank": rank,
