@@ -126,17 +126,17 @@ def run_search(cfg: RunConfig, print_fn=print, callbacks: Sequence[tune.Callback
     """
     from search.space_catalog import resolve_space_name
 
-    space_path = None
+    space = None
     if cfg.search.space != "auto":
         space_path, note = resolve_space_name(cfg.search.space)
-        _load_space_checked(cfg, space_path)
+        space = _load_space_checked(cfg, space_path)
     run_dir = create_run_dir(cfg)
     print_fn(f"run directory: {run_dir}")
     split = prepare_data(cfg, run_dir, print_fn)
-    if space_path is None:
+    if space is None:
         space_path, note = resolve_space_name("auto", num_train_images=len(split.train))
+        space = _load_space_checked(cfg, space_path)
     print_fn(note)
-    space = _load_space_checked(cfg, space_path)
     shutil.copyfile(space_path, run_dir / SPACE_FILE)
     write_state(run_dir, status="running", pid=os.getpid(), hostname=socket.gethostname(), started=time.time())
     try:

@@ -100,26 +100,17 @@ def _train_in_process(cfg: RunConfig, split: DataSplit, run_dir: Path, print_fn)
 def _train_with_ray(cfg: RunConfig, run_dir: Path, print_fn) -> None:
     import ray
     import ray.train
-    from ray.train.torch import TorchTrainer
 
-    from trainables.workers import train_loop_per_worker
+    from search.trial import create_torch_trainer
 
-    s = cfg.scaling
-    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     if not ray.is_initialized():
         ray.init()  # joins RAY_ADDRESS when set (ray job submit), else starts a local Ray
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"trial": cfg.trial().model_dump(mode="json"), "split_path": str(run_dir / SPLIT_FILE)},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
-        ),
-        run_config=ray.train.RunConfig(
-            name="ray_train",
-            storage_path=str(run_dir),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=RANKING_METRIC, checkpoint_score_order="max"
-            ),
+    trainer = create_torch_trainer(
+        cfg.trial(),
+        run_dir / SPLIT_FILE,
+        run_dir,
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=1, checkpoint_score_attribute=RANKING_METRIC, checkpoint_score_order="max"
         ),
     )
     result = trainer.fit()

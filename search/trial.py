@@ -111,32 +111,45 @@ def _run_in_process(cfg: TrialConfig, run_dir: Path, trial_id: str) -> None:
     run_trial(cfg, split, reporter, local_runtime(cfg.scaling.use_gpu))
 
 
-def _run_with_torch_trainer(cfg: TrialConfig, run_dir: Path, trial_id: str) -> None:
+def create_torch_trainer(cfg: TrialConfig, split_path: Path, storage_path: Path, **run_config):
+    """A ``TorchTrainer`` running ``cfg`` with the workers and resources of ``cfg.scaling``.
+
+    Args:
+        cfg: The trial config.
+        split_path: The run's split file (shared storage on a multi-node cluster).
+        storage_path: Where Ray Train keeps its own state and checkpoints.
+        **run_config: Extra ``ray.train.RunConfig`` fields (callbacks, checkpoint_config);
+            ``record_dir`` instead goes to the workers, where rank 0 keeps the trial's
+            metrics and best checkpoint.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from trainables.workers import train_loop_per_worker
 
     s = cfg.scaling
+    record_dir = run_config.pop("record_dir", None)
+    loop_config = {"trial": cfg.model_dump(mode="json"), "split_path": str(split_path)}
+    if record_dir is not None:
+        loop_config["record_dir"] = str(record_dir)
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "trial": cfg.model_dump(mode="json"),
-            "split_path": str(run_dir / SPLIT_FILE),
-            "record_dir": str(trial_dir(run_dir, trial_id)),
-        },
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
         ),
-        run_config=ray.train.RunConfig(
-            name="ray_train",
-            storage_path=str(trial_dir(run_dir, trial_id)),
-            callbacks=[TuneReportCallback()],
-        ),
+        run_config=ray.train.RunConfig(name="ray_train", storage_path=str(storage_path), **run_config),
     )
-    trainer.fit()
+
+
+def _run_with_torch_trainer(cfg: TrialConfig, run_dir: Path, trial_id: str) -> None:
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    directory = trial_dir(run_dir, trial_id)
+    create_torch_trainer(
+        cfg, run_dir / SPLIT_FILE, directory, record_dir=directory, callbacks=[TuneReportCallback()]
+    ).fit()
 
 
 def best_checkpoint_dir(run_dir: Path, trial_id: str) -> Path:
