@@ -13,6 +13,7 @@ from trainables.checkpoint import load_model, read_meta
 from trainables.datasets import read_split
 from trainables.loaders import create_val_loader
 from trainables.loop import evaluate
+from trainables.reporting import RunDirReporter
 from trainables.runtime import Runtime, local_runtime
 from trainables.transforms import create_eval_transform
 
@@ -128,3 +129,67 @@ def test_two_rank_ddp_under_ray_train_matches_one_process_evaluation(synthetic_r
     assert meta["metrics"]["macro_f1"] > 0.5  # chance is ~0.25 with 4 balanced classes
     assert single.macro_f1 == pytest.approx(meta["metrics"]["macro_f1"], abs=1e-9)
     assert single.accuracy == pytest.approx(meta["metrics"]["accuracy"], abs=1e-9)
+
+
+class _CrashAfter(RunDirReporter):
+    """Keeps epochs like a search trial, then raises: a trial dying mid-run."""
+
+    def __init__(self, directory, crash_after_epoch):
+        super().__init__(directory, keep_last=True)
+        self.crash_after_epoch = crash_after_epoch
+
+    def report(self, result, checkpoint_dir):
+        super().report(result, checkpoint_dir)
+        if result.epoch == self.crash_after_epoch:
+            raise RuntimeError("simulated crash")
+
+
+def test_resuming_from_last_checkpoint_continues_exactly(synthetic_root, tmp_path):
+    """Restoring weights, AdamW state, the LR schedule and the epoch from last/ gives
+    the run that never stopped: same losses, LRs, macro-F1 and final weights."""
+    from safetensors.torch import load_file
+
+    from trainables.datasets import prepare_split
+    from trainables.loop import run_trial
+
+    # Deterministic augmentation: albumentations' stream restarts with the process, so
+    # only the loop's own state is under test here.
+    cfg = parse_config(small_run_config(
+        synthetic_root, tmp_path, optim={"epochs": 3, "warmup_epochs": 1.0},
+        augment={"strength": 0.0, "hflip": False, "color_jitter": 0.0, "coarse_dropout_p": 0.0},
+    )).trial()
+    split = prepare_split(synthetic_root, val_fraction=0.2, seed=0)
+    runtime = local_runtime(use_gpu=False)
+    run_trial(cfg, split, RunDirReporter(tmp_path / "straight", keep_last=True), runtime)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_trial(cfg, split, _CrashAfter(tmp_path / "resumed", crash_after_epoch=1), runtime)
+    reporter = RunDirReporter(tmp_path / "resumed", keep_last=True)
+    reporter.resume_after(1)
+    run_trial(cfg, split, reporter, runtime, resume_from=tmp_path / "resumed" / "last")
+
+    def lines(name):
+        return [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    straight, resumed = lines("straight"), lines("resumed")
+    assert [r["epoch"] for r in resumed] == [1, 2, 3]
+    for a, b in zip(straight, resumed):
+        for key in ("train_loss", "lr_head", "lr_base", "macro_f1", "val_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["epoch"], key)
+    weights_a = load_file(str(tmp_path / "straight" / "last" / "model.safetensors"))
+    weights_b = load_file(str(tmp_path / "resumed" / "last" / "model.safetensors"))
+    assert all(torch.allclose(weights_a[k], weights_b[k], atol=1e-6) for k in weights_a)
+    assert not (tmp_path / "resumed" / "best" / "train_state").exists()  # export needs weights only
+
+
+def test_resume_after_drops_epochs_written_after_the_checkpoint(tmp_path):
+    """A crash between appending an epoch's line and replacing last/ must not leave
+    that epoch twice once the resumed trial writes it again."""
+    directory = tmp_path / "trial"
+    directory.mkdir()
+    (directory / "metrics.jsonl").write_text(
+        "".join(json.dumps({"epoch": e, "macro_f1": 0.1 * e}) + "\n" for e in (1, 2, 3)) + '{"epo'
+    )
+    reporter = RunDirReporter(directory)
+    reporter.resume_after(2)
+    assert [json.loads(l)["epoch"] for l in (directory / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert reporter.best_macro_f1 == pytest.approx(0.2)

@@ -2,8 +2,11 @@
 
 A checkpoint directory holds ``model.safetensors`` (tensors only, safe to open from
 anywhere) and ``meta.json`` (class names, preprocessing spec, the trial config, epoch
-and metrics). This module owns that format and rebuilding a model from it. It does not
-decide when to checkpoint: the loop does.
+and metrics). A resumable checkpoint adds ``train_state/``: the optimizer's tensors as
+safetensors, and its hyperparameters, the LR schedule's position, the GradScaler and
+the epoch as JSON, so a trial that crashed continues where it stopped. This module owns
+that format and rebuilding a model from it. It does not decide when to checkpoint: the
+loop does.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from torch import nn
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
+TRAIN_STATE_DIR = "train_state"
+_OPTIMIZER_TENSORS = "optimizer.safetensors"
+_STATE_JSON = "state.json"
 FORMAT_VERSION = 1
 
 
@@ -75,3 +81,65 @@ def load_model(directory: Path) -> tuple[nn.Module, dict[str, Any]]:
     load_weights(model, str(directory / WEIGHTS_FILE), strict=True, device="cpu")
     model.eval()
     return model, meta
+
+
+def save_training_state(directory: Path, optimizer, scheduler, scaler, epoch: int) -> Path:
+    """Write what resuming after ``epoch`` needs besides the weights into ``directory/train_state``.
+
+    Optimizer tensors (AdamW moments, step counts) go to safetensors; everything else in
+    the state dicts is plain numbers and strings, so JSON holds it and nothing is pickled.
+    """
+    from safetensors.torch import save_file
+
+    target = Path(directory) / TRAIN_STATE_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    opt = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entries in opt["state"].items():
+        for key, value in entries.items():
+            if hasattr(value, "detach"):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    save_file(tensors, str(target / _OPTIMIZER_TENSORS))
+    state = {
+        "epoch": epoch,
+        "optimizer_param_groups": opt["param_groups"],
+        "optimizer_scalars": scalars,
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+    }
+    (target / _STATE_JSON).write_text(json.dumps(state, indent=1))
+    return target
+
+
+def has_training_state(directory: Path) -> bool:
+    return (Path(directory) / TRAIN_STATE_DIR / _STATE_JSON).is_file()
+
+
+def load_training_state(directory: Path, optimizer, scheduler, scaler) -> int:
+    """Restore optimizer, LR schedule and GradScaler from ``directory``; return the epoch."""
+    from safetensors.torch import load_file
+
+    source = Path(directory) / TRAIN_STATE_DIR
+    state = json.loads((source / _STATE_JSON).read_text())
+    entries: dict[int, dict[str, Any]] = {}
+    for name, tensor in load_file(str(source / _OPTIMIZER_TENSORS)).items():
+        index, key = name.split(".", 1)
+        entries.setdefault(int(index), {})[key] = tensor
+    for name, value in state["optimizer_scalars"].items():
+        index, key = name.split(".", 1)
+        entries.setdefault(int(index), {})[key] = value
+    # load_state_dict moves each tensor to its parameter's device and dtype.
+    optimizer.load_state_dict({"state": entries, "param_groups": state["optimizer_param_groups"]})
+    scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    return int(state["epoch"])
+
+
+def load_weights_into(model: nn.Module, directory: Path) -> None:
+    """Load a checkpoint's weights into an already built (unwrapped) model."""
+    from safetensors.torch import load_model as load_weights
+
+    load_weights(model, str(Path(directory) / WEIGHTS_FILE), strict=True, device="cpu")

@@ -29,7 +29,7 @@ from trainables.backbones import (
     set_train_mode,
     unwrap,
 )
-from trainables.checkpoint import save_checkpoint
+from trainables.checkpoint import load_training_state, load_weights_into, save_checkpoint, save_training_state
 from trainables.config import TrialConfig
 from trainables.datasets import DataSplit
 from trainables.loaders import create_train_loader, create_val_loader
@@ -90,9 +90,11 @@ class _Parts:
     meta: dict
 
 
-def _build(cfg: TrialConfig, split: DataSplit, runtime: Runtime) -> _Parts:
+def _build(cfg: TrialConfig, split: DataSplit, runtime: Runtime, resume_from: Path | None) -> _Parts:
     torch.manual_seed(cfg.optim.seed)  # same init on every rank; DDP also broadcasts it
     model = create_backbone(cfg.model, num_classes=len(split.class_names))
+    if resume_from is not None:
+        load_weights_into(model, resume_from)  # before DDP wraps it and the optimizer sees it
     head = param_groups(model).head
     pre = data_config(model)
     size, data = cfg.data.image_size, cfg.data
@@ -233,7 +235,13 @@ def _lr_of(optimizer: torch.optim.Optimizer, role: str) -> float | None:
     return next((g["lr"] for g in optimizer.param_groups if g["role"] == role), None)
 
 
-def run_trial(cfg: TrialConfig, split: DataSplit, reporter: Reporter, runtime: Runtime) -> TrialSummary:
+def run_trial(
+    cfg: TrialConfig,
+    split: DataSplit,
+    reporter: Reporter,
+    runtime: Runtime,
+    resume_from: Path | None = None,
+) -> TrialSummary:
     """Fine-tune ``cfg`` on ``split`` for ``cfg.optim.epochs`` epochs, reporting each one.
 
     Args:
@@ -241,15 +249,21 @@ def run_trial(cfg: TrialConfig, split: DataSplit, reporter: Reporter, runtime: R
         split: The run's fixed train/validation split.
         reporter: Receives every epoch's result and (on the chief) a checkpoint.
         runtime: In-process or Ray Train worker.
+        resume_from: A checkpoint with ``train_state/`` (the trial's ``last/``): weights,
+            optimizer, LR schedule and GradScaler are restored and training continues
+            with the epoch after it.
 
     Returns:
-        A summary with the best epoch by macro-F1.
+        A summary with the best epoch by macro-F1 (among the epochs run in this call).
     """
-    parts = _build(cfg, split, runtime)
+    parts = _build(cfg, split, runtime, resume_from)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=parts.precision.grad_scaling)
+    done = 0
+    if resume_from is not None:
+        done = load_training_state(resume_from, parts.optimizer, parts.scheduler, scaler)
     best: EpochResult | None = None
     class_names = list(split.class_names)
-    for epoch in range(1, cfg.optim.epochs + 1):
+    for epoch in range(done + 1, cfg.optim.epochs + 1):
         parts.train_loader.sampler.set_epoch(epoch)
         lr_head, lr_base = _lr_of(parts.optimizer, "head"), _lr_of(parts.optimizer, "base")
         start = time.perf_counter()
@@ -268,7 +282,7 @@ def run_trial(cfg: TrialConfig, split: DataSplit, reporter: Reporter, runtime: R
         )
         if best is None or metrics.macro_f1 > best.metrics.macro_f1:
             best = result
-        _report(parts, result, reporter, runtime)
+        _report(parts, result, reporter, runtime, scaler)
     return TrialSummary(
         epochs_run=cfg.optim.epochs,
         best=best,
@@ -277,11 +291,13 @@ def run_trial(cfg: TrialConfig, split: DataSplit, reporter: Reporter, runtime: R
     )
 
 
-def _report(parts: _Parts, result: EpochResult, reporter: Reporter, runtime: Runtime) -> None:
+def _report(parts: _Parts, result: EpochResult, reporter: Reporter, runtime: Runtime, scaler) -> None:
     if not runtime.is_chief:
         reporter.report(result, None)
         return
     with tempfile.TemporaryDirectory(prefix="tunecv-ckpt-") as tmp:
         meta = {**parts.meta, "epoch": result.epoch, "metrics": result.metrics.scalars()}
         save_checkpoint(Path(tmp), unwrap(parts.model), meta)
+        # Every epoch's checkpoint can resume the trial; reporters keep it as last/.
+        save_training_state(Path(tmp), parts.optimizer, parts.scheduler, scaler, result.epoch)
         reporter.report(result, Path(tmp))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from trainables.checkpoint import TRAIN_STATE_DIR
 from trainables.metrics import RANKING_METRIC, EvalMetrics, format_report
 
 
@@ -53,10 +54,17 @@ class Reporter(Protocol):
         """Receive one epoch. ``checkpoint_dir`` is only set on the chief rank."""
 
 
+METRICS_FILE = "metrics.jsonl"
+BEST_DIR = "best"
+LAST_DIR = "last"
+
+
 class RunDirReporter:
     """Appends every epoch to ``metrics.jsonl`` and keeps the best checkpoint in ``best/``.
 
-    Best is by macro-F1; ``keep_last`` also keeps the latest epoch in ``last/``.
+    Best is by macro-F1; ``keep_last`` also keeps the latest epoch, with its training
+    state, in ``last/``: what a crashed trial resumes from. ``best/`` holds the weights
+    alone (the export needs nothing else).
     """
 
     def __init__(self, directory: Path, keep_last: bool = False) -> None:
@@ -64,19 +72,39 @@ class RunDirReporter:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.keep_last = keep_last
         self.best: EpochResult | None = None
+        self.best_macro_f1 = float("-inf")
+
+    def resume_after(self, epoch: int) -> None:
+        """Continue a trial whose ``last/`` is ``epoch``: forget later lines, recall the best.
+
+        A crash between appending an epoch's line and replacing ``last/`` leaves one line
+        that the resumed trial will write again; it must not appear twice.
+        """
+        path = self.directory / METRICS_FILE
+        kept = []
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break  # torn last line
+            if record["epoch"] <= epoch:
+                kept.append(line)
+                self.best_macro_f1 = max(self.best_macro_f1, record["macro_f1"])
+        path.write_text("".join(line + "\n" for line in kept))
 
     def report(self, result: EpochResult, checkpoint_dir: Path | None) -> None:
-        with (self.directory / "metrics.jsonl").open("a") as f:
+        with (self.directory / METRICS_FILE).open("a") as f:
             f.write(json.dumps({**result.flat(), "timestamp": time.time()}) + "\n")
-        improved = self.best is None or result.metrics.macro_f1 > self.best.metrics.macro_f1
+        improved = result.metrics.macro_f1 > self.best_macro_f1
         if improved:
             self.best = result
+            self.best_macro_f1 = result.metrics.macro_f1
         if checkpoint_dir is None:
             return
-        if self.keep_last:
-            _replace_dir(checkpoint_dir, self.directory / "last")
         if improved:
-            _replace_dir(checkpoint_dir, self.directory / "best")
+            _replace_dir(checkpoint_dir, self.directory / BEST_DIR, ignore=TRAIN_STATE_DIR)
+        if self.keep_last:
+            _replace_dir(checkpoint_dir, self.directory / LAST_DIR)
 
 
 class ConsoleReporter(RunDirReporter):
@@ -123,9 +151,9 @@ class RayTrainReporter:
         ray.train.report(result.flat(), checkpoint=checkpoint)
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
+def _replace_dir(src: Path, dst: Path, ignore: str | None = None) -> None:
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(ignore) if ignore else None)
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)  # readers see the old or the new checkpoint, never half of one
