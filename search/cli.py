@@ -1,8 +1,9 @@
 """The ``tunecv`` command line: argument parsing only, no logic of its own.
 
-Subcommands: ``run`` (the search), ``report`` and ``export`` (on a run directory),
-``train`` (one configuration), ``data digits`` / ``data synthetic`` (write the bundled
-demo data or a synthetic set as an image folder).
+Subcommands: ``run`` (the search; resumes an unfinished run), ``submit`` (the search as
+a Ray job), ``report`` and ``export`` (on a run directory), ``train`` (one
+configuration), ``data digits`` / ``data synthetic`` (write the bundled demo data or a
+synthetic set as an image folder).
 """
 
 from __future__ import annotations
@@ -22,12 +23,31 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from search.config import load_config
+    from search.config import ConfigError, load_config
     from search.driver import run_search
+    from search.resume import stored_config
 
+    if args.resume:
+        if args.config or args.set or args.space or args.run_dir:
+            raise ConfigError("--resume RUN_DIR takes the run's own config; drop --config/--set/--space/--run-dir.")
+        run_dir = Path(args.resume).resolve()
+        run_search(stored_config(run_dir), run_dir=run_dir)
+        return 0
+    if not args.config:
+        raise ConfigError("tunecv run needs --config FILE (or --resume RUN_DIR).")
     overrides = list(args.set) + ([f"search.space={args.space}"] if args.space else [])
-    run_search(load_config(args.config, overrides))
+    run_dir = Path(args.run_dir).resolve() if args.run_dir else None
+    run_search(load_config(args.config, overrides), run_dir=run_dir)
     return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from search.submit import submit
+
+    return submit(
+        args.config, args.address, args.set, runtime_env=Path(args.runtime_env),
+        run_dir=args.run_dir, wait=args.wait,
+    )
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -91,11 +111,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(func=_train)
 
-    run = sub.add_parser("run", help="search, rank on macro-F1, export the winner")
-    run.add_argument("--config", required=True, help="run YAML file")
+    run = sub.add_parser(
+        "run", help="search, rank on macro-F1, export the winner",
+        description="Search. An unfinished run of the same name and config is resumed.",
+    )
+    run.add_argument("--config", help="run YAML file")
     run.add_argument("--space", help="search space: a name in spaces/, a YAML path, or 'auto'")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    run.add_argument("--run-dir", help="run directory (default: OUTPUT_DIR/NAME-TIME); resumed if it exists")
+    run.add_argument("--resume", metavar="RUN_DIR", help="resume this run with its own config")
     run.set_defaults(func=_run)
+
+    submit = sub.add_parser("submit", help="submit a search to a Ray cluster as a job")
+    submit.add_argument("--config", required=True, help="run YAML file, relative to this directory")
+    submit.add_argument("--address", default="http://127.0.0.1:8265",
+                        help="the cluster's dashboard, e.g. through `ray dashboard` or kubectl port-forward")
+    submit.add_argument("--runtime-env", default="cluster/runtime_env.yaml")
+    submit.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    submit.add_argument("--run-dir", help="run directory on shared storage (default: OUTPUT_DIR/NAME-TIME)")
+    submit.add_argument("--wait", action="store_true", help="wait for the job and print its log tail")
+    submit.set_defaults(func=_submit)
 
     report = sub.add_parser("report", help="rebuild and print the ranked report of a run")
     report.add_argument("run_dir")

@@ -53,6 +53,7 @@ class SearchConfig(BaseModel):
     storage: str | None = None  # Optuna storage URL; default: a journal file in the run dir
     warm_start: bool = True  # evaluate the space's warm-start recipes first
     cpus_per_trial: float = Field(1.0, gt=0)  # in-process trials (scaling.num_workers: 0)
+    max_failures: int = Field(2, ge=0, le=100)  # retries of a crashed trial, from its last epoch
     export: bool = True  # export the winner to ONNX at the end of the run
 
     @model_validator(mode="after")
@@ -141,8 +142,11 @@ def _check_paths(cfg: RunConfig) -> list[str]:
     return problems
 
 
-def parse_config(raw: Any, source: str = "<dict>") -> RunConfig:
+def parse_config(raw: Any, source: str = "<dict>", check_paths: bool = True) -> RunConfig:
     """Validate a raw mapping into a ``RunConfig``.
+
+    ``check_paths=False`` skips the existence checks of data and weights files: for a
+    job submitted from a machine where those paths only exist on the cluster.
 
     Raises:
         ConfigError: With every problem found, each naming its field.
@@ -153,13 +157,13 @@ def parse_config(raw: Any, source: str = "<dict>") -> RunConfig:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
-    problems = _check_paths(cfg)
+    problems = _check_paths(cfg) if check_paths else []
     if problems:
         raise ConfigError("\n".join([f"invalid config {source}:", *problems]))
     return cfg
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = (), check_paths: bool = True) -> RunConfig:
     """Read, override and validate a run file.
 
     Args:
@@ -178,7 +182,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
         raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
     if isinstance(raw, dict):
         raw = apply_overrides(raw, overrides)
-    return parse_config(raw, source=f"'{path}'")
+    return parse_config(raw, source=f"'{path}'", check_paths=check_paths)
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -13,7 +13,6 @@ import os
 import shutil
 import socket
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,21 +22,29 @@ from search.config import ConfigError, RunConfig
 from search.records import (
     COMPLETED,
     FAILED,
+    HEARTBEAT_S,
     SPACE_FILE,
     STOPPED_EARLY,
     TrialRecord,
     finish_record,
     read_epochs,
+    read_state,
     write_record,
     write_state,
 )
 from search.report import REPORT_MARKDOWN, format_table, write_report
+from search.resume import (
+    ResumePlan,
+    check_driver_gone,
+    check_same_config,
+    find_unfinished_run,
+    plan_resume,
+)
+from search.searcher import TRIAL_ID_KEY, create_scheduler, create_searcher, create_storage, searched_params
 from search.trial import TrialContext, run_search_trial, trial_config
 from search.winner import export_run
 from search.train_job import create_run_dir, prepare_data
 from trainables.metrics import RANKING_METRIC
-
-OPTUNA_JOURNAL = "optuna.journal"
 
 
 def _load_space_checked(cfg: RunConfig, path: Path):
@@ -55,52 +62,6 @@ def _load_space_checked(cfg: RunConfig, path: Path):
     return space
 
 
-def _create_searcher(cfg: RunConfig, space, run_dir: Path):
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    s = cfg.search
-    if s.searcher == "tpe":
-        # multivariate+group model the joint, conditional space; constant_liar keeps
-        # concurrent trials from all sampling the same promising point.
-        with warnings.catch_warnings():  # group= is "experimental" but documented for this use
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            sampler = optuna.samplers.TPESampler(seed=s.seed, multivariate=True, group=True, constant_liar=True)
-    else:
-        sampler = optuna.samplers.RandomSampler(seed=s.seed)
-    if s.storage is None:
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        storage = JournalStorage(JournalFileBackend(str(run_dir / OPTUNA_JOURNAL)))
-    else:
-        storage = optuna.storages.RDBStorage(s.storage)
-    points = space.warm_start_points() if s.warm_start else None
-    return OptunaSearch(
-        space=space.define_by_run,
-        metric=RANKING_METRIC,
-        mode="max",
-        sampler=sampler,
-        storage=storage,
-        study_name=cfg.name,
-        points_to_evaluate=points or None,
-    )
-
-
-def _create_scheduler(cfg: RunConfig):
-    if cfg.search.scheduler != "asha":
-        return None
-    from ray.tune.schedulers import ASHAScheduler
-
-    return ASHAScheduler(
-        time_attr="epoch",
-        metric=RANKING_METRIC,
-        mode="max",
-        max_t=cfg.optim.epochs,
-        grace_period=cfg.search.asha.grace_period,
-        reduction_factor=cfg.search.asha.reduction_factor,
-    )
-
-
 def _trial_resources(cfg: RunConfig) -> dict[str, float]:
     if cfg.scaling.num_workers > 0:
         # The trial only drives a TorchTrainer; a whole CPU here would deadlock small
@@ -112,17 +73,28 @@ def _trial_resources(cfg: RunConfig) -> dict[str, float]:
     return resources
 
 
-def run_search(cfg: RunConfig, print_fn=print, callbacks: Sequence[tune.Callback] = ()) -> Path:
+def run_search(
+    cfg: RunConfig,
+    print_fn=print,
+    callbacks: Sequence[tune.Callback] = (),
+    run_dir: Path | None = None,
+) -> Path:
     """Search, rank, report and export; return the run directory.
+
+    A run directory that already holds an unfinished search of the same config is
+    resumed: given as ``run_dir``, or found as the newest unfinished
+    ``output_dir/name-*`` when ``run_dir`` is None.
 
     Args:
         cfg: The validated run config.
         print_fn: Where progress lines go.
         callbacks: Extra Tune callbacks (benchmarks use one to time trials).
+        run_dir: Where the run lives (created when missing, resumed when present).
 
     Raises:
-        ConfigError: The space is invalid (raised before data or Ray are touched,
-            except for ``space: auto``, which needs the training-set size).
+        ConfigError: The space is invalid, the run to resume has another config or
+            a live driver, or the cluster's nodes cannot all see the run directory;
+            all before any training (an invalid space even before data or Ray).
     """
     from search.space_catalog import resolve_space_name
 
@@ -130,25 +102,43 @@ def run_search(cfg: RunConfig, print_fn=print, callbacks: Sequence[tune.Callback
     if cfg.search.space != "auto":
         space_path, note = resolve_space_name(cfg.search.space)
         space = _load_space_checked(cfg, space_path)
-    run_dir = create_run_dir(cfg)
-    print_fn(f"run directory: {run_dir}")
-    split = prepare_data(cfg, run_dir, print_fn)
-    if space is None:
-        space_path, note = resolve_space_name("auto", num_train_images=len(split.train))
-        space = _load_space_checked(cfg, space_path)
-    print_fn(note)
-    shutil.copyfile(space_path, run_dir / SPACE_FILE)
-    write_state(run_dir, status="running", pid=os.getpid(), hostname=socket.gethostname(), started=time.time())
-    try:
-        _fit(cfg, space, run_dir, print_fn, callbacks)
-    finally:
-        write_state(run_dir, status="finished", finished=time.time())
+    if run_dir is None:
+        run_dir = find_unfinished_run(cfg.output_dir.resolve(), cfg.name)
+    resuming = run_dir is not None and run_dir.exists()
+    if resuming:
+        check_same_config(run_dir, cfg)
+        check_driver_gone(run_dir)
+    _connect(cfg)
+    if resuming:
+        print_fn(f"resuming run directory: {run_dir}")
+        space = _load_space_checked(cfg, run_dir / SPACE_FILE)
+    else:
+        run_dir = create_run_dir(cfg, run_dir)
+        print_fn(f"run directory: {run_dir}")
+        split = prepare_data(cfg, run_dir, print_fn)
+        if space is None:
+            space_path, note = resolve_space_name("auto", num_train_images=len(split.train))
+            space = _load_space_checked(cfg, space_path)
+        print_fn(note)
+        shutil.copyfile(space_path, run_dir / SPACE_FILE)
+    _fit(cfg, space, run_dir, print_fn, callbacks, resuming)
     _, rows = write_report(run_dir)
     print_fn(format_table(rows))
     print_fn(f"report: {run_dir / REPORT_MARKDOWN}")
     if cfg.search.export:
         _export(run_dir, print_fn)
     return run_dir
+
+
+def _connect(cfg: RunConfig) -> None:
+    """Join the cluster (``RAY_ADDRESS`` under ``ray job submit``) or start a local Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    from search.storage import check_shared_storage
+
+    check_shared_storage(cfg.output_dir)
 
 
 def _export(run_dir: Path, print_fn) -> None:
@@ -160,77 +150,145 @@ def _export(run_dir: Path, print_fn) -> None:
     )
 
 
-def _fit(cfg: RunConfig, space, run_dir: Path, print_fn, callbacks: Sequence[tune.Callback]) -> None:
-    import ray
+def _fit(cfg: RunConfig, space, run_dir: Path, print_fn, callbacks: Sequence[tune.Callback], resuming: bool) -> None:
+    import optuna
 
     # Tune warns whenever checkpoints force frequent experiment snapshots, which short
     # CPU epochs always do; the snapshots themselves are cheap (~10 ms) here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if not ray.is_initialized():
-        ray.init()  # joins RAY_ADDRESS when set (ray job submit), else starts a local Ray
+    storage = create_storage(cfg.search.storage, run_dir)
+    scheduler = create_scheduler(cfg)
+    plan = ResumePlan((), (), cfg.search.num_samples, {}, 0, cfg.search.time_budget_s)
+    if resuming:
+        study = optuna.create_study(storage=storage, study_name=cfg.name, direction="maximize", load_if_exists=True)
+        plan = plan_resume(run_dir, cfg, study)
+        print_fn(
+            f"{len(plan.finished)} trial(s) finished before, {len(plan.continuing)} continue from their "
+            f"last epoch ({', '.join(plan.continuing) or 'none'}), {plan.num_samples} left to run"
+        )
+        if scheduler is not None:
+            scheduler.replay(plan.history)
+    heartbeat = Heartbeat(run_dir)
+    try:
+        if plan.num_samples > 0:
+            _tune(cfg, space, run_dir, plan, storage, scheduler, [heartbeat, *callbacks], print_fn)
+    except BaseException:
+        heartbeat.finish("interrupted")  # resumable: `tunecv run` with the same name continues it
+        raise
+    if scheduler is not None:
+        heartbeat.state["asha_rungs"] = scheduler.rungs()  # what the stop decisions were made on
+    heartbeat.finish("finished")
+
+
+def _tune(cfg, space, run_dir, plan: ResumePlan, storage, scheduler, callbacks, print_fn) -> None:
     context = TrialContext(run_dir=str(run_dir), base_config=cfg.trial().model_dump(mode="json"))
     trainable = tune.with_resources(tune.with_parameters(run_search_trial, context=context), _trial_resources(cfg))
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=_create_searcher(cfg, space, run_dir),
-            scheduler=_create_scheduler(cfg),
-            num_samples=cfg.search.num_samples,
+            search_alg=create_searcher(cfg, space, storage, resuming_after=plan.study_trials),
+            scheduler=scheduler,
+            num_samples=plan.num_samples,
             max_concurrent_trials=cfg.search.max_concurrent_trials,
-            time_budget_s=cfg.search.time_budget_s,
-            trial_dirname_creator=lambda trial: f"tune_{trial.trial_id}",
+            time_budget_s=plan.time_budget_s,
+            trial_dirname_creator=lambda trial: f"tune_{trial.config[TRIAL_ID_KEY]}_{trial.trial_id}",
             # A fresh trial process costs ~4.4 s here (start-up, importing torch and
             # timm); reusing the actor brings a trial's fixed overhead to ~0.2 s.
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name="tune",
-            storage_path=str(run_dir),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            failure_config=tune.FailureConfig(max_failures=0),
-            callbacks=[ProgressCallback(run_dir, space, cfg.optim.epochs, print_fn), *callbacks],
+            # Tune's own experiment state is not what resumes a run (the records and
+            # the study are), so each driver gets a fresh directory for it.
+            name=f"tune-{int(time.time())}",
+            storage_path=str(run_dir / "tune"),
+            # A crashed trial restarts, and continues from its last/ checkpoint.
+            failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
+            callbacks=[ProgressCallback(run_dir, space, cfg.optim.epochs, cfg.search.max_failures, print_fn), *callbacks],
             verbose=0,
         ),
     )
     tuner.fit()
 
 
+class Heartbeat(tune.Callback):
+    """Keeps ``search_state.json`` saying this driver is alive, and the time it has spent.
+
+    A resumed search counts the time earlier drivers spent against ``time_budget_s``;
+    another host's driver decides from the heartbeat whether this one is gone.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        previous = read_state(run_dir)
+        self.spent_before = float(previous.get("spent_s", 0.0))
+        self.started = time.time()
+        self.state = {
+            "status": "running", "pid": os.getpid(), "hostname": socket.gethostname(),
+            "started": self.started, "resumes": int(previous.get("resumes", -1)) + 1,
+        }
+        self.last = 0.0
+        self.beat()
+
+    def beat(self) -> None:
+        self.last = time.time()
+        write_state(self.run_dir, **self.state, heartbeat=self.last, spent_s=self.spent_before + self.last - self.started)
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        if time.time() - self.last >= HEARTBEAT_S:
+            self.beat()
+
+    def finish(self, status: str) -> None:
+        self.state.update(status=status, ended=time.time())
+        self.beat()
+
+
 class ProgressCallback(tune.Callback):
     """Prints one line per trial event and settles each trial's final status on disk."""
 
-    def __init__(self, run_dir: Path, space, max_epochs: int, print_fn=print) -> None:
+    def __init__(self, run_dir: Path, space, max_epochs: int, max_failures: int, print_fn=print) -> None:
         self.run_dir = run_dir
         self.space = space
         self.max_epochs = max_epochs
+        self.max_failures = max_failures
         self.print = print_fn
         self.best: dict[str, float] = {}
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        trial_id = trial.config[TRIAL_ID_KEY]
         score = result.get(RANKING_METRIC, float("nan"))
-        self.best[trial.trial_id] = max(score, self.best.get(trial.trial_id, float("-inf")))
-        params = ", ".join(f"{k}={_short(v)}" for k, v in sorted(trial.config.items()))
+        self.best[trial_id] = max(score, self.best.get(trial_id, float("-inf")))
+        params = ", ".join(f"{k}={_short(v)}" for k, v in sorted(searched_params(trial.config).items()))
         self.print(
-            f"[{trial.trial_id}] epoch {result.get('epoch')}/{self.max_epochs} "
-            f"{RANKING_METRIC} {score:.4f} (best {self.best[trial.trial_id]:.4f})  {params}"
+            f"[{trial_id}] epoch {result.get('epoch')}/{self.max_epochs} "
+            f"{RANKING_METRIC} {score:.4f} (best {self.best[trial_id]:.4f})  {params}"
+        )
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        self.print(
+            f"[{trial.config[TRIAL_ID_KEY]}] crashed; retry {trial.run_metadata.num_failures}/"
+            f"{self.max_failures} continues from its last checkpoint"
         )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        epochs = len(read_epochs(self.run_dir, trial.trial_id))
+        trial_id = trial.config[TRIAL_ID_KEY]
+        epochs = len(read_epochs(self.run_dir, trial_id))
         status = COMPLETED if epochs >= self.max_epochs else STOPPED_EARLY
-        record = finish_record(self.run_dir, trial.trial_id, status)
-        self.print(f"[{trial.trial_id}] {record.status} after {epochs} epoch(s)")
+        record = finish_record(self.run_dir, trial_id, status)
+        self.print(f"[{trial_id}] {record.status} after {epochs} epoch(s)")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        trial_id = trial.config[TRIAL_ID_KEY]
         reason = "trial process died; see the Tune log"
         try:
-            record = finish_record(self.run_dir, trial.trial_id, FAILED, reason)
+            record = finish_record(self.run_dir, trial_id, FAILED, reason)
         except FileNotFoundError:  # died before writing its record: no trial may vanish
+            params = searched_params(trial.config)
             record = TrialRecord(
-                trial.trial_id, dict(trial.config), self.space.to_overrides(trial.config),
+                trial_id, params, self.space.to_overrides(params),
                 max_epochs=self.max_epochs, status=FAILED, reason=reason, end_time=time.time(),
             )
             write_record(self.run_dir, record)
-        self.print(f"[{trial.trial_id}] failed: {record.reason}")
+        self.print(f"[{trial_id}] failed: {record.reason}")
 
 
 def _short(value) -> str:

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from search.records import BEST_DIR, RUNNING, INTERRUPTED, TrialRecord, read_epochs, read_records, read_state, trial_dir
+from search.records import BEST_DIR, INTERRUPTED, RUNNING, TrialRecord, driver_is_alive, read_epochs, read_records, trial_dir
 from trainables.metrics import RANKING_METRIC
 
 
@@ -89,24 +87,8 @@ def summarize(run_dir: Path, record: TrialRecord, search_running: bool) -> Trial
     )
 
 
-def search_is_running(run_dir: Path) -> bool:
-    """True while the run's driver is alive (checked by pid when on the same host)."""
-    state = read_state(run_dir)
-    if state.get("status") != "running":
-        return False
-    if state.get("hostname") != socket.gethostname():
-        return True  # another machine's driver: trust the state file
-    try:
-        os.kill(int(state["pid"]), 0)
-    except (ProcessLookupError, KeyError, ValueError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def rank_trials(run_dir: Path) -> list[TrialSummary]:
     """Every trial of the run, best first."""
-    running = search_is_running(run_dir)
+    running = driver_is_alive(run_dir)
     rows = [summarize(run_dir, r, running) for r in read_records(run_dir)]
     return sorted(rows, key=TrialSummary.sort_key)

@@ -1,33 +1,38 @@
 """The on-disk record of every trial of a search: what it tried and how it ended.
 
 Each trial owns ``RUN_DIR/trials/<trial_id>/``: ``trial.json`` (its parameters, the
-overrides they became, status, failure reason, timing), ``metrics.jsonl`` (one line per
-epoch, written by the trial's reporter) and ``best/`` (its best checkpoint). This
-module owns that layout and its reading and writing, so the report can be rebuilt
-from disk alone, also for a search that is still running or was interrupted. It does
-not rank or format anything.
+overrides they became, status, failure reason, attempts, timing), ``metrics.jsonl``
+(one line per epoch, written by the trial's reporter), ``best/`` (its best checkpoint)
+and ``last/`` (its latest epoch with optimizer state: what a retry resumes from). The
+run itself has ``search_state.json``: whether a driver is working on it, where, and its
+heartbeat. This module owns that layout and its reading and writing, so the report can
+be rebuilt and a search resumed from disk alone. It does not rank or format anything.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from trainables.reporting import BEST_DIR, LAST_DIR, METRICS_FILE  # noqa: F401 - the layout, in one place
+
 SPLIT_FILE = "split.parquet"  # the run's fixed train/val split, shared by every trial
 SPACE_FILE = "space.yaml"  # copy of the search space, so the run is self-contained
 TRIALS_DIR = "trials"
 RECORD_FILE = "trial.json"
-METRICS_FILE = "metrics.jsonl"
-BEST_DIR = "best"
 STATE_FILE = "search_state.json"
 
 RUNNING, COMPLETED, STOPPED_EARLY, FAILED, INTERRUPTED = (
     "running", "completed", "stopped_early", "failed", "interrupted",
 )
+TERMINAL = (COMPLETED, STOPPED_EARLY, FAILED)  # a resumed search never runs these again
+HEARTBEAT_S = 10.0  # how often a live driver touches search_state.json
+STALE_AFTER_S = 60.0  # a driver on another host that has been silent this long is dead
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,11 @@ class TrialRecord:
     reason: str | None = None  # why it failed, in one line
     start_time: float = field(default_factory=time.time)
     end_time: float | None = None
+    attempts: int = 1  # 2+ after a crash (retry) or a driver resume continued it
+    resumed_from_epoch: int | None = None  # the last/ epoch the latest attempt started from
+    failures: list[str] = field(default_factory=list)  # why earlier attempts ended
+    hostname: str | None = None  # where the latest attempt runs (its driver process for
+    pid: int | None = None  # multi-worker trials): what to look at, or kill, by hand
 
 
 def trial_dir(run_dir: Path, trial_id: str) -> Path:
@@ -106,3 +116,19 @@ def write_state(run_dir: Path, **state: Any) -> None:
 def read_state(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / STATE_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def driver_is_alive(run_dir: Path) -> bool:
+    """True while a driver works on the run: by pid on its own host, else by heartbeat."""
+    state = read_state(run_dir)
+    if state.get("status") != "running":
+        return False
+    if state.get("hostname") != socket.gethostname():
+        return time.time() - float(state.get("heartbeat", 0.0)) < STALE_AFTER_S
+    try:
+        os.kill(int(state["pid"]), 0)
+    except (ProcessLookupError, KeyError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -20,14 +20,20 @@ from trainables.metrics import RANKING_METRIC
 _MAX_LISTED_BAD_FILES = 20
 
 
-def create_run_dir(cfg: RunConfig) -> Path:
-    """A new ``output_dir/name-YYYYmmdd-HHMMSS`` directory holding the resolved config."""
+def new_run_dir(cfg: RunConfig) -> Path:
+    """``output_dir/name-YYYYmmdd-HHMMSS``, not yet taken."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = (cfg.output_dir / f"{cfg.name}-{stamp}").resolve()
     suffix = 1
     while run_dir.exists():  # two runs in the same second must not share a directory
         run_dir = run_dir.with_name(f"{cfg.name}-{stamp}-{suffix}")
         suffix += 1
+    return run_dir
+
+
+def create_run_dir(cfg: RunConfig, run_dir: Path | None = None) -> Path:
+    """Create ``run_dir`` (default: a new ``output_dir/name-<time>``) holding the resolved config."""
+    run_dir = (run_dir or new_run_dir(cfg)).resolve()
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     return run_dir

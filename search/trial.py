@@ -6,12 +6,16 @@ recording the trial on disk, and running the loop either in this Tune actor
 (``scaling.num_workers: 0``: no worker group, ~1.5 s overhead instead of ~20 s) or
 through a ``TorchTrainer`` whose workers report back via ``TuneReportCallback``. A
 trial that raises is recorded as failed with its reason and the error is re-raised,
-so Tune and the searcher see the failure too.
+so Tune and the searcher see the failure too. A trial that finds its own ``last/``
+checkpoint (Tune retrying it after a crash, or a resumed search continuing it)
+continues from the epoch after it instead of starting over.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +25,8 @@ from search.records import (
     BEST_DIR,
     COMPLETED,
     FAILED,
+    LAST_DIR,
+    RUNNING,
     SPACE_FILE,
     SPLIT_FILE,
     TrialRecord,
@@ -28,6 +34,8 @@ from search.records import (
     trial_dir,
     write_record,
 )
+from search.searcher import TRIAL_ID_KEY, searched_params
+from trainables.checkpoint import has_training_state, read_meta
 from trainables.config import TrialConfig
 from trainables.reporting import EpochResult, RunDirReporter
 
@@ -64,51 +72,91 @@ class TuneReporter(RunDirReporter):
 
         super().report(result, checkpoint_dir)
         scalars = {k: v for k, v in result.flat().items() if not isinstance(v, (dict, list))}
-        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        tune.report(scalars, checkpoint=checkpoint)
+        # No Tune checkpoint: the trial's last/ (kept above) is what a retry resumes
+        # from, one copy per epoch instead of two.
+        tune.report(scalars)
 
 
 def run_search_trial(params: dict[str, Any], context: TrialContext) -> None:
     """Tune function trainable: run one trial of the search.
 
     Args:
-        params: The searcher's flat parameters (the Tune trial config).
+        params: The searcher's flat parameters plus the run-level trial id.
         context: The run's shared settings.
     """
-    from ray import tune
-
     from search.space_catalog import load_space
 
     # Ray logs every persisted checkpoint at INFO: one line per epoch per trial would
     # drown the search's own progress lines.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     run_dir = Path(context.run_dir)
-    trial_id = tune.get_context().get_trial_id()
+    if not (run_dir / SPLIT_FILE).is_file():
+        # A node that joined after the driver's storage check, without the shared mount.
+        raise RuntimeError(
+            f"run directory '{run_dir}' is not visible on {socket.gethostname()}: output_dir must be "
+            "a filesystem mounted at the same path on every node (see cluster/README.md)."
+        )
+    trial_id = params[TRIAL_ID_KEY]
+    searched = searched_params(params)
     space = load_space(run_dir / SPACE_FILE, check_depths=False)
-    overrides = space.to_overrides(params)
-    record = TrialRecord(trial_id, dict(params), overrides, max_epochs=context.base_config["optim"]["epochs"])
-    write_record(run_dir, record)
+    overrides = space.to_overrides(searched)
+    max_epochs = context.base_config["optim"]["epochs"]
+    resume_epoch = _resumable_epoch(run_dir, trial_id, max_epochs)
+    record = _start_record(run_dir, TrialRecord(trial_id, searched, overrides, max_epochs=max_epochs), resume_epoch)
     try:
         cfg = trial_config(context, overrides)
         if cfg.scaling.num_workers == 0:
-            _run_in_process(cfg, run_dir, trial_id)
+            _run_in_process(cfg, run_dir, trial_id, resume_epoch)
         else:
-            _run_with_torch_trainer(cfg, run_dir, trial_id)
+            _run_with_torch_trainer(cfg, run_dir, trial_id, resume_epoch)
     except Exception as err:
         reason = f"{type(err).__name__}: {err}".splitlines()[0][:500]
         write_record(run_dir, replace(read_record(run_dir, trial_id), status=FAILED, reason=reason, end_time=time.time()))
         raise
-    write_record(run_dir, replace(read_record(run_dir, trial_id), status=COMPLETED, end_time=time.time()))
+    write_record(run_dir, replace(record, status=COMPLETED, end_time=time.time()))
 
 
-def _run_in_process(cfg: TrialConfig, run_dir: Path, trial_id: str) -> None:
+def _resumable_epoch(run_dir: Path, trial_id: str, max_epochs: int) -> int | None:
+    """The epoch of the trial's ``last/`` checkpoint, when there is one to continue from."""
+    last = trial_dir(run_dir, trial_id) / LAST_DIR
+    if not has_training_state(last):
+        return None
+    epoch = int(read_meta(last)["epoch"])
+    return epoch if epoch < max_epochs else None
+
+
+def _start_record(run_dir: Path, fresh: TrialRecord, resume_epoch: int | None) -> TrialRecord:
+    """Write the trial's record as running; a later attempt keeps its history."""
+    try:
+        old = read_record(run_dir, fresh.trial_id)
+    except FileNotFoundError:
+        old = None
+    where = {"hostname": socket.gethostname(), "pid": os.getpid()}
+    if old is None:
+        record = replace(fresh, **where)
+    else:
+        why = old.reason or f"attempt {old.attempts} was interrupted ({old.status})"
+        record = replace(
+            old, status=RUNNING, reason=None, end_time=None, attempts=old.attempts + 1,
+            resumed_from_epoch=resume_epoch, failures=[*old.failures, why], **where,
+        )
+    write_record(run_dir, record)
+    return record
+
+
+def _run_in_process(cfg: TrialConfig, run_dir: Path, trial_id: str, resume_epoch: int | None) -> None:
     from trainables.datasets import read_split
     from trainables.loop import run_trial
     from trainables.runtime import local_runtime
 
     split = read_split(run_dir / SPLIT_FILE)
-    reporter = TuneReporter(trial_dir(run_dir, trial_id))
-    run_trial(cfg, split, reporter, local_runtime(cfg.scaling.use_gpu))
+    directory = trial_dir(run_dir, trial_id)
+    reporter = TuneReporter(directory, keep_last=True)
+    resume_from = None
+    if resume_epoch is not None:
+        reporter.resume_after(resume_epoch)
+        resume_from = directory / LAST_DIR
+    run_trial(cfg, split, reporter, local_runtime(cfg.scaling.use_gpu), resume_from=resume_from)
 
 
 def create_torch_trainer(cfg: TrialConfig, split_path: Path, storage_path: Path, **run_config):
@@ -119,8 +167,9 @@ def create_torch_trainer(cfg: TrialConfig, split_path: Path, storage_path: Path,
         split_path: The run's split file (shared storage on a multi-node cluster).
         storage_path: Where Ray Train keeps its own state and checkpoints.
         **run_config: Extra ``ray.train.RunConfig`` fields (callbacks, checkpoint_config);
-            ``record_dir`` instead goes to the workers, where rank 0 keeps the trial's
-            metrics and best checkpoint.
+            ``record_dir`` and ``resume_epoch`` instead go to the workers: rank 0 keeps
+            the trial's metrics, best and last checkpoints in ``record_dir``, and with
+            ``resume_epoch`` every rank continues from ``record_dir/last``.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -129,9 +178,11 @@ def create_torch_trainer(cfg: TrialConfig, split_path: Path, storage_path: Path,
 
     s = cfg.scaling
     record_dir = run_config.pop("record_dir", None)
+    resume_epoch = run_config.pop("resume_epoch", None)
     loop_config = {"trial": cfg.model_dump(mode="json"), "split_path": str(split_path)}
     if record_dir is not None:
         loop_config["record_dir"] = str(record_dir)
+        loop_config["resume_epoch"] = resume_epoch
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
@@ -143,12 +194,13 @@ def create_torch_trainer(cfg: TrialConfig, split_path: Path, storage_path: Path,
     )
 
 
-def _run_with_torch_trainer(cfg: TrialConfig, run_dir: Path, trial_id: str) -> None:
+def _run_with_torch_trainer(cfg: TrialConfig, run_dir: Path, trial_id: str, resume_epoch: int | None) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     directory = trial_dir(run_dir, trial_id)
     create_torch_trainer(
-        cfg, run_dir / SPLIT_FILE, directory, record_dir=directory, callbacks=[TuneReportCallback()]
+        cfg, run_dir / SPLIT_FILE, directory, record_dir=directory, resume_epoch=resume_epoch,
+        callbacks=[TuneReportCallback()],
     ).fit()
 
 
