@@ -1,8 +1,8 @@
 """The ``tunecv`` command line: argument parsing only, no logic of its own.
 
 Subcommands: ``run`` (the search; resumes an unfinished run), ``submit`` (the search as
-a Ray job), ``report`` and ``export`` (on a run directory), ``train`` (one
-configuration), ``data digits`` / ``data synthetic`` (write the bundled demo data or a
+a Ray job), ``report`` and ``export`` (on a run directory), ``evaluate`` (a
+checkpoint, on N workers), ``train`` (one configuration), ``data digits`` / ``data synthetic`` (write the bundled demo data or a
 synthetic set as an image folder).
 """
 
@@ -65,6 +65,19 @@ def _export(args: argparse.Namespace) -> int:
 
     result = export_run(_existing_run_dir(args.run_dir), args.trial)
     print(f"exported {result.onnx_path} (ONNX macro-F1 {result.onnx_macro_f1:.4f})")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from search.evaluate_job import evaluate_checkpoint
+    from trainables.metrics import RANKING_METRIC
+
+    m = evaluate_checkpoint(
+        Path(args.checkpoint), Path(args.split), num_workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpu,
+    )
+    print(f"{RANKING_METRIC} {m[RANKING_METRIC]:.4f}  accuracy {m['accuracy']:.4f}  "
+          f"balanced accuracy {m['balanced_accuracy']:.4f}  ({m['world_size']} worker(s))")
     return 0
 
 
@@ -140,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir")
     export.add_argument("--trial", help="trial id (default: the top-ranked trial)")
     export.set_defaults(func=_export)
+
+    evaluate = sub.add_parser("evaluate", help="a checkpoint's metrics on a split's validation images")
+    evaluate.add_argument("checkpoint", help="checkpoint directory, e.g. RUN_DIR/trials/t0003/best")
+    evaluate.add_argument("--split", required=True, help="split file, e.g. RUN_DIR/split.parquet")
+    evaluate.add_argument("--workers", type=int, default=1, help="Ray Train workers (shards)")
+    evaluate.add_argument("--cpus-per-worker", type=float, default=1.0)
+    evaluate.add_argument("--gpu", action="store_true")
+    evaluate.set_defaults(func=_evaluate)
 
     data = sub.add_parser("data", help="write demo data as an image folder").add_subparsers(
         dest="dataset", required=True

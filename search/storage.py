@@ -65,10 +65,15 @@ def check_shared_storage(output_dir: Path) -> None:
     finally:
         probe.unlink(missing_ok=True)
     if blind:
-        raise ConfigError(
-            f"output_dir '{output_dir}' is not shared: {len(blind)} of {len(nodes)} nodes cannot "
-            f"read it ({', '.join(blind)}). Trials on those nodes would write their results "
-            "where this driver never looks. Set output_dir to a filesystem mounted at the same "
-            "path on every node (NFS/EFS/Filestore, a ReadWriteMany volume; see cluster/README.md), "
-            "or run on one node."
-        )
+        raise ConfigError(refusal_message(output_dir, blind, len(nodes)))
+
+
+def refusal_message(output_dir: Path, blind: list[str], num_nodes: int) -> str:
+    """What to tell the user when ``blind`` nodes cannot read ``output_dir``."""
+    return (
+        f"output_dir '{output_dir}' is not shared: {len(blind)} of {num_nodes} nodes cannot "
+        f"read it ({', '.join(blind)}). Trials on those nodes would write their results "
+        "where this driver never looks. Set output_dir to a filesystem mounted at the same "
+        "path on every node (NFS/EFS/Filestore, a ReadWriteMany volume; see cluster/README.md), "
+        "or run on one node."
+    )

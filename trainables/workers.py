@@ -7,6 +7,8 @@ split file (shared storage on a multi-node cluster).
 
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
 
 from trainables.config import TrialConfig
@@ -37,3 +39,47 @@ def train_loop_per_worker(config: dict) -> None:
             local.resume_after(resume_epoch)
     resume_from = Path(record_dir) / LAST_DIR if record_dir and resume_epoch is not None else None
     run_trial(cfg, split, RayTrainReporter(local), runtime, resume_from=resume_from)
+
+
+def evaluate_loop_per_worker(config: dict) -> None:
+    """Evaluate a saved checkpoint on the validation split, sharded over the workers.
+
+    Args:
+        config: ``{"checkpoint": dir, "split_path": str, "batch_size": int}``; every rank
+            must read both paths (shared storage). Rank 0 reports the metrics, gathered
+            over all ranks, and the Ray node of every rank.
+    """
+    import ray
+    import ray.train
+
+    from trainables.checkpoint import load_model
+    from trainables.loaders import create_val_loader
+    from trainables.loop import evaluate
+    from trainables.transforms import create_eval_transform
+
+    runtime = ray_train_runtime()
+    model, meta = load_model(Path(config["checkpoint"]))
+    model.to(runtime.device)  # evaluation needs no DDP wrapper: nothing is trained
+    split = read_split(Path(config["split_path"]))
+    pre = meta["preprocessing"]
+    transform = create_eval_transform(
+        pre["image_size"], pre["resize_mode"], pre["mean"], pre["std"], pre["crop_pct"]
+    )
+    loader, _ = create_val_loader(
+        split, transform, batch_size=config["batch_size"], num_workers=0, runtime=runtime,
+        max_pixels=meta["config"]["data"]["max_image_pixels"],
+    )
+    metrics = evaluate(model, loader, runtime, list(split.class_names))
+    nodes = runtime.all_gather(ray.get_runtime_context().get_node_id())
+    result = {**metrics.scalars(), "nodes": nodes, "world_size": runtime.world_size}
+    # Ray Train keeps only metrics that come with a checkpoint: rank 0 attaches one
+    # holding the full per-class record.
+    with tempfile.TemporaryDirectory(prefix="tunecv-eval-") as tmp:
+        checkpoint = None
+        if runtime.is_chief:
+            (Path(tmp) / "evaluation.json").write_text(json.dumps({
+                **result, "per_class": {k: vars(v) for k, v in metrics.per_class.items()},
+                "confusion_matrix": metrics.confusion_matrix,
+            }, indent=1))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(result, checkpoint=checkpoint)
