@@ -108,7 +108,7 @@ def run_search(
     if resuming:
         check_same_config(run_dir, cfg)
         check_driver_gone(run_dir)
-    _connect(cfg)
+    _connect(run_dir.parent if run_dir is not None else cfg.output_dir)
     if resuming:
         print_fn(f"resuming run directory: {run_dir}")
         space = _load_space_checked(cfg, run_dir / SPACE_FILE)
@@ -130,15 +130,16 @@ def run_search(
     return run_dir
 
 
-def _connect(cfg: RunConfig) -> None:
-    """Join the cluster (``RAY_ADDRESS`` under ``ray job submit``) or start a local Ray."""
+def _connect(storage_dir: Path) -> None:
+    """Join the cluster (``RAY_ADDRESS`` under ``ray job submit``) or start a local Ray,
+    and check that every node can reach ``storage_dir``."""
     import ray
+
+    from search.storage import check_shared_storage
 
     if not ray.is_initialized():
         ray.init()
-    from search.storage import check_shared_storage
-
-    check_shared_storage(cfg.output_dir)
+    check_shared_storage(storage_dir)
 
 
 def _export(run_dir: Path, print_fn) -> None:

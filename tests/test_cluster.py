@@ -1,0 +1,274 @@
+"""A real Ray head (`ray start --head`, loopback, token auth) and what users do with it:
+submit a search as a job, kill a search's driver and resume it, survive a trial crash.
+
+Drivers run as separate processes (`python -m search.cli ...`), as they do on a cluster;
+the test process never joins this Ray instance.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from search.records import COMPLETED, FAILED, STOPPED_EARLY, TERMINAL, read_epochs, read_records, read_state
+from tests.conftest import small_run_config
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+# One family, a learning-rate range and two losses: every trial is a few seconds.
+SPACE = {
+    "description": "cluster test space",
+    "backbones": {"test_resnet": {"unfreeze_depth": ["all"]}},
+    "lr_head": {"low": 1.0e-3, "high": 1.0e-2},
+    "lr_base": {"ratio": {"low": 0.5, "high": 1.0}},
+    "losses": {"ce": {}, "label_smoothing": {"smoothing": {"low": 0.05, "high": 0.1}}},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """`ray start --head --block` on loopback with token auth; yields the client env."""
+    work = tmp_path_factory.mktemp("head")
+    token = work / "auth_token"
+    token.write_text(os.urandom(16).hex())
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a limit
+    gcs_port, dashboard_port = _free_port(), _free_port()
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # the job's `python`
+    }
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+         "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+         "--num-cpus", "2", "--temp-dir", temp_dir, "--disable-usage-stats"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        _wait_for_dashboard(address, env)
+        yield {"env": {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}, "address": address, "work": work}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_leftovers(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_dashboard(address: str, env: dict) -> None:
+    probe = (
+        "import sys; from ray.job_submission import JobSubmissionClient; "
+        "from search.submit import auth_headers; "
+        "JobSubmissionClient(sys.argv[1], headers=auth_headers()).list_jobs()"
+    )
+    deadline = time.time() + 90
+    while True:
+        done = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True)
+        if done.returncode == 0:
+            return
+        if time.time() > deadline:
+            raise RuntimeError(f"Ray head did not come up: {done.stderr[-2000:]}")
+        time.sleep(2)
+
+
+def _kill_leftovers(temp_dir: str) -> None:
+    """Ray processes of this head only (never `ray stop`: it would kill every Ray here)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if temp_dir.encode() in cmdline.read_bytes():
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass  # exited meanwhile
+
+
+def _write_config(head, synthetic_root, name: str, **search) -> Path:
+    work = head["work"] / name
+    work.mkdir()
+    (work / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    raw = small_run_config(
+        synthetic_root, work / "runs", name=name, optim={"epochs": 4, "warmup_epochs": 0.5},
+        search={"space": str(work / "space.yaml"), "seed": 1, "export": False, **search},
+    )
+    path = work / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "search.cli", *args]
+
+
+def _wait_until(predicate, timeout: float, what: str, proc=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"driver exited ({proc.returncode}) before {what}: {proc.stdout.read()[-3000:]}")
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _run_dir(config: Path) -> Path | None:
+    found = sorted((config.parent / "runs").glob("*-*"))
+    return found[0] if found else None
+
+
+def test_submitted_job_writes_ranked_report_and_model_to_storage(head, synthetic_root):
+    """`tunecv submit` through the Job Submission API with the real runtime env file."""
+    storage = head["work"] / "shared"
+    space = head["work"] / "submit-space.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    run_dir = storage / "submitted"
+    done = subprocess.run(
+        _cli("submit", "--config", "configs/demo.yaml", "--address", head["address"], "--wait",
+             "--run-dir", str(run_dir),
+             "--set", f"data.root={synthetic_root}", "--set", "data.image_size=32",
+             "--set", f"search.space={space}", "--set", "search.num_samples=2",
+             "--set", "optim.epochs=2", "--set", "search.asha.grace_period=1", "--set", "optim.batch_size=16"),
+        cwd=REPO, env={k: v for k, v in head["env"].items() if k != "RAY_ADDRESS"},
+        capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"report:  {run_dir}/report.md" in done.stdout  # said before the job ran
+    table = pq.read_table(run_dir / "report.parquet").to_pylist()
+    assert len(table) == 2 and table[0]["rank"] == 1 and table[0]["macro_f1"] > 0.3
+    assert (run_dir / "export" / "model.onnx").is_file()
+    metrics = json.loads((run_dir / "export" / "metrics.json").read_text())
+    assert f"{table[0]['macro_f1']}"[:6] in json.dumps(metrics)
+
+
+def test_submit_refuses_without_a_token(head):
+    """Token auth is on: the same request without the token is rejected."""
+    env = {k: v for k, v in head["env"].items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
+    env["HOME"] = str(head["work"])  # no ~/.ray/auth_token there either
+    probe = "import sys; from ray.job_submission import JobSubmissionClient; JobSubmissionClient(sys.argv[1]).list_jobs()"
+    done = subprocess.run([sys.executable, "-c", probe, head["address"]], env=env, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "401" in done.stderr or "nauthorized" in done.stderr or "uthentication" in done.stderr
+
+
+def test_killed_driver_resumes_without_rerunning_or_duplicating(head, synthetic_root):
+    config = _write_config(
+        head, synthetic_root, "resume", num_samples=5, max_concurrent_trials=2,
+        asha={"grace_period": 1, "reduction_factor": 2},
+    )
+    first = subprocess.Popen(_cli("run", "--config", str(config)), env=head["env"], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def one_done_one_mid_training():
+        run_dir = _run_dir(config)
+        if run_dir is None:
+            return None
+        records = read_records(run_dir)
+        done = [r for r in records if r.status in TERMINAL]
+        mid = [r for r in records if r.status == "running" and 1 <= len(read_epochs(run_dir, r.trial_id)) < 4]
+        return run_dir if done and mid else None
+
+    run_dir = _wait_until(one_done_one_mid_training, 600, "a finished and a half-trained trial", first)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    before = {r.trial_id: r for r in read_records(run_dir)}
+    finished_before = {i: read_epochs(run_dir, i) for i, r in before.items() if r.status in TERMINAL}
+    assert read_state(run_dir)["status"] == "running"  # the driver never got to say otherwise
+
+    second = subprocess.run(_cli("run", "--config", str(config)), env=head["env"], cwd=REPO,
+                            capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"resuming run directory: {run_dir}" in second.stdout
+
+    records = read_records(run_dir)
+    assert len(records) == 5 and len({r.trial_id for r in records}) == 5  # total as asked, no id twice
+    assert all(r.status in (COMPLETED, STOPPED_EARLY) for r in records), [(r.trial_id, r.status, r.reason) for r in records]
+    for trial_id, epochs in finished_before.items():  # finished trials were not re-run
+        assert read_epochs(run_dir, trial_id) == epochs
+        assert next(r for r in records if r.trial_id == trial_id).attempts == 1
+    continued = [r for r in records if r.trial_id in before and r.trial_id not in finished_before]
+    assert continued and all(r.attempts == 2 and r.resumed_from_epoch >= 1 for r in continued)
+    for r in records:  # each epoch once, in order, continued trials included
+        assert [e["epoch"] for e in read_epochs(run_dir, r.trial_id)] == list(range(1, len(read_epochs(run_dir, r.trial_id)) + 1))
+
+    # TPE continued from one study: both drivers' trials are in it, the interrupted ones
+    # as FAIL, the rest complete, and every trial of the report has a finished entry.
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    study = optuna.load_study(study_name="resume", storage=JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal"))))
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 5
+    assert states.count(optuna.trial.TrialState.FAIL) == len(continued)
+    assert optuna.trial.TrialState.RUNNING not in states
+
+    # ASHA's rungs: every trial that reached a milestone sits in it once, with the
+    # macro-F1 it had there, whichever driver saw it.
+    rungs = read_state(run_dir)["asha_rungs"]
+    for milestone, recorded in rungs.items():
+        reached = {r.trial_id: read_epochs(run_dir, r.trial_id) for r in records}
+        expected = {i: next(e["macro_f1"] for e in eps if e["epoch"] >= int(milestone))
+                    for i, eps in reached.items() if eps and eps[-1]["epoch"] >= int(milestone)}
+        assert recorded == pytest.approx(expected), milestone
+
+
+def test_crashed_trial_retries_from_its_last_checkpoint(head, synthetic_root):
+    config = _write_config(head, synthetic_root, "retry", num_samples=1, max_failures=1, scheduler="fifo")
+    proc = subprocess.Popen(_cli("run", "--config", str(config)), env=head["env"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def trial_after_epoch_one():
+        run_dir = _run_dir(config)
+        records = read_records(run_dir) if run_dir else []
+        if records and len(read_epochs(run_dir, records[0].trial_id)) >= 1:
+            return run_dir, records[0]
+        return None
+
+    run_dir, record = _wait_until(trial_after_epoch_one, 600, "the trial's first epoch", proc)
+    os.kill(record.pid, signal.SIGKILL)  # the trial's process dies, as on a lost node or OOM kill
+    killed_at = time.time()
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]
+    (final,) = read_records(run_dir)
+    assert final.status == COMPLETED, final.reason
+    assert final.attempts == 2 and len(final.failures) == 1
+    assert final.resumed_from_epoch >= 1
+    epochs = read_epochs(run_dir, final.trial_id)
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
+    # Epochs up to the checkpoint come from the first attempt, the rest from the retry.
+    assert all(e["timestamp"] < killed_at for e in epochs[: final.resumed_from_epoch])
+    assert all(e["timestamp"] > killed_at for e in epochs[final.resumed_from_epoch:])
+    assert "retry 1/1 continues from its last checkpoint" in out
+
+
+def test_retries_exhausted_records_the_trial_failed_with_its_reason(head, synthetic_root):
+    config = _write_config(head, synthetic_root, "fails", num_samples=1, max_failures=1, scheduler="fifo")
+    raw = yaml.safe_load(config.read_text())
+    raw["optim"]["batch_size"] = 1000  # larger than the training set: raises on every attempt
+    config.write_text(yaml.safe_dump(raw))
+    done = subprocess.run(_cli("run", "--config", str(config)), env=head["env"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (record,) = read_records(_run_dir(config))
+    assert record.status == FAILED and record.attempts == 2
+    assert "optim.batch_size 1000 is larger than" in record.reason
