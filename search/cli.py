@@ -26,18 +26,17 @@ def _run(args: argparse.Namespace) -> int:
     from search.config import ConfigError, load_config
     from search.driver import run_search
     from search.resume import stored_config
+    from search.storage import open_run
 
     if args.resume:
         if args.config or args.set or args.space or args.run_dir:
             raise ConfigError("--resume RUN_DIR takes the run's own config; drop --config/--set/--space/--run-dir.")
-        run_dir = Path(args.resume).resolve()
-        run_search(stored_config(run_dir), run_dir=run_dir)
+        run_search(stored_config(open_run(args.resume).local), run_dir=args.resume)
         return 0
     if not args.config:
         raise ConfigError("tunecv run needs --config FILE (or --resume RUN_DIR).")
     overrides = list(args.set) + ([f"search.space={args.space}"] if args.space else [])
-    run_dir = Path(args.run_dir).resolve() if args.run_dir else None
-    run_search(load_config(args.config, overrides), run_dir=run_dir)
+    run_search(load_config(args.config, overrides), run_dir=args.run_dir)
     return 0
 
 
@@ -51,20 +50,22 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from search.report import REPORT_MARKDOWN, format_table, write_report
+    from search.report import write_run_report
 
-    run_dir = _existing_run_dir(args.run_dir)
-    _, rows = write_report(run_dir)
-    print(format_table(rows))
-    print(f"report: {run_dir / REPORT_MARKDOWN}")
+    write_run_report(_existing_run(args.run_dir))
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from search.winner import export_run
+    from search.winner import EXPORT_DIR, export_run
 
-    result = export_run(_existing_run_dir(args.run_dir), args.trial)
-    print(f"exported {result.onnx_path} (ONNX macro-F1 {result.onnx_macro_f1:.4f})")
+    run = _existing_run(args.run_dir)
+    result = export_run(
+        run.local, args.trial, fetch=lambda checkpoint: run.pull(str(checkpoint.relative_to(run.local)))
+    )
+    run.push(EXPORT_DIR)
+    where = f"{run.uri}/{EXPORT_DIR}" if run.uri else result.onnx_path
+    print(f"exported {where} (ONNX macro-F1 {result.onnx_macro_f1:.4f})")
     return 0
 
 
@@ -81,13 +82,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _existing_run_dir(path: str) -> Path:
+def _existing_run(location: str):
+    """A run directory, local or in an object store (its records fetched)."""
     from search.config import ConfigError
+    from search.records import CONFIG_FILE
+    from search.storage import open_run
 
-    run_dir = Path(path)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"'{path}' is not a tunecv run directory (no config.yaml in it).")
-    return run_dir
+    run = open_run(location)
+    if not (run.local / CONFIG_FILE).is_file():
+        raise ConfigError(f"'{location}' is not a tunecv run directory (no {CONFIG_FILE} in it).")
+    return run
 
 
 def _data_digits(args: argparse.Namespace) -> int:
@@ -146,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.set_defaults(func=_submit)
 
     report = sub.add_parser("report", help="rebuild and print the ranked report of a run")
-    report.add_argument("run_dir")
+    report.add_argument("run_dir", help="a run directory, or its URI (s3://..., gs://...)")
     report.set_defaults(func=_report)
 
     export = sub.add_parser("export", help="export a run's winner (or --trial) to ONNX")

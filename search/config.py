@@ -70,7 +70,9 @@ class RunConfig(TrialConfig):
     """A whole run: where it goes, how it searches, plus the trial settings."""
 
     name: str = Field("tunecv", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    output_dir: Path = Path("runs")
+    # A local or shared-filesystem path, or an object-store URI (s3://bucket/runs,
+    # gs://bucket/runs; anything pyarrow's FileSystem.from_uri opens).
+    output_dir: str = "runs"
     search: SearchConfig = Field(default_factory=SearchConfig)
 
     @model_validator(mode="after")

@@ -23,8 +23,12 @@ from search.records import (
     COMPLETED,
     FAILED,
     HEARTBEAT_S,
+    METRICS_FILE,
+    RECORD_FILE,
     SPACE_FILE,
+    STATE_FILE,
     STOPPED_EARLY,
+    TRIALS_DIR,
     TrialRecord,
     finish_record,
     read_epochs,
@@ -32,18 +36,25 @@ from search.records import (
     write_record,
     write_state,
 )
-from search.report import REPORT_MARKDOWN, format_table, write_report
+from search.report import write_run_report
 from search.resume import (
     ResumePlan,
     check_driver_gone,
     check_same_config,
-    find_unfinished_run,
     plan_resume,
 )
-from search.searcher import TRIAL_ID_KEY, create_scheduler, create_searcher, create_storage, searched_params
+from search.searcher import (
+    OPTUNA_JOURNAL,
+    TRIAL_ID_KEY,
+    create_scheduler,
+    create_searcher,
+    create_storage,
+    searched_params,
+)
+from search.storage import RunLocation, locate_run
 from search.trial import TrialContext, run_search_trial, trial_config
-from search.winner import export_run
 from search.train_job import create_run_dir, prepare_data
+from search.winner import EXPORT_DIR, export_run
 from trainables.metrics import RANKING_METRIC
 
 
@@ -77,9 +88,9 @@ def run_search(
     cfg: RunConfig,
     print_fn=print,
     callbacks: Sequence[tune.Callback] = (),
-    run_dir: Path | None = None,
+    run_dir: str | Path | None = None,
 ) -> Path:
-    """Search, rank, report and export; return the run directory.
+    """Search, rank, report and export; return the run directory (this node's copy).
 
     A run directory that already holds an unfinished search of the same config is
     resumed: given as ``run_dir``, or found as the newest unfinished
@@ -89,7 +100,8 @@ def run_search(
         cfg: The validated run config.
         print_fn: Where progress lines go.
         callbacks: Extra Tune callbacks (benchmarks use one to time trials).
-        run_dir: Where the run lives (created when missing, resumed when present).
+        run_dir: Where the run lives, a path or an object-store URI (created when
+            missing, resumed when present).
 
     Raises:
         ConfigError: The space is invalid, the run to resume has another config or
@@ -102,48 +114,46 @@ def run_search(
     if cfg.search.space != "auto":
         space_path, note = resolve_space_name(cfg.search.space)
         space = _load_space_checked(cfg, space_path)
-    if run_dir is None:
-        run_dir = find_unfinished_run(cfg.output_dir.resolve(), cfg.name)
-    resuming = run_dir is not None and run_dir.exists()
+    run, resuming = locate_run(cfg, None if run_dir is None else str(run_dir))
     if resuming:
-        check_same_config(run_dir, cfg)
-        check_driver_gone(run_dir)
-    _connect(run_dir.parent if run_dir is not None else cfg.output_dir)
+        check_same_config(run.local, cfg)
+        check_driver_gone(run.local)
+    _connect(run)
     if resuming:
-        print_fn(f"resuming run directory: {run_dir}")
-        space = _load_space_checked(cfg, run_dir / SPACE_FILE)
+        print_fn(f"resuming run directory: {run}")
+        space = _load_space_checked(cfg, run.local / SPACE_FILE)
     else:
-        run_dir = create_run_dir(cfg, run_dir)
-        print_fn(f"run directory: {run_dir}")
-        split = prepare_data(cfg, run_dir, print_fn)
+        create_run_dir(cfg, run.local)
+        print_fn(f"run directory: {run}")
+        split = prepare_data(cfg, run.local, print_fn)
         if space is None:
             space_path, note = resolve_space_name("auto", num_train_images=len(split.train))
             space = _load_space_checked(cfg, space_path)
         print_fn(note)
-        shutil.copyfile(space_path, run_dir / SPACE_FILE)
-    _fit(cfg, space, run_dir, print_fn, callbacks, resuming)
-    _, rows = write_report(run_dir)
-    print_fn(format_table(rows))
-    print_fn(f"report: {run_dir / REPORT_MARKDOWN}")
+        shutil.copyfile(space_path, run.local / SPACE_FILE)
+        run.push(*(p.name for p in run.local.iterdir()))  # config, split, space
+    _fit(cfg, space, run, print_fn, callbacks, resuming)
+    write_run_report(run, print_fn)
     if cfg.search.export:
-        _export(run_dir, print_fn)
-    return run_dir
+        _export(run, print_fn)
+    return run.local
 
 
-def _connect(storage_dir: Path) -> None:
+def _connect(run: RunLocation) -> None:
     """Join the cluster (``RAY_ADDRESS`` under ``ray job submit``) or start a local Ray,
-    and check that every node can reach ``storage_dir``."""
+    and check that every node can reach where the run lives."""
     import ray
 
     from search.storage import check_shared_storage
 
     if not ray.is_initialized():
         ray.init()
-    check_shared_storage(storage_dir)
+    check_shared_storage(run.uri.rsplit("/", 1)[0] if run.uri else run.local.parent)
 
 
-def _export(run_dir: Path, print_fn) -> None:
-    result = export_run(run_dir)
+def _export(run: RunLocation, print_fn) -> None:
+    result = export_run(run.local, fetch=lambda checkpoint: run.pull(str(checkpoint.relative_to(run.local))))
+    run.push(EXPORT_DIR)
     print_fn(
         f"exported {result.onnx_path}: ONNX macro-F1 {result.onnx_macro_f1:.4f} "
         f"(reported {result.reported_macro_f1:.4f}), argmax agreement {result.argmax_agreement:.4f}, "
@@ -151,9 +161,10 @@ def _export(run_dir: Path, print_fn) -> None:
     )
 
 
-def _fit(cfg: RunConfig, space, run_dir: Path, print_fn, callbacks: Sequence[tune.Callback], resuming: bool) -> None:
+def _fit(cfg: RunConfig, space, run: RunLocation, print_fn, callbacks: Sequence[tune.Callback], resuming: bool) -> None:
     import optuna
 
+    run_dir = run.local
     # Tune warns whenever checkpoints force frequent experiment snapshots, which short
     # CPU epochs always do; the snapshots themselves are cheap (~10 ms) here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -169,10 +180,10 @@ def _fit(cfg: RunConfig, space, run_dir: Path, print_fn, callbacks: Sequence[tun
         )
         if scheduler is not None:
             scheduler.replay(plan.history)
-    heartbeat = Heartbeat(run_dir)
+    heartbeat = Heartbeat(run)
     try:
         if plan.num_samples > 0:
-            _tune(cfg, space, run_dir, plan, storage, scheduler, [heartbeat, *callbacks], print_fn)
+            _tune(cfg, space, run, plan, storage, scheduler, [heartbeat, *callbacks], print_fn)
     except BaseException:
         heartbeat.finish("interrupted")  # resumable: `tunecv run` with the same name continues it
         raise
@@ -181,8 +192,9 @@ def _fit(cfg: RunConfig, space, run_dir: Path, print_fn, callbacks: Sequence[tun
     heartbeat.finish("finished")
 
 
-def _tune(cfg, space, run_dir, plan: ResumePlan, storage, scheduler, callbacks, print_fn) -> None:
-    context = TrialContext(run_dir=str(run_dir), base_config=cfg.trial().model_dump(mode="json"))
+def _tune(cfg, space, run: RunLocation, plan: ResumePlan, storage, scheduler, callbacks, print_fn) -> None:
+    run_dir = run.local
+    context = TrialContext(run_dir=str(run_dir), base_config=cfg.trial().model_dump(mode="json"), storage_uri=run.uri)
     trainable = tune.with_resources(tune.with_parameters(run_search_trial, context=context), _trial_resources(cfg))
     tuner = tune.Tuner(
         trainable,
@@ -204,7 +216,7 @@ def _tune(cfg, space, run_dir, plan: ResumePlan, storage, scheduler, callbacks, 
             storage_path=str(run_dir / "tune"),
             # A crashed trial restarts, and continues from its last/ checkpoint.
             failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
-            callbacks=[ProgressCallback(run_dir, space, cfg.optim.epochs, cfg.search.max_failures, print_fn), *callbacks],
+            callbacks=[ProgressCallback(run, space, cfg.optim.epochs, cfg.search.max_failures, print_fn), *callbacks],
             verbose=0,
         ),
     )
@@ -218,9 +230,10 @@ class Heartbeat(tune.Callback):
     another host's driver decides from the heartbeat whether this one is gone.
     """
 
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        previous = read_state(run_dir)
+    def __init__(self, run: RunLocation) -> None:
+        self.run = run
+        self.run_dir = run.local
+        previous = read_state(run.local)
         self.spent_before = float(previous.get("spent_s", 0.0))
         self.started = time.time()
         self.state = {
@@ -233,6 +246,7 @@ class Heartbeat(tune.Callback):
     def beat(self) -> None:
         self.last = time.time()
         write_state(self.run_dir, **self.state, heartbeat=self.last, spent_s=self.spent_before + self.last - self.started)
+        self.run.push(STATE_FILE, OPTUNA_JOURNAL)  # object-store runs: what resuming needs
 
     def on_step_end(self, iteration, trials, **info) -> None:
         if time.time() - self.last >= HEARTBEAT_S:
@@ -246,8 +260,9 @@ class Heartbeat(tune.Callback):
 class ProgressCallback(tune.Callback):
     """Prints one line per trial event and settles each trial's final status on disk."""
 
-    def __init__(self, run_dir: Path, space, max_epochs: int, max_failures: int, print_fn=print) -> None:
-        self.run_dir = run_dir
+    def __init__(self, run: RunLocation, space, max_epochs: int, max_failures: int, print_fn=print) -> None:
+        self.run = run
+        self.run_dir = run.local
         self.space = space
         self.max_epochs = max_epochs
         self.max_failures = max_failures
@@ -272,14 +287,17 @@ class ProgressCallback(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         trial_id = trial.config[TRIAL_ID_KEY]
+        self.run.pull(f"{TRIALS_DIR}/{trial_id}/{RECORD_FILE}", f"{TRIALS_DIR}/{trial_id}/{METRICS_FILE}")
         epochs = len(read_epochs(self.run_dir, trial_id))
         status = COMPLETED if epochs >= self.max_epochs else STOPPED_EARLY
         record = finish_record(self.run_dir, trial_id, status)
+        self.run.push(f"{TRIALS_DIR}/{trial_id}/{RECORD_FILE}")
         self.print(f"[{trial_id}] {record.status} after {epochs} epoch(s)")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         trial_id = trial.config[TRIAL_ID_KEY]
         reason = "trial process died; see the Tune log"
+        self.run.pull(f"{TRIALS_DIR}/{trial_id}/{RECORD_FILE}")
         try:
             record = finish_record(self.run_dir, trial_id, FAILED, reason)
         except FileNotFoundError:  # died before writing its record: no trial may vanish
@@ -289,6 +307,7 @@ class ProgressCallback(tune.Callback):
                 max_epochs=self.max_epochs, status=FAILED, reason=reason, end_time=time.time(),
             )
             write_record(self.run_dir, record)
+        self.run.push(f"{TRIALS_DIR}/{trial_id}/{RECORD_FILE}")
         self.print(f"[{trial_id}] failed: {record.reason}")
 
 

@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from trainables.reporting import BEST_DIR, LAST_DIR, METRICS_FILE  # noqa: F401 - the layout, in one place
+from trainables.datasets import SPLIT_FILE, SPLIT_META_FILE  # noqa: F401 - the layout, in one place
+from trainables.reporting import BEST_DIR, LAST_DIR, METRICS_FILE  # noqa: F401
 
-SPLIT_FILE = "split.parquet"  # the run's fixed train/val split, shared by every trial
+CONFIG_FILE = "config.yaml"  # the run's resolved config
 SPACE_FILE = "space.yaml"  # copy of the search space, so the run is self-contained
 TRIALS_DIR = "trials"
 RECORD_FILE = "trial.json"

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from search.ranking import TrialSummary, rank_trials
+from search.records import TRIALS_DIR
 from search.trial import deep_merge
 from trainables.metrics import RANKING_METRIC
 
@@ -156,3 +157,15 @@ def format_markdown(run_dir: Path, ranked: list[TrialSummary], rows: list[dict[s
             "",
         ]
     return "\n".join(lines)
+
+
+def write_run_report(run, print_fn=print) -> None:
+    """Rank every trial of ``run`` (a ``search.storage.RunLocation``) and print the table.
+
+    Object-store runs fetch the records first (not the weights) and upload the report.
+    """
+    run.pull(TRIALS_DIR, metadata_only=True)
+    _, rows = write_report(run.local)
+    run.push(REPORT_PARQUET, REPORT_MARKDOWN)
+    print_fn(format_table(rows))
+    print_fn(f"report: {run.uri + '/' + REPORT_MARKDOWN if run.uri else run.local / REPORT_MARKDOWN}")

@@ -23,6 +23,7 @@ import yaml
 
 from search.config import ConfigError, RunConfig, parse_config
 from search.records import (
+    CONFIG_FILE,
     COMPLETED,
     FAILED,
     INTERRUPTED,
@@ -40,7 +41,6 @@ from search.searcher import TRIAL_ID_KEY, run_trial_id
 from trainables.checkpoint import has_training_state, read_meta
 from trainables.metrics import RANKING_METRIC
 
-CONFIG_FILE = "config.yaml"
 
 
 @dataclass(frozen=True)

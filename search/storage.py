@@ -2,37 +2,120 @@
 
 Every process of a search writes into the run directory: the driver (config, split,
 study, report, export) and each trial, wherever Ray placed it (records, metrics,
-checkpoints). On one machine any directory works. On a multi-node cluster it must be
-one filesystem mounted at the same path on every node (NFS, EFS, Filestore, a
-ReadWriteMany volume); otherwise trials on other nodes would write where the driver
-never looks, and a night of results would vanish. This module checks that at start by
-writing a token and reading it back from every node, before any data is scanned.
+checkpoints). It lives in one of:
+
+- a local directory: one machine;
+- a shared filesystem mounted at the same path on every node (NFS, EFS, Filestore, a
+  ReadWriteMany volume): processes write into it directly;
+- an object store (``s3://``, ``gs://``, through pyarrow): each process works in a
+  node-local copy and uploads what it changed (``trainables/mirror.py``).
+
+On a multi-node cluster a local directory would scatter results over nodes and a night
+of them would vanish, so the driver checks at start, before any data is scanned, that
+every node reads back a token it wrote (or lists the bucket).
 """
 
 from __future__ import annotations
 
+import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
-from search.config import ConfigError
+from search.config import ConfigError, RunConfig
+from search.records import CONFIG_FILE, STATE_FILE
+from search.train_job import new_run_dir, run_dir_name
+from trainables.mirror import Mirror, is_uri
+
+
+
+@dataclass(frozen=True)
+class RunLocation:
+    """A run directory as this process sees it: ``local``, and its ``mirror`` for URIs."""
+
+    local: Path
+    mirror: Mirror | None = None
+
+    @property
+    def uri(self) -> str | None:
+        return self.mirror.uri if self.mirror else None
+
+    def __str__(self) -> str:
+        return self.uri or str(self.local)
+
+    def push(self, *rels: str) -> None:
+        if self.mirror is not None:
+            self.mirror.push(*rels)
+
+    def pull(self, *rels: str, metadata_only: bool = False) -> None:
+        """Bring remote files into ``local``; ``metadata_only`` leaves the weights remote."""
+        if self.mirror is not None:
+            self.mirror.pull(*rels, skip_suffixes=(".safetensors",) if metadata_only else ())
+
+
+def open_run(location: str) -> RunLocation:
+    """An existing run (``tunecv report/export/run --resume``), its metadata fetched."""
+    mirror = Mirror.for_location(location)
+    if mirror is None:
+        return RunLocation(Path(location).resolve())
+    if not mirror.exists(CONFIG_FILE):
+        raise ConfigError(f"'{location}' is not a tunecv run directory (no {CONFIG_FILE} in it).")
+    shutil.rmtree(mirror.local, ignore_errors=True)  # a stale working copy must not mix in
+    run = RunLocation(mirror.local, mirror)
+    run.pull("", metadata_only=True)
+    return run
+
+
+def locate_run(cfg: RunConfig, run_dir: str | None) -> tuple[RunLocation, bool]:
+    """Where this search's run lives, and whether it is an unfinished run to resume.
+
+    ``run_dir`` (a path or URI) is resumed when it exists; without it the newest
+    unfinished ``output_dir/name-*`` is resumed, else a new directory is chosen.
+    """
+    from search.resume import find_unfinished_run
+
+    if run_dir is not None:
+        if is_uri(run_dir):
+            exists = Mirror.for_location(run_dir).exists(CONFIG_FILE)
+            return (open_run(run_dir) if exists else _fresh(Mirror.for_location(run_dir))), exists
+        local = Path(run_dir).resolve()
+        return RunLocation(local), local.exists()
+    root = Mirror.for_location(cfg.output_dir)
+    if root is None:
+        found = find_unfinished_run(Path(cfg.output_dir).resolve(), cfg.name)
+        return (RunLocation(found), True) if found else (RunLocation(new_run_dir(cfg)), False)
+    for name in sorted((d for d in root.list_dirs() if d.startswith(f"{cfg.name}-")), reverse=True):
+        state = root.child(name).read_text(STATE_FILE)
+        if state is not None and '"finished"' not in state:
+            return open_run(root.child(name).uri), True
+    return _fresh(root.child(run_dir_name(cfg))), False
+
+
+def _fresh(mirror: Mirror) -> RunLocation:
+    shutil.rmtree(mirror.local, ignore_errors=True)
+    return RunLocation(mirror.local, mirror)
 
 _PROBE_TIMEOUT_S = 120.0
 
 
-def _reads_token(path: str, token: str) -> tuple[bool, str]:
-    import socket
-
+def _reads_token(location: str, name: str, token: str) -> bool:
+    mirror = Mirror.for_location(location)
     try:
-        return Path(path).read_text() == token, socket.gethostname()
+        if mirror is not None:
+            return mirror.read_text(name) == token  # also proves this node's credentials
+        return (Path(location) / name).read_text() == token
     except OSError:
-        return False, socket.gethostname()
+        return False
 
 
-def check_shared_storage(output_dir: Path) -> None:
-    """Refuse to start a multi-node search whose ``output_dir`` some node cannot read.
+def check_shared_storage(storage: str | Path) -> None:
+    """Refuse to start a multi-node search whose storage some node cannot read.
+
+    Args:
+        storage: The directory runs go under (a path), or an object-store URI.
 
     Raises:
-        ConfigError: Naming the nodes that cannot see ``output_dir`` and what to set.
+        ConfigError: Naming the nodes that cannot see ``storage`` and what to set.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -40,40 +123,50 @@ def check_shared_storage(output_dir: Path) -> None:
     nodes = [n for n in ray.nodes() if n["Alive"]]
     if len(nodes) <= 1:
         return
-    output_dir = Path(output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex
-    probe = output_dir / f".tunecv-probe-{token}"
-    probe.write_text(token)
+    name = f".tunecv-probe-{token}"
+    mirror = Mirror.for_location(str(storage))
+    if mirror is not None:
+        mirror.write_text(name, token)
+        location = mirror.uri
+    else:
+        output_dir = Path(storage).resolve()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / name).write_text(token)
+        location = str(output_dir)
     read = ray.remote(num_cpus=0, max_retries=0)(_reads_token)
     try:
         pending = {
             n["NodeManagerAddress"] + f" ({n['NodeID'][:8]})": read.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-            ).remote(str(probe), token)
+            ).remote(location, name, token)
             for n in nodes
         }
         blind = []
         for node, ref in pending.items():
             try:
-                seen, _ = ray.get(ref, timeout=_PROBE_TIMEOUT_S)
+                seen = ray.get(ref, timeout=_PROBE_TIMEOUT_S)
             except Exception as err:  # noqa: BLE001 - any failure means "cannot confirm"
                 seen = False
                 node = f"{node}: {type(err).__name__}"
             if not seen:
                 blind.append(node)
     finally:
-        probe.unlink(missing_ok=True)
+        if mirror is not None:
+            mirror.delete(name)
+        else:
+            (Path(location) / name).unlink(missing_ok=True)
     if blind:
-        raise ConfigError(refusal_message(output_dir, blind, len(nodes)))
+        raise ConfigError(refusal_message(location, blind, len(nodes)))
 
 
-def refusal_message(output_dir: Path, blind: list[str], num_nodes: int) -> str:
+def refusal_message(output_dir: str | Path, blind: list[str], num_nodes: int) -> str:
     """What to tell the user when ``blind`` nodes cannot read ``output_dir``."""
     return (
         f"output_dir '{output_dir}' is not shared: {len(blind)} of {num_nodes} nodes cannot "
         f"read it ({', '.join(blind)}). Trials on those nodes would write their results "
         "where this driver never looks. Set output_dir to a filesystem mounted at the same "
         "path on every node (NFS/EFS/Filestore, a ReadWriteMany volume; see cluster/README.md), "
+        "or to an object store every node can reach (s3://bucket/runs, gs://bucket/runs), "
         "or run on one node."
     )

@@ -19,7 +19,8 @@ import yaml
 
 from search.config import ConfigError, load_config
 from search.report import REPORT_MARKDOWN
-from search.train_job import new_run_dir
+from search.train_job import run_dir_name
+from trainables.mirror import is_uri
 
 DEFAULT_RUNTIME_ENV = Path("cluster/runtime_env.yaml")
 _POLL_S = 2.0
@@ -74,13 +75,13 @@ def submit(
             "from the uploaded working directory, where only files under it exist."
         )
     if run_dir is None:
-        if not cfg.output_dir.is_absolute():
+        if not (is_uri(cfg.output_dir) or Path(cfg.output_dir).is_absolute()):
             raise ConfigError(
                 f"output_dir '{cfg.output_dir}' is relative: on the cluster it would land in Ray's "
                 "temporary copy of the working directory and be deleted with it. Set it to a "
-                "shared path such as /mnt/shared/runs (--set output_dir=/mnt/shared/runs)."
+                "shared path such as /mnt/shared/runs or a bucket (--set output_dir=s3://bucket/runs)."
             )
-        run_dir = str(new_run_dir(cfg))
+        run_dir = f"{cfg.output_dir.rstrip('/')}/{run_dir_name(cfg)}"
     env = _load_runtime_env(runtime_env)
     client = JobSubmissionClient(address, headers=auth_headers())
     job_id = client.submit_job(

@@ -20,10 +20,15 @@ from trainables.metrics import RANKING_METRIC
 _MAX_LISTED_BAD_FILES = 20
 
 
+def run_dir_name(cfg: RunConfig) -> str:
+    """``name-YYYYmmdd-HHMMSS``: sorts by start time."""
+    return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def new_run_dir(cfg: RunConfig) -> Path:
-    """``output_dir/name-YYYYmmdd-HHMMSS``, not yet taken."""
+    """``output_dir/name-YYYYmmdd-HHMMSS`` on a local path, not yet taken."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = (cfg.output_dir / f"{cfg.name}-{stamp}").resolve()
+    run_dir = (Path(cfg.output_dir) / f"{cfg.name}-{stamp}").resolve()
     suffix = 1
     while run_dir.exists():  # two runs in the same second must not share a directory
         run_dir = run_dir.with_name(f"{cfg.name}-{stamp}-{suffix}")
@@ -77,7 +82,16 @@ def train(cfg: RunConfig, print_fn=print) -> Path:
 
     Raises:
         trainables.layouts.DataError: The data cannot produce a usable split (before any training).
+        ConfigError: ``output_dir`` is an object-store URI (one training run writes locally).
     """
+    from search.config import ConfigError
+    from trainables.mirror import is_uri
+
+    if is_uri(cfg.output_dir):
+        raise ConfigError(
+            f"output_dir '{cfg.output_dir}': tunecv train writes a local run directory; give a "
+            "path (object-store URIs are for tunecv run)."
+        )
     run_dir = create_run_dir(cfg)
     print_fn(f"run directory: {run_dir}")
     split = prepare_data(cfg, run_dir, print_fn)

@@ -26,9 +26,12 @@ from search.records import (
     COMPLETED,
     FAILED,
     LAST_DIR,
+    RECORD_FILE,
     RUNNING,
     SPACE_FILE,
     SPLIT_FILE,
+    SPLIT_META_FILE,
+    TRIALS_DIR,
     TrialRecord,
     read_record,
     trial_dir,
@@ -37,6 +40,7 @@ from search.records import (
 from search.searcher import TRIAL_ID_KEY, searched_params
 from trainables.checkpoint import has_training_state, read_meta
 from trainables.config import TrialConfig
+from trainables.mirror import Mirror
 from trainables.reporting import EpochResult, RunDirReporter
 
 
@@ -46,6 +50,7 @@ class TrialContext:
 
     run_dir: str
     base_config: dict[str, Any]  # TrialConfig as JSON: the run's fixed settings
+    storage_uri: str | None = None  # object-store runs: trials work in a node-local copy
 
 
 def deep_merge(base: dict, overrides: dict) -> dict:
@@ -89,31 +94,58 @@ def run_search_trial(params: dict[str, Any], context: TrialContext) -> None:
     # Ray logs every persisted checkpoint at INFO: one line per epoch per trial would
     # drown the search's own progress lines.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    trial_id = params[TRIAL_ID_KEY]
+    mirror = Mirror.for_location(context.storage_uri) if context.storage_uri else None
     run_dir = Path(context.run_dir)
+    if mirror is not None:
+        run_dir = mirror.local
+        _fetch_for_trial(mirror, trial_id)
     if not (run_dir / SPLIT_FILE).is_file():
         # A node that joined after the driver's storage check, without the shared mount.
         raise RuntimeError(
             f"run directory '{run_dir}' is not visible on {socket.gethostname()}: output_dir must be "
             "a filesystem mounted at the same path on every node (see cluster/README.md)."
         )
-    trial_id = params[TRIAL_ID_KEY]
     searched = searched_params(params)
     space = load_space(run_dir / SPACE_FILE, check_depths=False)
     overrides = space.to_overrides(searched)
     max_epochs = context.base_config["optim"]["epochs"]
     resume_epoch = _resumable_epoch(run_dir, trial_id, max_epochs)
     record = _start_record(run_dir, TrialRecord(trial_id, searched, overrides, max_epochs=max_epochs), resume_epoch)
+    save = _record_saver(run_dir, trial_id, mirror)
+    save(record)
     try:
         cfg = trial_config(context, overrides)
         if cfg.scaling.num_workers == 0:
-            _run_in_process(cfg, run_dir, trial_id, resume_epoch)
+            _run_in_process(cfg, run_dir, trial_id, resume_epoch, mirror)
         else:
-            _run_with_torch_trainer(cfg, run_dir, trial_id, resume_epoch)
+            _run_with_torch_trainer(cfg, run_dir, trial_id, resume_epoch, mirror)
     except Exception as err:
         reason = f"{type(err).__name__}: {err}".splitlines()[0][:500]
-        write_record(run_dir, replace(read_record(run_dir, trial_id), status=FAILED, reason=reason, end_time=time.time()))
+        save(replace(read_record(run_dir, trial_id), status=FAILED, reason=reason, end_time=time.time()))
         raise
-    write_record(run_dir, replace(record, status=COMPLETED, end_time=time.time()))
+    save(replace(record, status=COMPLETED, end_time=time.time()))
+
+
+def _fetch_for_trial(mirror: Mirror, trial_id: str) -> None:
+    """Object-store runs: the split and space once per node, and this trial's own state
+    afresh (a retry may land on another node than the attempt before)."""
+    import shutil
+
+    missing = [name for name in (SPLIT_FILE, SPLIT_META_FILE, SPACE_FILE) if not (mirror.local / name).is_file()]
+    mirror.pull(*missing)
+    rel = f"{TRIALS_DIR}/{trial_id}"
+    shutil.rmtree(mirror.local / rel, ignore_errors=True)
+    mirror.pull(rel)
+
+
+def _record_saver(run_dir: Path, trial_id: str, mirror: Mirror | None):
+    def save(record: TrialRecord) -> None:
+        write_record(run_dir, record)
+        if mirror is not None:
+            mirror.push(f"{TRIALS_DIR}/{trial_id}/{RECORD_FILE}")
+
+    return save
 
 
 def _resumable_epoch(run_dir: Path, trial_id: str, max_epochs: int) -> int | None:
@@ -126,7 +158,7 @@ def _resumable_epoch(run_dir: Path, trial_id: str, max_epochs: int) -> int | Non
 
 
 def _start_record(run_dir: Path, fresh: TrialRecord, resume_epoch: int | None) -> TrialRecord:
-    """Write the trial's record as running; a later attempt keeps its history."""
+    """The trial's record as running; a later attempt keeps its history."""
     try:
         old = read_record(run_dir, fresh.trial_id)
     except FileNotFoundError:
@@ -140,18 +172,19 @@ def _start_record(run_dir: Path, fresh: TrialRecord, resume_epoch: int | None) -
             old, status=RUNNING, reason=None, end_time=None, attempts=old.attempts + 1,
             resumed_from_epoch=resume_epoch, failures=[*old.failures, why], **where,
         )
-    write_record(run_dir, record)
     return record
 
 
-def _run_in_process(cfg: TrialConfig, run_dir: Path, trial_id: str, resume_epoch: int | None) -> None:
+def _run_in_process(
+    cfg: TrialConfig, run_dir: Path, trial_id: str, resume_epoch: int | None, mirror: Mirror | None
+) -> None:
     from trainables.datasets import read_split
     from trainables.loop import run_trial
     from trainables.runtime import local_runtime
 
     split = read_split(run_dir / SPLIT_FILE)
     directory = trial_dir(run_dir, trial_id)
-    reporter = TuneReporter(directory, keep_last=True)
+    reporter = TuneReporter(directory, keep_last=True, mirror=mirror, mirror_rel=f"{TRIALS_DIR}/{trial_id}")
     resume_from = None
     if resume_epoch is not None:
         reporter.resume_after(resume_epoch)
@@ -167,9 +200,8 @@ def create_torch_trainer(cfg: TrialConfig, split_path: Path, storage_path: Path,
         split_path: The run's split file (shared storage on a multi-node cluster).
         storage_path: Where Ray Train keeps its own state and checkpoints.
         **run_config: Extra ``ray.train.RunConfig`` fields (callbacks, checkpoint_config);
-            ``record_dir`` and ``resume_epoch`` instead go to the workers: rank 0 keeps
-            the trial's metrics, best and last checkpoints in ``record_dir``, and with
-            ``resume_epoch`` every rank continues from ``record_dir/last``.
+            ``record_dir``, ``resume_epoch``, ``storage_uri`` and ``record_rel`` instead
+            go to the workers (see ``trainables.workers.train_loop_per_worker``).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -177,12 +209,11 @@ def create_torch_trainer(cfg: TrialConfig, split_path: Path, storage_path: Path,
     from trainables.workers import train_loop_per_worker
 
     s = cfg.scaling
-    record_dir = run_config.pop("record_dir", None)
-    resume_epoch = run_config.pop("resume_epoch", None)
     loop_config = {"trial": cfg.model_dump(mode="json"), "split_path": str(split_path)}
-    if record_dir is not None:
-        loop_config["record_dir"] = str(record_dir)
-        loop_config["resume_epoch"] = resume_epoch
+    for key in ("record_dir", "resume_epoch", "storage_uri", "record_rel"):
+        value = run_config.pop(key, None)
+        if value is not None:
+            loop_config[key] = str(value) if isinstance(value, Path) else value
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
@@ -194,13 +225,21 @@ def create_torch_trainer(cfg: TrialConfig, split_path: Path, storage_path: Path,
     )
 
 
-def _run_with_torch_trainer(cfg: TrialConfig, run_dir: Path, trial_id: str, resume_epoch: int | None) -> None:
+def _run_with_torch_trainer(
+    cfg: TrialConfig, run_dir: Path, trial_id: str, resume_epoch: int | None, mirror: Mirror | None
+) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     directory = trial_dir(run_dir, trial_id)
+    if mirror is not None:
+        # Workers may sit on other nodes: they fetch and upload through the store, and
+        # Ray Train keeps its own state there too.
+        storage = f"{mirror.uri}/{TRIALS_DIR}/{trial_id}"
+        placement = {"storage_uri": mirror.uri, "record_rel": f"{TRIALS_DIR}/{trial_id}"}
+    else:
+        storage, placement = directory, {"record_dir": directory}
     create_torch_trainer(
-        cfg, run_dir / SPLIT_FILE, directory, record_dir=directory, resume_epoch=resume_epoch,
-        callbacks=[TuneReportCallback()],
+        cfg, run_dir / SPLIT_FILE, storage, resume_epoch=resume_epoch, callbacks=[TuneReportCallback()], **placement,
     ).fit()
 
 

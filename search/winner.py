@@ -20,8 +20,11 @@ class NothingToExportError(ValueError):
     """The run (or the named trial) has no checkpoint to export."""
 
 
-def export_run(run_dir: Path, trial_id: str | None = None, out_dir: Path | None = None):
+def export_run(run_dir: Path, trial_id: str | None = None, out_dir: Path | None = None, fetch=None):
     """Export the best checkpoint of ``trial_id`` (default: the top-ranked trial).
+
+    ``fetch(checkpoint_dir)``, when given, brings the chosen checkpoint's weights into
+    ``run_dir`` first (object-store runs keep only metadata locally until then).
 
     Returns:
         The ``ExportResult``.
@@ -44,6 +47,8 @@ def export_run(run_dir: Path, trial_id: str | None = None, out_dir: Path | None 
         which = f"trial '{trial_id}'" if trial_id else "no trial"
         raise NothingToExportError(f"{which} in {run_dir} has a finished epoch with a checkpoint to export.")
     chosen = candidates[0]
+    if fetch is not None:
+        fetch(best_checkpoint_dir(run_dir, chosen.trial_id))
     split = read_split(run_dir / SPLIT_FILE)
     return export_checkpoint(
         best_checkpoint_dir(run_dir, chosen.trial_id), split, out_dir or run_dir / EXPORT_DIR

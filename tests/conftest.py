@@ -30,3 +30,38 @@ def small_run_config(data_root: Path, output_dir: Path, **sections) -> dict:
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
     return raw
+
+
+@pytest.fixture(scope="module")
+def s3_bucket():
+    """An S3 endpoint on loopback (moto's server: real HTTP, pyarrow's real S3 client).
+
+    Sets the AWS_* variables in this process before any Ray starts, so Ray's workers
+    inherit them; yields the ``s3://`` URI of an empty bucket.
+    """
+    import os
+    import urllib.request
+    import uuid
+
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    bucket = f"tunecv-{uuid.uuid4().hex[:8]}"
+    urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/{bucket}", method="PUT"))
+    try:
+        yield f"s3://{bucket}"
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -13,7 +13,7 @@ from tests.conftest import small_run_config
 
 
 @pytest.fixture(scope="module")
-def two_nodes():
+def two_nodes(s3_bucket):  # the S3 endpoint's variables must be set before the nodes start
     import ray
     from ray.cluster_utils import Cluster
 
@@ -50,6 +50,39 @@ def test_two_worker_ddp_across_two_nodes_trains_and_evaluates_like_one_worker(tw
         assert two[key] == pytest.approx(one[key], abs=1e-9), key
     # ...and both equal what the 2-rank training run reported for that checkpoint.
     assert two["macro_f1"] == pytest.approx(meta["metrics"]["macro_f1"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_multi_worker_trial_across_nodes_keeps_its_run_in_the_bucket(two_nodes, s3_bucket, synthetic_root, tmp_path):
+    """Object-store run, 2 DDP workers on 2 nodes: rank 0 uploads the trial's epochs and
+    checkpoints from whichever node it is on; the driver's report sees them."""
+    import pyarrow.fs as pafs
+    import yaml
+
+    from search.driver import run_search
+    from search.storage import check_shared_storage
+    from tests.test_cluster import SPACE
+
+    check_shared_storage(f"{s3_bucket}/multi")  # both nodes read the probe through S3
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    cfg = parse_config(small_run_config(
+        synthetic_root, f"{s3_bucket}/multi", name="multi", optim={"epochs": 2},
+        scaling={"num_workers": 2, "cpus_per_worker": 0.9},
+        search={"space": str(tmp_path / "space.yaml"), "num_samples": 1, "export": False, "scheduler": "fifo"},
+    ))
+    lines = []
+    run_search(cfg, print_fn=lines.append)
+    fs, base = pafs.FileSystem.from_uri(f"{s3_bucket}/multi")
+    files = {i.path[len(base) + 1:] for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+             if i.type == pafs.FileType.File}
+    run_name = next(f.split("/")[0] for f in files if f.endswith("report.parquet"))
+    trial = next(f.split("/")[2] for f in files if "/trials/" in f)
+    for name in ("trial.json", "metrics.jsonl", "best/model.safetensors", "last/train_state/state.json"):
+        assert f"{run_name}/trials/{trial}/{name}" in files, name
+    with fs.open_input_stream(f"{base}/{run_name}/trials/{trial}/trial.json") as f:
+        assert json.loads(f.readall())["status"] == "completed"
+    with fs.open_input_stream(f"{base}/{run_name}/trials/{trial}/metrics.jsonl") as f:
+        assert [json.loads(l)["epoch"] for l in f.readall().decode().splitlines()] == [1, 2]
 
 
 def test_shared_storage_check_names_what_to_configure(tmp_path):

@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 # The reference guide asks for a 15-30 % holdout: less makes per-class val
 # metrics too noisy to rank trials, more starves training on small data sets.
 VAL_FRACTION_RANGE = (0.15, 0.30)
+SPLIT_FILE = "split.parquet"  # a run's fixed train/val split, shared by every trial
+SPLIT_META_FILE = "split.json"  # its sidecar (class names, skipped files), written with it
 _MAX_DUPLICATE_EXAMPLES = 5
 
 

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from trainables.checkpoint import TRAIN_STATE_DIR
 from trainables.metrics import RANKING_METRIC, EvalMetrics, format_report
+from trainables.mirror import Mirror
 
 
 @dataclass(frozen=True)
@@ -64,13 +65,18 @@ class RunDirReporter:
 
     Best is by macro-F1; ``keep_last`` also keeps the latest epoch, with its training
     state, in ``last/``: what a crashed trial resumes from. ``best/`` holds the weights
-    alone (the export needs nothing else).
+    alone (the export needs nothing else). With a ``mirror`` (object-store runs) each
+    epoch also uploads what it changed, ``directory`` being ``mirror_rel`` in the run.
     """
 
-    def __init__(self, directory: Path, keep_last: bool = False) -> None:
+    def __init__(
+        self, directory: Path, keep_last: bool = False, mirror: Mirror | None = None, mirror_rel: str = ""
+    ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.keep_last = keep_last
+        self.mirror = mirror
+        self.mirror_rel = mirror_rel
         self.best: EpochResult | None = None
         self.best_macro_f1 = float("-inf")
 
@@ -99,12 +105,15 @@ class RunDirReporter:
         if improved:
             self.best = result
             self.best_macro_f1 = result.metrics.macro_f1
-        if checkpoint_dir is None:
-            return
-        if improved:
+        changed = [METRICS_FILE]
+        if checkpoint_dir is not None and improved:
             _replace_dir(checkpoint_dir, self.directory / BEST_DIR, ignore=TRAIN_STATE_DIR)
-        if self.keep_last:
+            changed.append(BEST_DIR)
+        if checkpoint_dir is not None and self.keep_last:
             _replace_dir(checkpoint_dir, self.directory / LAST_DIR)
+            changed.append(LAST_DIR)
+        if self.mirror is not None:
+            self.mirror.push(*(f"{self.mirror_rel}/{name}" for name in changed))
 
 
 class ConsoleReporter(RunDirReporter):

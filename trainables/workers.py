@@ -12,8 +12,9 @@ import tempfile
 from pathlib import Path
 
 from trainables.config import TrialConfig
-from trainables.datasets import read_split
+from trainables.datasets import SPLIT_FILE, SPLIT_META_FILE, read_split
 from trainables.loop import run_trial
+from trainables.mirror import Mirror
 from trainables.reporting import LAST_DIR, RayTrainReporter, RunDirReporter
 from trainables.runtime import ray_train_runtime
 
@@ -26,15 +27,25 @@ def train_loop_per_worker(config: dict) -> None:
             optionally ``"record_dir"``, where rank 0 keeps metrics and the best and
             last checkpoints (shared storage on a multi-node cluster), and
             ``"resume_epoch"``: continue from ``record_dir/last`` after that epoch.
+            Object-store runs give ``"storage_uri"`` and ``"record_rel"`` instead: each
+            rank works in its node's copy of the run, and rank 0 uploads each epoch.
     """
     cfg = TrialConfig.model_validate(config["trial"])
-    split = read_split(Path(config["split_path"]))
     record_dir = config.get("record_dir")
     resume_epoch = config.get("resume_epoch")
+    mirror = Mirror.for_location(config["storage_uri"]) if config.get("storage_uri") else None
+    split_path = Path(config["split_path"])
+    if mirror is not None:
+        split_path = mirror.local / SPLIT_FILE
+        mirror.pull(*[n for n in (SPLIT_FILE, SPLIT_META_FILE) if not (mirror.local / n).is_file()])
+        record_dir = mirror.local / config["record_rel"]
+        if resume_epoch is not None:
+            mirror.pull(config["record_rel"])
+    split = read_split(split_path)
     runtime = ray_train_runtime()
     local = None
     if record_dir and runtime.is_chief:
-        local = RunDirReporter(Path(record_dir), keep_last=True)
+        local = RunDirReporter(Path(record_dir), keep_last=True, mirror=mirror, mirror_rel=config.get("record_rel", ""))
         if resume_epoch is not None:
             local.resume_after(resume_epoch)
     resume_from = Path(record_dir) / LAST_DIR if record_dir and resume_epoch is not None else None

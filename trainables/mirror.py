@@ -1,0 +1,151 @@
+"""A directory kept in an object store (s3://, gs://, ... through pyarrow) with a local copy.
+
+Object stores have no appends, renames or shared mounts, so processes never write into
+them directly: each works in a node-local copy and pushes what it changed; a process
+that needs another's files pulls them. Local paths need none of this, and for them
+``Mirror.for_location`` returns ``None``, so callers write ``if mirror: mirror.push(...)``.
+Only strings cross process boundaries (the filesystem is opened lazily), so a mirror
+travels inside Ray task and Train worker configs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_uri(location: str | Path) -> bool:
+    return isinstance(location, str) and bool(_URI.match(location))
+
+
+def working_copy_for(uri: str) -> Path:
+    """This node's working copy of ``uri`` (same on every node with the same home)."""
+    tail = uri.rstrip("/").rsplit("/", 1)[-1] or "run"
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:10]
+    return Path.home() / ".cache" / "tunecv" / "runs" / f"{tail}-{digest}"
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """``uri`` in an object store, and this process's working copy ``local``."""
+
+    uri: str
+    local: Path
+
+    def __getstate__(self) -> dict:  # the opened filesystem stays behind
+        return {"uri": self.uri, "local": self.local}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    @staticmethod
+    def for_location(location: str | Path) -> Mirror | None:
+        """A mirror for a URI, or None for a local (or shared-filesystem) path."""
+        if not is_uri(location):
+            return None
+        uri = str(location).rstrip("/")
+        return Mirror(uri, working_copy_for(uri))
+
+    @cached_property
+    def _fs(self):
+        import pyarrow.fs as pafs
+
+        return pafs.FileSystem.from_uri(self.uri)  # (filesystem, base path)
+
+    def _remote(self, rel: str) -> str:
+        base = self._fs[1]
+        return f"{base}/{rel}" if rel else base
+
+    def exists(self, rel: str = "") -> bool:
+        import pyarrow.fs as pafs
+
+        return self._fs[0].get_file_info(self._remote(rel)).type != pafs.FileType.NotFound
+
+    def push(self, *rels: str) -> None:
+        """Upload files or whole directories (relative to the run) that exist locally."""
+        import pyarrow.fs as pafs
+
+        fs, _ = self._fs
+        for rel in rels:
+            source = self.local / rel
+            if not source.exists():
+                continue
+            if source.is_dir():
+                fs.delete_dir_contents(self._remote(rel), missing_dir_ok=True)  # no stale files
+            else:
+                fs.create_dir(self._remote(rel).rsplit("/", 1)[0], recursive=True)
+            pafs.copy_files(str(source), self._remote(rel), source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=fs)
+
+    def pull(self, *rels: str, skip_suffixes: Iterable[str] = ()) -> None:
+        """Download files or directories that exist remotely, replacing local copies.
+
+        Args:
+            skip_suffixes: File endings to leave remote, e.g. ``.safetensors`` when
+                only metadata is needed.
+        """
+        import pyarrow.fs as pafs
+
+        fs, _ = self._fs
+        skip = tuple(skip_suffixes)
+        for rel in rels:
+            info = fs.get_file_info(self._remote(rel))
+            if info.type == pafs.FileType.NotFound:
+                continue
+            if info.type == pafs.FileType.File:
+                files = [(info.path, rel)]
+            else:
+                prefix = info.path.rstrip("/") + "/"
+                files = [
+                    (f.path, f"{rel}/{f.path[len(prefix):]}" if rel else f.path[len(prefix):])
+                    for f in fs.get_file_info(pafs.FileSelector(info.path, recursive=True))
+                    if f.type == pafs.FileType.File
+                ]
+            for remote, local_rel in files:
+                if local_rel.endswith(skip):
+                    continue
+                target = self.local / local_rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.{os.getpid()}.part")  # streamed, then renamed whole
+                pafs.copy_files(remote, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+                tmp.replace(target)
+
+    def read_text(self, rel: str) -> str | None:
+        """A small remote file's text, or None when it does not exist."""
+        if not self.exists(rel):
+            return None
+        with self._fs[0].open_input_stream(self._remote(rel)) as f:
+            return f.readall().decode()
+
+    def write_text(self, rel: str, text: str) -> None:
+        fs = self._fs[0]
+        fs.create_dir(self._remote(rel).rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(self._remote(rel)) as f:
+            f.write(text.encode())
+
+    def delete(self, rel: str) -> None:
+        self._fs[0].delete_file(self._remote(rel))
+
+    def list_dirs(self) -> list[str]:
+        """Names of the directories directly under ``uri``."""
+        import pyarrow.fs as pafs
+
+        fs, base = self._fs
+        if not self.exists():
+            return []
+        return [
+            f.base_name for f in fs.get_file_info(pafs.FileSelector(base, recursive=False))
+            if f.type == pafs.FileType.Directory
+        ]
+
+    def child(self, name: str) -> Mirror:
+        """The mirror of ``uri/name`` (for run directories under an output URI)."""
+        uri = f"{self.uri}/{name}"
+        return Mirror(uri, working_copy_for(uri))
