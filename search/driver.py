@@ -172,6 +172,9 @@ def _fit(cfg: RunConfig, space, run: RunLocation, print_fn, callbacks: Sequence[
     scheduler = create_scheduler(cfg)
     plan = ResumePlan((), (), cfg.search.num_samples, {}, 0, cfg.search.time_budget_s)
     if resuming:
+        # Only the driver writes the journal, and check_driver_gone found it dead: a lock
+        # it held when killed is stale (Optuna would wait 30 s before breaking it).
+        (run_dir / f"{OPTUNA_JOURNAL}.lock").unlink(missing_ok=True)
         study = optuna.create_study(storage=storage, study_name=cfg.name, direction="maximize", load_if_exists=True)
         plan = plan_resume(run_dir, cfg, study)
         print_fn(
@@ -269,6 +272,14 @@ class ProgressCallback(tune.Callback):
         self.print = print_fn
         self.best: dict[str, float] = {}
 
+    def __getstate__(self) -> dict:
+        # Tune pickles its callbacks into the experiment state; under `ray job submit`
+        # Ray has replaced builtins.print by then, and the captured one cannot pickle.
+        return {**self.__dict__, "print": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, print=state["print"] or print)
+
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         trial_id = trial.config[TRIAL_ID_KEY]
         score = result.get(RANKING_METRIC, float("nan"))
@@ -278,6 +289,11 @@ class ProgressCallback(tune.Callback):
             f"[{trial_id}] epoch {result.get('epoch')}/{self.max_epochs} "
             f"{RANKING_METRIC} {score:.4f} (best {self.best[trial_id]:.4f})  {params}"
         )
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        # Object-store runs: the study must know this trial before its record exists
+        # remotely, or a resume could hand its number (its id) to another trial.
+        self.run.push(OPTUNA_JOURNAL)
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         self.print(

@@ -16,7 +16,7 @@ A search is resumable from its run directory alone: the trial records, their
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -144,7 +144,7 @@ def plan_resume(run_dir: Path, cfg: RunConfig, study) -> ResumePlan:
         study.enqueue_trial(ot_trial.params, user_attrs={TRIAL_ID_KEY: trial_id})
         continuing.append(trial_id)
         if record is not None:
-            write_record(run_dir, _replace_status(record, INTERRUPTED))
+            write_record(run_dir, replace(record, status=INTERRUPTED))
     finished = tuple(sorted(i for i, r in records.items() if r.status in TERMINAL))
     history = {
         trial_id: _history(run_dir, trial_id, None if trial_id in finished else _last_epoch(run_dir, trial_id))
@@ -162,12 +162,6 @@ def plan_resume(run_dir: Path, cfg: RunConfig, study) -> ResumePlan:
         study_trials=study_trials,
         time_budget_s=budget,
     )
-
-
-def _replace_status(record, status: str):
-    from dataclasses import replace
-
-    return replace(record, status=status)
 
 
 def _last_epoch(run_dir: Path, trial_id: str) -> int:

@@ -17,6 +17,7 @@ every node reads back a token it wrote (or lists the bucket).
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -86,7 +87,7 @@ def locate_run(cfg: RunConfig, run_dir: str | None) -> tuple[RunLocation, bool]:
         return (RunLocation(found), True) if found else (RunLocation(new_run_dir(cfg)), False)
     for name in sorted((d for d in root.list_dirs() if d.startswith(f"{cfg.name}-")), reverse=True):
         state = root.child(name).read_text(STATE_FILE)
-        if state is not None and '"finished"' not in state:
+        if state is not None and json.loads(state).get("status") != "finished":
             return open_run(root.child(name).uri), True
     return _fresh(root.child(run_dir_name(cfg))), False
 

@@ -185,10 +185,9 @@ def _run_in_process(
     split = read_split(run_dir / SPLIT_FILE)
     directory = trial_dir(run_dir, trial_id)
     reporter = TuneReporter(directory, keep_last=True, mirror=mirror, mirror_rel=f"{TRIALS_DIR}/{trial_id}")
-    resume_from = None
-    if resume_epoch is not None:
-        reporter.resume_after(resume_epoch)
-        resume_from = directory / LAST_DIR
+    # A fresh start too drops what an earlier attempt reported before its first checkpoint.
+    reporter.resume_after(resume_epoch or 0)
+    resume_from = directory / LAST_DIR if resume_epoch is not None else None
     run_trial(cfg, split, reporter, local_runtime(cfg.scaling.use_gpu), resume_from=resume_from)
 
 

@@ -161,6 +161,27 @@ def test_submitted_job_writes_ranked_report_and_model_to_storage(head, synthetic
     assert f"{table[0]['macro_f1']}"[:6] in json.dumps(metrics)
 
 
+def test_ray_job_submit_runs_the_cli_as_documented(head, synthetic_root):
+    """Ray's own `ray job submit --working-dir . -- tunecv run ...`, as the README shows."""
+    storage = head["work"] / "shared-cli"
+    space = head["work"] / "cli-space.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    done = subprocess.run(
+        [ray_cli, "job", "submit", "--address", head["address"], "--runtime-env", "cluster/runtime_env.yaml",
+         "--working-dir", ".", "--", "tunecv", "run", "--config", "configs/demo.yaml",
+         "--set", f"output_dir={storage}", "--set", f"data.root={synthetic_root}", "--set", "data.image_size=32",
+         "--set", f"search.space={space}", "--set", "search.num_samples=1", "--set", "optim.epochs=1",
+         "--set", "search.asha.grace_period=1", "--set", "optim.batch_size=16", "--set", "search.export=false"],
+        cwd=REPO, env={k: v for k, v in head["env"].items() if k != "RAY_ADDRESS"},
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (run_dir,) = storage.glob("demo-*")
+    (record,) = read_records(run_dir)
+    assert record.status == COMPLETED and (run_dir / "report.md").is_file()
+
+
 def test_submit_refuses_without_a_token(head):
     """Token auth is on: the same request without the token is rejected."""
     env = {k: v for k, v in head["env"].items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
@@ -185,10 +206,11 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(head, synthetic_
             return None
         records = read_records(run_dir)
         done = [r for r in records if r.status in TERMINAL]
-        mid = [r for r in records if r.status == "running" and 1 <= len(read_epochs(run_dir, r.trial_id)) < 4]
-        return run_dir if done and mid else None
+        mid = [r.trial_id for r in records if r.status == "running"
+               and (run_dir / "trials" / r.trial_id / "last" / "train_state" / "state.json").is_file()]
+        return (run_dir, mid) if done and mid else None
 
-    run_dir = _wait_until(one_done_one_mid_training, 600, "a finished and a half-trained trial", first)
+    run_dir, mid = _wait_until(one_done_one_mid_training, 600, "a finished and a checkpointed running trial", first)
     first.send_signal(signal.SIGKILL)
     first.wait()
     before = {r.trial_id: r for r in read_records(run_dir)}
@@ -207,20 +229,29 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(head, synthetic_
         assert read_epochs(run_dir, trial_id) == epochs
         assert next(r for r in records if r.trial_id == trial_id).attempts == 1
     continued = [r for r in records if r.trial_id in before and r.trial_id not in finished_before]
-    assert continued and all(r.attempts == 2 and r.resumed_from_epoch >= 1 for r in continued)
+    assert all(r.attempts == 2 for r in continued)
+    # Checkpointed trials continue from their last epoch (one that had not finished an
+    # epoch yet starts over, under its own id).
+    assert all(r.resumed_from_epoch >= 1 for r in continued if r.trial_id in mid)
     for r in records:  # each epoch once, in order, continued trials included
         assert [e["epoch"] for e in read_epochs(run_dir, r.trial_id)] == list(range(1, len(read_epochs(run_dir, r.trial_id)) + 1))
 
-    # TPE continued from one study: both drivers' trials are in it, the interrupted ones
-    # as FAIL, the rest complete, and every trial of the report has a finished entry.
+    # TPE continued from one study: both drivers' trials are in it. Each trial the
+    # killed driver left running is FAIL there and completes again under its own id;
+    # every trial of the report has exactly one COMPLETE entry.
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
+    from search.searcher import run_trial_id
+
     study = optuna.load_study(study_name="resume", storage=JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal"))))
-    states = [t.state for t in study.trials]
-    assert states.count(optuna.trial.TrialState.COMPLETE) == 5
-    assert states.count(optuna.trial.TrialState.FAIL) == len(continued)
-    assert optuna.trial.TrialState.RUNNING not in states
+    State = optuna.trial.TrialState
+    complete = [run_trial_id(t) for t in study.trials if t.state == State.COMPLETE]
+    interrupted = [run_trial_id(t) for t in study.trials if t.state == State.FAIL]
+    assert sorted(complete) == sorted(r.trial_id for r in records)
+    assert interrupted and set(interrupted) <= set(complete) and set(interrupted).isdisjoint(finished_before)
+    assert {r.trial_id for r in continued} <= set(interrupted)
+    assert all(t.state in (State.COMPLETE, State.FAIL) for t in study.trials)
 
     # ASHA's rungs: every trial that reached a milestone sits in it once, with the
     # macro-F1 it had there, whichever driver saw it.

@@ -147,8 +147,8 @@ def test_cluster_run_config_validates():
 
 def test_cluster_run_dirs_are_on_the_shared_mount():
     cfg = _run_config()
-    # An s3:// or gs:// URI would become a local path such as 's3:/bucket/runs'.
-    assert cfg.output_dir.is_absolute() and cfg.output_dir.is_relative_to(SHARED)
+    # Every node mounts /mnt/shared; a relative path would land in the job's temporary copy.
+    assert Path(cfg.output_dir).is_absolute() and Path(cfg.output_dir).is_relative_to(SHARED)
     assert cfg.data.root.is_relative_to(SHARED)
 
 
@@ -363,3 +363,17 @@ def test_rayjob_cleans_up_after_the_search():
     assert spec["ttlSecondsAfterFinished"] > 0
     # The deadline is a backstop; it must not cut the search's own time budget.
     assert spec["activeDeadlineSeconds"] > _run_config().search.time_budget_s
+
+
+def test_dockerfile_image_matches_the_manifests():
+    """The KubeRay image is built from cluster/Dockerfile: same Ray as the manifests, and
+    the repository at /app, the RayJob entrypoint's working directory."""
+    import re
+
+    text = (REPO / "cluster" / "Dockerfile").read_text()
+    (base,) = re.findall(r"^FROM rayproject/ray:(\S+)", text, flags=re.M)
+    ray_version = yaml.safe_load((REPO / "cluster" / "kuberay-raycluster.yaml").read_text())["spec"]["rayVersion"]
+    assert base.startswith(f"{ray_version}-") and "gpu" in base
+    assert re.search(r"^WORKDIR /app$", text, flags=re.M)
+    for needed in ("search", "trainables", "spaces", "configs"):  # what the entrypoint imports and reads
+        assert re.search(rf"^COPY .*\b{needed} \./{needed}$", text, flags=re.M), needed

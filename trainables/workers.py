@@ -46,8 +46,7 @@ def train_loop_per_worker(config: dict) -> None:
     local = None
     if record_dir and runtime.is_chief:
         local = RunDirReporter(Path(record_dir), keep_last=True, mirror=mirror, mirror_rel=config.get("record_rel", ""))
-        if resume_epoch is not None:
-            local.resume_after(resume_epoch)
+        local.resume_after(resume_epoch or 0)  # a fresh start drops an earlier attempt's lines
     resume_from = Path(record_dir) / LAST_DIR if record_dir and resume_epoch is not None else None
     run_trial(cfg, split, RayTrainReporter(local), runtime, resume_from=resume_from)
 
