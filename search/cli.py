@@ -31,7 +31,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config or args.set or args.space or args.run_dir:
             raise ConfigError("--resume RUN_DIR takes the run's own config; drop --config/--set/--space/--run-dir.")
-        run_search(stored_config(open_run(args.resume).local), run_dir=args.resume)
+        view = open_run(args.resume)  # raises if it is not a run directory
+        run_search(stored_config(view.local), run_dir=args.resume)
         return 0
     if not args.config:
         raise ConfigError("tunecv run needs --config FILE (or --resume RUN_DIR).")
@@ -84,14 +85,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _existing_run(location: str):
     """A run directory, local or in an object store (its records fetched)."""
-    from search.config import ConfigError
-    from search.records import CONFIG_FILE
     from search.storage import open_run
 
-    run = open_run(location)
-    if not (run.local / CONFIG_FILE).is_file():
-        raise ConfigError(f"'{location}' is not a tunecv run directory (no {CONFIG_FILE} in it).")
-    return run
+    return open_run(location)
 
 
 def _data_digits(args: argparse.Namespace) -> int:

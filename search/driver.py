@@ -51,7 +51,7 @@ from search.searcher import (
     create_storage,
     searched_params,
 )
-from search.storage import RunLocation, locate_run
+from search.storage import RunLocation, locate_run, take_over
 from search.trial import TrialContext, run_search_trial, trial_config
 from search.train_job import create_run_dir, prepare_data
 from search.winner import EXPORT_DIR, export_run
@@ -92,9 +92,9 @@ def run_search(
 ) -> Path:
     """Search, rank, report and export; return the run directory (this node's copy).
 
-    A run directory that already holds an unfinished search of the same config is
-    resumed: given as ``run_dir``, or found as the newest unfinished
-    ``output_dir/name-*`` when ``run_dir`` is None.
+    An unfinished search is resumed: ``run_dir`` when it holds one, or else the newest
+    unfinished ``output_dir/name-*`` whose driver is gone. Its config must equal
+    ``cfg``; otherwise a ConfigError says so.
 
     Args:
         cfg: The validated run config.
@@ -116,8 +116,9 @@ def run_search(
         space = _load_space_checked(cfg, space_path)
     run, resuming = locate_run(cfg, None if run_dir is None else str(run_dir))
     if resuming:
-        check_same_config(run.local, cfg)
-        check_driver_gone(run.local)
+        check_same_config(run.local, cfg, str(run))
+        check_driver_gone(run.local, str(run))
+        run = take_over(run)
     _connect(run)
     if resuming:
         print_fn(f"resuming run directory: {run}")
@@ -175,11 +176,12 @@ def _fit(cfg: RunConfig, space, run: RunLocation, print_fn, callbacks: Sequence[
         # Only the driver writes the journal, and check_driver_gone found it dead: a lock
         # it held when killed is stale (Optuna would wait 30 s before breaking it).
         (run_dir / f"{OPTUNA_JOURNAL}.lock").unlink(missing_ok=True)
-        study = optuna.create_study(storage=storage, study_name=cfg.name, direction="maximize", load_if_exists=True)
+        study = optuna.create_study(storage=storage, study_name=run.name, direction="maximize", load_if_exists=True)
         plan = plan_resume(run_dir, cfg, study)
         print_fn(
-            f"{len(plan.finished)} trial(s) finished before, {len(plan.continuing)} continue from their "
-            f"last epoch ({', '.join(plan.continuing) or 'none'}), {plan.num_samples} left to run"
+            f"{len(plan.finished)} trial(s) finished before; {len(plan.continuing)} continue under their own "
+            f"id, from their last checkpoint if they have one ({', '.join(plan.continuing) or 'none'}); "
+            f"{plan.num_samples} left to run"
         )
         if scheduler is not None:
             scheduler.replay(plan.history)
@@ -202,7 +204,7 @@ def _tune(cfg, space, run: RunLocation, plan: ResumePlan, storage, scheduler, ca
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=create_searcher(cfg, space, storage, resuming_after=plan.study_trials),
+            search_alg=create_searcher(cfg, space, storage, run.name, resuming_after=plan.study_trials),
             scheduler=scheduler,
             num_samples=plan.num_samples,
             max_concurrent_trials=cfg.search.max_concurrent_trials,

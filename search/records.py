@@ -121,7 +121,11 @@ def read_state(run_dir: Path) -> dict[str, Any]:
 
 def driver_is_alive(run_dir: Path) -> bool:
     """True while a driver works on the run: by pid on its own host, else by heartbeat."""
-    state = read_state(run_dir)
+    return state_shows_live_driver(read_state(run_dir))
+
+
+def state_shows_live_driver(state: dict[str, Any]) -> bool:
+    """``driver_is_alive`` for a ``search_state.json`` already read (e.g. from a bucket)."""
     if state.get("status") != "running":
         return False
     if state.get("hostname") != socket.gethostname():

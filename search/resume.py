@@ -16,6 +16,7 @@ A search is resumable from its run directory alone: the trial records, their
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from search.records import (
     write_record,
 )
 from search.searcher import TRIAL_ID_KEY, run_trial_id
-from trainables.checkpoint import has_training_state, read_meta
+from trainables.checkpoint import last_checkpoint_epoch
 from trainables.metrics import RANKING_METRIC
 
 
@@ -52,7 +53,7 @@ class ResumePlan:
     num_samples: int  # trials still to run: the continuing ones plus new ones
     history: dict[str, list[tuple[int, float]]]  # trial id -> (epoch, macro-F1), for ASHA
     study_trials: int  # trials the study held before this resume
-    time_budget_s: float | None  # what is left of search.time_budget_s
+    time_budget_s: float | None  # what is left of search.time_budget_s (<= 0: spent)
 
 
 def stored_config(run_dir: Path) -> RunConfig:
@@ -63,16 +64,20 @@ def stored_config(run_dir: Path) -> RunConfig:
     return parse_config(yaml.safe_load(path.read_text()), source=f"'{path}'")
 
 
-def check_same_config(run_dir: Path, cfg: RunConfig) -> None:
-    """Refuse to resume a run with other settings: its trials would not be comparable."""
+def check_same_config(run_dir: Path, cfg: RunConfig, display: str | None = None) -> None:
+    """Refuse to resume a run with other settings: its trials would not be comparable.
+
+    ``display`` names the run in the message (its URI when ``run_dir`` is a local copy).
+    """
+    display = display or str(run_dir)
     stored = stored_config(run_dir).model_dump(mode="json")
     given = cfg.model_dump(mode="json")
     diffs = sorted(_differences(stored, given))
     if diffs:
         raise ConfigError(
-            f"run '{run_dir}' was started with another config; resuming would mix trials "
+            f"run '{display}' was started with another config; resuming would mix trials "
             f"that are not comparable. Differences: {', '.join(diffs)}. Resume it with "
-            f"`tunecv run --resume {run_dir}` (its own config), or start a new run with "
+            f"`tunecv run --resume {display}` (its own config), or start a new run with "
             "another name (--set name=...)."
         )
 
@@ -88,19 +93,20 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_driver_gone(run_dir: Path) -> None:
+def check_driver_gone(run_dir: Path, display: str | None = None) -> None:
     """Refuse to resume while another driver still works on the run."""
     if driver_is_alive(run_dir):
         state = read_state(run_dir)
         raise ConfigError(
-            f"run '{run_dir}' is still being searched by pid {state.get('pid')} on "
+            f"run '{display or run_dir}' is still being searched by pid {state.get('pid')} on "
             f"{state.get('hostname')}; stop that driver first (a driver on another host "
             "counts as dead once its heartbeat is a minute old)."
         )
 
 
 def find_unfinished_run(output_dir: Path, name: str) -> Path | None:
-    """The newest ``output_dir/name-*`` run whose search never finished, if any."""
+    """The newest ``output_dir/name-*`` run whose search never finished and whose driver
+    is gone, if any (a run with a live driver is left to it: a new run starts)."""
     if not output_dir.is_dir():
         return None
     candidates = sorted(
@@ -109,13 +115,21 @@ def find_unfinished_run(output_dir: Path, name: str) -> Path | None:
         reverse=True,
     )
     for run_dir in candidates:
-        if read_state(run_dir).get("status") not in (None, "finished"):
+        if read_state(run_dir).get("status") not in (None, "finished") and not driver_is_alive(run_dir):
             return run_dir
     return None
 
 
 def plan_resume(run_dir: Path, cfg: RunConfig, study) -> ResumePlan:
     """Reconcile ``study`` with the run's records and say what is left to run.
+
+    A trial the dead driver left RUNNING in the study is:
+    - settled, when its record or its epochs say it ended (completed, stopped early,
+      or all ``optim.epochs`` done): the study is told, the record finished;
+    - otherwise continued: FAIL in the study, enqueued again under its own id. That
+      includes a record that says ``failed`` (Tune was about to retry it).
+    A record still ``running`` whose study trial is finished (the driver died between
+    telling Optuna and its callbacks) is finished from its epochs.
 
     Args:
         run_dir: The run being resumed.
@@ -125,48 +139,69 @@ def plan_resume(run_dir: Path, cfg: RunConfig, study) -> ResumePlan:
     import optuna
 
     State = optuna.trial.TrialState
+    max_epochs = cfg.optim.epochs
     records = {r.trial_id: r for r in read_records(run_dir)}
     study_trials = len(study.get_trials(deepcopy=False))
-    continuing = []
-    for ot_trial in study.get_trials(deepcopy=False, states=(State.RUNNING,)):
+    # Continuations an earlier resume enqueued that no driver has asked for yet.
+    continuing = [run_trial_id(t) for t in study.get_trials(deepcopy=False, states=(State.WAITING,))
+                  if TRIAL_ID_KEY in t.user_attrs]
+    for ot_trial in study.get_trials(deepcopy=False):
         trial_id = run_trial_id(ot_trial)
         record = records.get(trial_id)
-        if record is not None and record.status in (COMPLETED, STOPPED_EARLY):
-            # The trial finished; only the dead driver's tell() is missing.
-            epochs = read_epochs(run_dir, trial_id)
-            study.tell(ot_trial.number, epochs[-1][RANKING_METRIC]) if epochs else study.tell(
-                ot_trial.number, state=State.FAIL
-            )
-            continue
-        study.tell(ot_trial.number, state=State.FAIL)
-        if record is not None and record.status == FAILED:
-            continue
-        study.enqueue_trial(ot_trial.params, user_attrs={TRIAL_ID_KEY: trial_id})
-        continuing.append(trial_id)
-        if record is not None:
-            write_record(run_dir, replace(record, status=INTERRUPTED))
-    finished = tuple(sorted(i for i, r in records.items() if r.status in TERMINAL))
+        epochs = read_epochs(run_dir, trial_id)
+        ended = record is not None and (record.status in (COMPLETED, STOPPED_EARLY) or len(epochs) >= max_epochs)
+        if ot_trial.state == State.RUNNING and ended and epochs:
+            study.tell(ot_trial.number, epochs[-1][RANKING_METRIC])  # only the tell() was missing
+            records[trial_id] = _finish(run_dir, record, epochs, max_epochs)
+        elif ot_trial.state == State.RUNNING:
+            study.tell(ot_trial.number, state=State.FAIL)
+            study.enqueue_trial(ot_trial.params, user_attrs={TRIAL_ID_KEY: trial_id})
+            continuing.append(trial_id)
+            if record is not None:
+                records[trial_id] = replace(record, status=INTERRUPTED)
+                write_record(run_dir, records[trial_id])
+        elif record is not None and record.status not in TERMINAL and trial_id not in continuing:
+            if ot_trial.state == State.COMPLETE:
+                records[trial_id] = _finish(run_dir, record, epochs, max_epochs)
+            elif ot_trial.state == State.FAIL and not any(
+                run_trial_id(t) == trial_id and t.number > ot_trial.number for t in study.get_trials(deepcopy=False)
+            ):
+                # Told FAIL and never enqueued again: Tune gave up on it just before
+                # the driver died, before on_trial_error settled the record.
+                records[trial_id] = replace(record, status=FAILED, reason=record.reason or "failed (driver died)")
+                write_record(run_dir, records[trial_id])
+    finished = tuple(sorted(i for i, r in records.items() if r.status in TERMINAL and i not in continuing))
     history = {
         trial_id: _history(run_dir, trial_id, None if trial_id in finished else _last_epoch(run_dir, trial_id))
         for trial_id in records
     }
-    state = read_state(run_dir)
     budget = cfg.search.time_budget_s
+    left = cfg.search.num_samples - len(finished)
     if budget is not None:
-        budget = max(1.0, budget - float(state.get("spent_s", 0.0)))
+        budget -= float(read_state(run_dir).get("spent_s", 0.0))
+        if budget <= 0:
+            left = 0  # the budget is spent: nothing more starts, the report is rebuilt
     return ResumePlan(
         finished=finished,
         continuing=tuple(continuing),
-        num_samples=max(0, cfg.search.num_samples - len(finished)),
+        num_samples=max(0, left),
         history=history,
         study_trials=study_trials,
         time_budget_s=budget,
     )
 
 
+def _finish(run_dir: Path, record, epochs: list[dict], max_epochs: int):
+    status = record.status if record.status in (COMPLETED, STOPPED_EARLY) else (
+        COMPLETED if len(epochs) >= max_epochs else STOPPED_EARLY
+    )
+    record = replace(record, status=status, end_time=record.end_time or time.time())
+    write_record(run_dir, record)
+    return record
+
+
 def _last_epoch(run_dir: Path, trial_id: str) -> int:
-    last = trial_dir(run_dir, trial_id) / LAST_DIR
-    return int(read_meta(last)["epoch"]) if has_training_state(last) else 0
+    return last_checkpoint_epoch(trial_dir(run_dir, trial_id) / LAST_DIR) or 0
 
 
 def _history(run_dir: Path, trial_id: str, up_to: int | None) -> list[tuple[int, float]]:

@@ -105,10 +105,12 @@ def create_storage(storage_url: str | None, run_dir: Path):
     return JournalStorage(JournalFileBackend(str(run_dir / OPTUNA_JOURNAL)))
 
 
-def create_searcher(cfg, space, storage, resuming_after: int = 0) -> RunIdOptunaSearch:
+def create_searcher(cfg, space, storage, study_name: str, resuming_after: int = 0) -> RunIdOptunaSearch:
     """TPE (seeded, multivariate, grouped, constant liar) or random over ``space``.
 
     Args:
+        study_name: The run directory's name: one study per run, also in a database
+            that many runs share.
         resuming_after: How many trials the study already holds. On resume the warm
             start is not enqueued again (the study holds it, asked or still queued),
             and the seed moves on, or a random sampler would replay its first points.
@@ -132,7 +134,7 @@ def create_searcher(cfg, space, storage, resuming_after: int = 0) -> RunIdOptuna
         mode="max",
         sampler=sampler,
         storage=storage,
-        study_name=cfg.name,
+        study_name=study_name,
         points_to_evaluate=points or None,
     )
 

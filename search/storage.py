@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from search.config import ConfigError, RunConfig
-from search.records import CONFIG_FILE, STATE_FILE
+from search.records import CONFIG_FILE, STATE_FILE, state_shows_live_driver
 from search.train_job import new_run_dir, run_dir_name
-from trainables.mirror import Mirror, is_uri
+from trainables.mirror import Mirror
 
 
 
@@ -36,6 +37,11 @@ class RunLocation:
 
     local: Path
     mirror: Mirror | None = None
+
+    @property
+    def name(self) -> str:
+        """The run directory's own name (``demo-20261128-101500``): the study's name too."""
+        return str(self).rstrip("/").rsplit("/", 1)[-1]
 
     @property
     def uri(self) -> str | None:
@@ -54,14 +60,30 @@ class RunLocation:
             self.mirror.pull(*rels, skip_suffixes=(".safetensors",) if metadata_only else ())
 
 
-def open_run(location: str) -> RunLocation:
-    """An existing run (``tunecv report/export/run --resume``), its metadata fetched."""
+def open_run(location: str, view: bool = True) -> RunLocation:
+    """An existing run, with its metadata at hand (weights stay remote until needed).
+
+    Args:
+        location: A run directory or its object-store URI.
+        view: For a URI, read into a private temporary copy (``tunecv report`` while
+            the search runs must not touch the driver's working copy). ``False`` makes
+            this node's working copy afresh: for the driver that resumes the run.
+
+    Raises:
+        ConfigError: ``location`` is not a run directory.
+    """
     mirror = Mirror.for_location(location)
     if mirror is None:
-        return RunLocation(Path(location).resolve())
+        local = Path(location).resolve()
+        if not (local / CONFIG_FILE).is_file():
+            raise ConfigError(f"'{location}' is not a tunecv run directory (no {CONFIG_FILE} in it).")
+        return RunLocation(local)
     if not mirror.exists(CONFIG_FILE):
         raise ConfigError(f"'{location}' is not a tunecv run directory (no {CONFIG_FILE} in it).")
-    shutil.rmtree(mirror.local, ignore_errors=True)  # a stale working copy must not mix in
+    if view:
+        mirror = Mirror(mirror.uri, Path(tempfile.mkdtemp(prefix="tunecv-view-")))
+    else:
+        shutil.rmtree(mirror.local, ignore_errors=True)  # a stale copy must not mix in
     run = RunLocation(mirror.local, mirror)
     run.pull("", metadata_only=True)
     return run
@@ -70,24 +92,29 @@ def open_run(location: str) -> RunLocation:
 def locate_run(cfg: RunConfig, run_dir: str | None) -> tuple[RunLocation, bool]:
     """Where this search's run lives, and whether it is an unfinished run to resume.
 
-    ``run_dir`` (a path or URI) is resumed when it exists; without it the newest
-    unfinished ``output_dir/name-*`` is resumed, else a new directory is chosen.
+    ``run_dir`` (a path or URI) is resumed when it holds a run; without it the newest
+    unfinished ``output_dir/name-*`` whose driver is gone is resumed, else a new
+    directory is chosen. A run to resume comes as a view (``open_run``): its config
+    and driver are checked before this process takes it over.
     """
     from search.resume import find_unfinished_run
 
     if run_dir is not None:
-        if is_uri(run_dir):
-            exists = Mirror.for_location(run_dir).exists(CONFIG_FILE)
-            return (open_run(run_dir) if exists else _fresh(Mirror.for_location(run_dir))), exists
+        mirror = Mirror.for_location(run_dir)
+        if mirror is not None:
+            return (open_run(run_dir), True) if mirror.exists(CONFIG_FILE) else (_fresh(mirror), False)
         local = Path(run_dir).resolve()
+        if local.exists() and not (local / CONFIG_FILE).is_file():
+            raise ConfigError(f"--run-dir '{run_dir}' exists but is not a tunecv run directory; pick another.")
         return RunLocation(local), local.exists()
     root = Mirror.for_location(cfg.output_dir)
     if root is None:
         found = find_unfinished_run(Path(cfg.output_dir).resolve(), cfg.name)
         return (RunLocation(found), True) if found else (RunLocation(new_run_dir(cfg)), False)
     for name in sorted((d for d in root.list_dirs() if d.startswith(f"{cfg.name}-")), reverse=True):
-        state = root.child(name).read_text(STATE_FILE)
-        if state is not None and json.loads(state).get("status") != "finished":
+        text = root.child(name).read_text(STATE_FILE)
+        state = json.loads(text) if text else {}
+        if text and state.get("status") != "finished" and not state_shows_live_driver(state):
             return open_run(root.child(name).uri), True
     return _fresh(root.child(run_dir_name(cfg))), False
 
@@ -95,6 +122,12 @@ def locate_run(cfg: RunConfig, run_dir: str | None) -> tuple[RunLocation, bool]:
 def _fresh(mirror: Mirror) -> RunLocation:
     shutil.rmtree(mirror.local, ignore_errors=True)
     return RunLocation(mirror.local, mirror)
+
+
+def take_over(run: RunLocation) -> RunLocation:
+    """The run as its driver works on it: for a URI, this node's working copy afresh."""
+    return open_run(run.uri, view=False) if run.mirror is not None else run
+
 
 _PROBE_TIMEOUT_S = 120.0
 

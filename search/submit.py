@@ -20,6 +20,7 @@ import yaml
 from search.config import ConfigError, load_config
 from search.report import REPORT_MARKDOWN
 from search.train_job import run_dir_name
+from search.winner import EXPORT_DIR
 from trainables.mirror import is_uri
 
 DEFAULT_RUNTIME_ENV = Path("cluster/runtime_env.yaml")
@@ -93,7 +94,7 @@ def submit(
     print_fn(f"follow:  ray job logs -f {job_id} --address {address}")
     print_fn(f"run directory: {run_dir}")
     print_fn(f"report:  {run_dir}/{REPORT_MARKDOWN} (also report.parquet; `tunecv report {run_dir}` any time)")
-    print_fn(f"model:   {run_dir}/export/model.onnx")
+    print_fn(f"model:   {run_dir}/{EXPORT_DIR}/model.onnx")
     if not wait:
         return 0
     while not (status := client.get_job_status(job_id)).is_terminal():

@@ -26,6 +26,7 @@ from search.records import (
     COMPLETED,
     FAILED,
     LAST_DIR,
+    METRICS_FILE,
     RECORD_FILE,
     RUNNING,
     SPACE_FILE,
@@ -38,7 +39,7 @@ from search.records import (
     write_record,
 )
 from search.searcher import TRIAL_ID_KEY, searched_params
-from trainables.checkpoint import has_training_state, read_meta
+from trainables.checkpoint import last_checkpoint_epoch
 from trainables.config import TrialConfig
 from trainables.mirror import Mirror
 from trainables.reporting import EpochResult, RunDirReporter
@@ -136,7 +137,7 @@ def _fetch_for_trial(mirror: Mirror, trial_id: str) -> None:
     mirror.pull(*missing)
     rel = f"{TRIALS_DIR}/{trial_id}"
     shutil.rmtree(mirror.local / rel, ignore_errors=True)
-    mirror.pull(rel)
+    mirror.pull(f"{rel}/{RECORD_FILE}", f"{rel}/{METRICS_FILE}", f"{rel}/{LAST_DIR}")
 
 
 def _record_saver(run_dir: Path, trial_id: str, mirror: Mirror | None):
@@ -150,11 +151,8 @@ def _record_saver(run_dir: Path, trial_id: str, mirror: Mirror | None):
 
 def _resumable_epoch(run_dir: Path, trial_id: str, max_epochs: int) -> int | None:
     """The epoch of the trial's ``last/`` checkpoint, when there is one to continue from."""
-    last = trial_dir(run_dir, trial_id) / LAST_DIR
-    if not has_training_state(last):
-        return None
-    epoch = int(read_meta(last)["epoch"])
-    return epoch if epoch < max_epochs else None
+    epoch = last_checkpoint_epoch(trial_dir(run_dir, trial_id) / LAST_DIR)
+    return epoch if epoch is not None and epoch < max_epochs else None
 
 
 def _start_record(run_dir: Path, fresh: TrialRecord, resume_epoch: int | None) -> TrialRecord:
@@ -237,8 +235,13 @@ def _run_with_torch_trainer(
         placement = {"storage_uri": mirror.uri, "record_rel": f"{TRIALS_DIR}/{trial_id}"}
     else:
         storage, placement = directory, {"record_dir": directory}
+    import ray.train
+
     create_torch_trainer(
-        cfg, run_dir / SPLIT_FILE, storage, resume_epoch=resume_epoch, callbacks=[TuneReportCallback()], **placement,
+        cfg, run_dir / SPLIT_FILE, storage, resume_epoch=resume_epoch, callbacks=[TuneReportCallback()],
+        # Ray Train's own copy of each epoch's checkpoint: the trial keeps best/ and
+        # last/ itself, so one is enough.
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1), **placement,
     ).fit()
 
 

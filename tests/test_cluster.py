@@ -43,8 +43,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """`ray start --head --block` on loopback with token auth; yields the client env."""
+def head(tmp_path_factory, s3_bucket):
+    """`ray start --head --block` on loopback with token auth; yields the client env.
+
+    Started after the S3 endpoint, so the head's processes inherit its AWS_* variables.
+    """
     work = tmp_path_factory.mktemp("head")
     token = work / "auth_token"
     token.write_text(os.urandom(16).hex())
@@ -103,12 +106,12 @@ def _kill_leftovers(temp_dir: str) -> None:
             pass  # exited meanwhile
 
 
-def _write_config(head, synthetic_root, name: str, **search) -> Path:
+def _write_config(head, synthetic_root, name: str, output_dir: str | None = None, **search) -> Path:
     work = head["work"] / name
     work.mkdir()
     (work / "space.yaml").write_text(yaml.safe_dump(SPACE))
     raw = small_run_config(
-        synthetic_root, work / "runs", name=name, optim={"epochs": 4, "warmup_epochs": 0.5},
+        synthetic_root, output_dir or work / "runs", name=name, optim={"epochs": 4, "warmup_epochs": 0.5},
         search={"space": str(work / "space.yaml"), "seed": 1, "export": False, **search},
     )
     path = work / "run.yaml"
@@ -133,8 +136,21 @@ def _wait_until(predicate, timeout: float, what: str, proc=None):
 
 
 def _run_dir(config: Path) -> Path | None:
-    found = sorted((config.parent / "runs").glob("*-*"))
-    return found[0] if found else None
+    """The run's directory; for an object-store run, a fresh local copy of its metadata."""
+    from trainables.mirror import Mirror
+
+    output_dir = yaml.safe_load(config.read_text())["output_dir"]
+    root = Mirror.for_location(output_dir)
+    if root is None:
+        found = sorted(Path(output_dir).glob("*-*"))
+        return found[0] if found else None
+    names = sorted(root.list_dirs())
+    if not names:
+        return None
+    copy = Mirror(root.child(names[0]).uri, config.parent / "snapshot")
+    shutil.rmtree(copy.local, ignore_errors=True)
+    copy.pull("", skip_suffixes=(".safetensors",))
+    return copy.local
 
 
 def test_submitted_job_writes_ranked_report_and_model_to_storage(head, synthetic_root):
@@ -192,10 +208,12 @@ def test_submit_refuses_without_a_token(head):
     assert "401" in done.stderr or "nauthorized" in done.stderr or "uthentication" in done.stderr
 
 
-def test_killed_driver_resumes_without_rerunning_or_duplicating(head, synthetic_root):
+@pytest.mark.parametrize("storage", ["shared_fs", "s3"])
+def test_killed_driver_resumes_without_rerunning_or_duplicating(head, synthetic_root, s3_bucket, storage):
+    name = f"resume-{storage.replace('_', '')}"
     config = _write_config(
-        head, synthetic_root, "resume", num_samples=5, max_concurrent_trials=2,
-        asha={"grace_period": 1, "reduction_factor": 2},
+        head, synthetic_root, name, output_dir=f"{s3_bucket}/{name}" if storage == "s3" else None,
+        num_samples=5, max_concurrent_trials=2, asha={"grace_period": 1, "reduction_factor": 2},
     )
     first = subprocess.Popen(_cli("run", "--config", str(config)), env=head["env"], cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -213,6 +231,8 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(head, synthetic_
     run_dir, mid = _wait_until(one_done_one_mid_training, 600, "a finished and a checkpointed running trial", first)
     first.send_signal(signal.SIGKILL)
     first.wait()
+    time.sleep(2)  # Ray stops the dead driver's trials; let their last writes land
+    run_dir = _run_dir(config)
     before = {r.trial_id: r for r in read_records(run_dir)}
     finished_before = {i: read_epochs(run_dir, i) for i, r in before.items() if r.status in TERMINAL}
     assert read_state(run_dir)["status"] == "running"  # the driver never got to say otherwise
@@ -220,8 +240,11 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(head, synthetic_
     second = subprocess.run(_cli("run", "--config", str(config)), env=head["env"], cwd=REPO,
                             capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert f"resuming run directory: {run_dir}" in second.stdout
+    (resumed,) = [l.split(": ", 1)[1] for l in second.stdout.splitlines() if l.startswith("resuming run directory: ")]
+    run_name = resumed.rstrip("/").rsplit("/", 1)[-1]
+    assert run_name.startswith(f"{name}-")
 
+    run_dir = _run_dir(config)
     records = read_records(run_dir)
     assert len(records) == 5 and len({r.trial_id for r in records}) == 5  # total as asked, no id twice
     assert all(r.status in (COMPLETED, STOPPED_EARLY) for r in records), [(r.trial_id, r.status, r.reason) for r in records]
@@ -244,7 +267,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(head, synthetic_
 
     from search.searcher import run_trial_id
 
-    study = optuna.load_study(study_name="resume", storage=JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal"))))
+    study = optuna.load_study(study_name=run_name, storage=JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal"))))
     State = optuna.trial.TrialState
     complete = [run_trial_id(t) for t in study.trials if t.state == State.COMPLETE]
     interrupted = [run_trial_id(t) for t in study.trials if t.state == State.FAIL]

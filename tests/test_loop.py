@@ -189,7 +189,11 @@ def test_resume_after_drops_epochs_written_after_the_checkpoint(tmp_path):
     (directory / "metrics.jsonl").write_text(
         "".join(json.dumps({"epoch": e, "macro_f1": 0.1 * e}) + "\n" for e in (1, 2, 3)) + '{"epo'
     )
+    for name, epoch in (("last", 2), ("best", 1)):  # killed after keeping last/, before best/
+        (directory / name).mkdir()
+        (directory / name / "meta.json").write_text(json.dumps({"epoch": epoch}))
     reporter = RunDirReporter(directory)
     reporter.resume_after(2)
     assert [json.loads(l)["epoch"] for l in (directory / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert reporter.best_macro_f1 == pytest.approx(0.2)
+    assert json.loads((directory / "best" / "meta.json").read_text())["epoch"] == 2  # restored from last/

@@ -97,7 +97,7 @@ def test_a_trial_that_raises_is_recorded_failed_and_the_searcher_is_told(search_
     failed = [r for r in read_records(run_dir) if r.status == FAILED]
     assert failed and all(r.overrides["optim"]["batch_size"] == 1000 for r in failed)
     assert all("ValueError: optim.batch_size 1000 is larger than" in r.reason for r in failed)
-    study = optuna.load_study(study_name="t", storage=JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal"))))
+    study = optuna.load_study(study_name=run_dir.name, storage=JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal"))))
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.FAIL) == len(failed)
     assert states.count(optuna.trial.TrialState.COMPLETE) == 6 - len(failed)

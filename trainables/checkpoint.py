@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 WEIGHTS_FILE = "model.safetensors"
@@ -117,6 +118,13 @@ def has_training_state(directory: Path) -> bool:
     return (Path(directory) / TRAIN_STATE_DIR / _STATE_JSON).is_file()
 
 
+def last_checkpoint_epoch(directory: Path) -> int | None:
+    """The epoch a resumable checkpoint was saved after, or None when there is none."""
+    if not has_training_state(directory):
+        return None
+    return int(json.loads((Path(directory) / TRAIN_STATE_DIR / _STATE_JSON).read_text())["epoch"])
+
+
 def load_training_state(directory: Path, optimizer, scheduler, scaler) -> int:
     """Restore optimizer, LR schedule and GradScaler from ``directory``; return the epoch."""
     from safetensors.torch import load_file
@@ -132,6 +140,12 @@ def load_training_state(directory: Path, optimizer, scheduler, scaler) -> int:
         entries.setdefault(int(index), {})[key] = value
     # load_state_dict moves each tensor to its parameter's device and dtype.
     optimizer.load_state_dict({"state": entries, "param_groups": state["optimizer_param_groups"]})
+    for param, slots in optimizer.state.items():
+        for key, value in slots.items():
+            if hasattr(value, "shape") and value.shape == param.shape:
+                # Same memory format as the parameter (channels_last on GPU), or fused
+                # and foreach AdamW fall back to their slow path.
+                slots[key] = torch.empty_like(param).copy_(value)
     scheduler.load_state_dict(state["scheduler"])
     if state["scaler"]:
         scaler.load_state_dict(state["scaler"])

@@ -78,11 +78,18 @@ class Mirror:
             if not source.exists():
                 continue
             if source.is_dir():
-                fs.delete_dir_contents(self._remote(rel), missing_dir_ok=True)  # no stale files
+                # A checkpoint directory is replaced whole: its old files go first, and
+                # its JSON files (meta.json, train_state/state.json) come last, so a
+                # reader that finds them finds the weights they describe. A crash in
+                # between leaves no checkpoint, never half of one.
+                fs.delete_dir_contents(self._remote(rel), missing_dir_ok=True)
+                files = sorted((p for p in source.rglob("*") if p.is_file()), key=lambda p: (p.suffix == ".json", str(p)))
             else:
-                fs.create_dir(self._remote(rel).rsplit("/", 1)[0], recursive=True)
-            pafs.copy_files(str(source), self._remote(rel), source_filesystem=pafs.LocalFileSystem(),
-                            destination_filesystem=fs)
+                files = [source]
+            for path in files:
+                target = self._remote(path.relative_to(self.local).as_posix())
+                fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+                pafs.copy_files(str(path), target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
     def pull(self, *rels: str, skip_suffixes: Iterable[str] = ()) -> None:
         """Download files or directories that exist remotely, replacing local copies.
@@ -114,7 +121,10 @@ class Mirror:
                 target = self.local / local_rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_name(f".{target.name}.{os.getpid()}.part")  # streamed, then renamed whole
-                pafs.copy_files(remote, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+                try:
+                    pafs.copy_files(remote, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+                except FileNotFoundError:
+                    continue  # replaced by its writer since the listing; the next pull has it
                 tmp.replace(target)
 
     def read_text(self, rel: str) -> str | None:

@@ -87,7 +87,7 @@ class RunDirReporter:
         that the resumed trial will write again; it must not appear twice.
         """
         path = self.directory / METRICS_FILE
-        kept = []
+        kept, best_epoch = [], None
         for line in path.read_text().splitlines() if path.is_file() else []:
             try:
                 record = json.loads(line)
@@ -95,8 +95,17 @@ class RunDirReporter:
                 break  # torn last line
             if record["epoch"] <= epoch:
                 kept.append(line)
-                self.best_macro_f1 = max(self.best_macro_f1, record["macro_f1"])
+                if record[RANKING_METRIC] > self.best_macro_f1:
+                    self.best_macro_f1, best_epoch = record[RANKING_METRIC], record["epoch"]
         path.write_text("".join(line + "\n" for line in kept))
+        changed = [METRICS_FILE]
+        best, last = self.directory / BEST_DIR, self.directory / LAST_DIR
+        if best_epoch == epoch and _checkpoint_epoch(last) == epoch and _checkpoint_epoch(best) != epoch:
+            # Killed after keeping last/ but before best/: last/ is that best epoch.
+            _replace_dir(last, best, ignore=TRAIN_STATE_DIR)
+            changed.append(BEST_DIR)
+        if self.mirror is not None:
+            self.mirror.push(*(f"{self.mirror_rel}/{name}" for name in changed))
 
     def report(self, result: EpochResult, checkpoint_dir: Path | None) -> None:
         with (self.directory / METRICS_FILE).open("a") as f:
@@ -106,12 +115,14 @@ class RunDirReporter:
             self.best = result
             self.best_macro_f1 = result.metrics.macro_f1
         changed = [METRICS_FILE]
-        if checkpoint_dir is not None and improved:
-            _replace_dir(checkpoint_dir, self.directory / BEST_DIR, ignore=TRAIN_STATE_DIR)
-            changed.append(BEST_DIR)
+        # last/ first: after a crash between the two, best/ is never newer than last/,
+        # and resume_after can restore a missing best/ from last/.
         if checkpoint_dir is not None and self.keep_last:
             _replace_dir(checkpoint_dir, self.directory / LAST_DIR)
             changed.append(LAST_DIR)
+        if checkpoint_dir is not None and improved:
+            _replace_dir(checkpoint_dir, self.directory / BEST_DIR, ignore=TRAIN_STATE_DIR)
+            changed.append(BEST_DIR)
         if self.mirror is not None:
             self.mirror.push(*(f"{self.mirror_rel}/{name}" for name in changed))
 
@@ -158,6 +169,11 @@ class RayTrainReporter:
             self.local.report(result, checkpoint_dir)
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(result.flat(), checkpoint=checkpoint)
+
+
+def _checkpoint_epoch(directory: Path) -> int | None:
+    meta = directory / "meta.json"
+    return json.loads(meta.read_text()).get("epoch") if meta.is_file() else None
 
 
 def _replace_dir(src: Path, dst: Path, ignore: str | None = None) -> None:

@@ -15,7 +15,7 @@ from trainables.config import TrialConfig
 from trainables.datasets import SPLIT_FILE, SPLIT_META_FILE, read_split
 from trainables.loop import run_trial
 from trainables.mirror import Mirror
-from trainables.reporting import LAST_DIR, RayTrainReporter, RunDirReporter
+from trainables.reporting import LAST_DIR, METRICS_FILE, RayTrainReporter, RunDirReporter
 from trainables.runtime import ray_train_runtime
 
 
@@ -39,8 +39,8 @@ def train_loop_per_worker(config: dict) -> None:
         split_path = mirror.local / SPLIT_FILE
         mirror.pull(*[n for n in (SPLIT_FILE, SPLIT_META_FILE) if not (mirror.local / n).is_file()])
         record_dir = mirror.local / config["record_rel"]
-        if resume_epoch is not None:
-            mirror.pull(config["record_rel"])
+        if resume_epoch is not None:  # every rank loads last/; rank 0 also trims metrics.jsonl
+            mirror.pull(f"{config['record_rel']}/{LAST_DIR}", f"{config['record_rel']}/{METRICS_FILE}")
     split = read_split(split_path)
     runtime = ray_train_runtime()
     local = None
