@@ -123,8 +123,10 @@ class Mirror:
                 tmp = target.with_name(f".{target.name}.{os.getpid()}.part")  # streamed, then renamed whole
                 try:
                     pafs.copy_files(remote, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-                except FileNotFoundError:
-                    continue  # replaced by its writer since the listing; the next pull has it
+                except OSError:  # S3 says RESOURCE_NOT_FOUND, local filesystems FileNotFoundError
+                    if fs.get_file_info(remote).type == pafs.FileType.NotFound:
+                        continue  # replaced by its writer since the listing; the next pull has it
+                    raise
                 tmp.replace(target)
 
     def read_text(self, rel: str) -> str | None:
