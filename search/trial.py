@@ -34,6 +34,7 @@ from search.records import (
     SPLIT_META_FILE,
     TRIALS_DIR,
     TrialRecord,
+    read_epochs,
     read_record,
     trial_dir,
     write_record,
@@ -115,6 +116,9 @@ def run_search_trial(params: dict[str, Any], context: TrialContext) -> None:
     record = _start_record(run_dir, TrialRecord(trial_id, searched, overrides, max_epochs=max_epochs), resume_epoch)
     save = _record_saver(run_dir, trial_id, mirror)
     save(record)
+    if _finished_before(run_dir, trial_id, max_epochs):
+        save(replace(record, status=COMPLETED, end_time=time.time()))
+        return
     try:
         cfg = trial_config(context, overrides)
         if cfg.scaling.num_workers == 0:
@@ -153,6 +157,20 @@ def _resumable_epoch(run_dir: Path, trial_id: str, max_epochs: int) -> int | Non
     """The epoch of the trial's ``last/`` checkpoint, when there is one to continue from."""
     epoch = last_checkpoint_epoch(trial_dir(run_dir, trial_id) / LAST_DIR)
     return epoch if epoch is not None and epoch < max_epochs else None
+
+
+def _finished_before(run_dir: Path, trial_id: str, max_epochs: int) -> bool:
+    """A retry of a trial whose last epoch was already kept (it died while finishing):
+    report that epoch to Tune again instead of training it all over."""
+    from ray import tune
+
+    if (last_checkpoint_epoch(trial_dir(run_dir, trial_id) / LAST_DIR) or 0) < max_epochs:
+        return False
+    epochs = read_epochs(run_dir, trial_id)
+    if not epochs:
+        return False
+    tune.report({k: v for k, v in epochs[-1].items() if not isinstance(v, (dict, list))})
+    return True
 
 
 def _start_record(run_dir: Path, fresh: TrialRecord, resume_epoch: int | None) -> TrialRecord:

@@ -19,6 +19,8 @@ from functools import cached_property
 from pathlib import Path
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_STAGED = ".staged"  # <dir>.staged: a directory's replacement while it uploads
+_COMPLETE = ".complete"  # written last into <dir>.staged: the replacement is whole
 
 
 def is_uri(location: str | Path) -> bool:
@@ -69,27 +71,41 @@ class Mirror:
         return self._fs[0].get_file_info(self._remote(rel)).type != pafs.FileType.NotFound
 
     def push(self, *rels: str) -> None:
-        """Upload files or whole directories (relative to the run) that exist locally."""
+        """Upload files or whole directories (relative to the run) that exist locally.
+
+        A directory (a checkpoint) is replaced so that a complete copy always exists:
+        it is uploaded to ``<rel>.staged`` and marked complete there, then copied over
+        ``<rel>`` inside the store, then the staged copy goes. A crash at any point
+        leaves the old or the new checkpoint whole, and ``pull`` picks the newer one.
+        """
         import pyarrow.fs as pafs
 
         fs, _ = self._fs
+        local_fs = pafs.LocalFileSystem()
         for rel in rels:
             source = self.local / rel
             if not source.exists():
                 continue
-            if source.is_dir():
-                # A checkpoint directory is replaced whole: its old files go first, and
-                # its JSON files (meta.json, train_state/state.json) come last, so a
-                # reader that finds them finds the weights they describe. A crash in
-                # between leaves no checkpoint, never half of one.
-                fs.delete_dir_contents(self._remote(rel), missing_dir_ok=True)
-                files = sorted((p for p in source.rglob("*") if p.is_file()), key=lambda p: (p.suffix == ".json", str(p)))
-            else:
-                files = [source]
-            for path in files:
-                target = self._remote(path.relative_to(self.local).as_posix())
+            if source.is_file():
+                target = self._remote(rel)
                 fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-                pafs.copy_files(str(path), target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+                pafs.copy_files(str(source), target, source_filesystem=local_fs, destination_filesystem=fs)
+                continue
+            staged = self._remote(rel + _STAGED)
+            fs.delete_dir_contents(staged, missing_dir_ok=True)
+            names = sorted(p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file())
+            for name in names:
+                fs.create_dir(f"{staged}/{name}".rsplit("/", 1)[0], recursive=True)
+                pafs.copy_files(str(source / name), f"{staged}/{name}", source_filesystem=local_fs,
+                                destination_filesystem=fs)
+            with fs.open_output_stream(f"{staged}/{_COMPLETE}") as f:
+                f.write(b"")
+            final = self._remote(rel)
+            fs.delete_dir_contents(final, missing_dir_ok=True)
+            for name in names:
+                fs.create_dir(f"{final}/{name}".rsplit("/", 1)[0], recursive=True)
+                fs.copy_file(f"{staged}/{name}", f"{final}/{name}")
+            fs.delete_dir(staged)
 
     def pull(self, *rels: str, skip_suffixes: Iterable[str] = ()) -> None:
         """Download files or directories that exist remotely, replacing local copies.
@@ -109,6 +125,9 @@ class Mirror:
             if info.type == pafs.FileType.File:
                 files = [(info.path, rel)]
             else:
+                if rel and self.exists(f"{rel}{_STAGED}/{_COMPLETE}"):
+                    # A replacement was under way: the staged copy is the complete, newer one.
+                    info = fs.get_file_info(self._remote(rel + _STAGED))
                 prefix = info.path.rstrip("/") + "/"
                 files = [
                     (f.path, f"{rel}/{f.path[len(prefix):]}" if rel else f.path[len(prefix):])
@@ -116,7 +135,7 @@ class Mirror:
                     if f.type == pafs.FileType.File
                 ]
             for remote, local_rel in files:
-                if local_rel.endswith(skip):
+                if local_rel.endswith(skip) or local_rel.endswith(_COMPLETE) or f"{_STAGED}/" in local_rel:
                     continue
                 target = self.local / local_rel
                 target.parent.mkdir(parents=True, exist_ok=True)
