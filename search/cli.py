@@ -26,13 +26,11 @@ def _run(args: argparse.Namespace) -> int:
     from search.config import ConfigError, load_config
     from search.driver import run_search
     from search.resume import stored_config
-    from search.storage import open_run
 
     if args.resume:
         if args.config or args.set or args.space or args.run_dir:
             raise ConfigError("--resume RUN_DIR takes the run's own config; drop --config/--set/--space/--run-dir.")
-        view = open_run(args.resume)  # raises if it is not a run directory
-        run_search(stored_config(view.local), run_dir=args.resume)
+        run_search(stored_config(args.resume), run_dir=args.resume)
         return 0
     if not args.config:
         raise ConfigError("tunecv run needs --config FILE (or --resume RUN_DIR).")
@@ -52,19 +50,18 @@ def _submit(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from search.report import write_run_report
+    from search.storage import open_run
 
-    write_run_report(_existing_run(args.run_dir))
+    write_run_report(open_run(args.run_dir))
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from search.winner import EXPORT_DIR, export_run
+    from search.storage import open_run
+    from search.winner import EXPORT_DIR, export_run_at
 
-    run = _existing_run(args.run_dir)
-    result = export_run(
-        run.local, args.trial, fetch=lambda checkpoint: run.pull(str(checkpoint.relative_to(run.local)))
-    )
-    run.push(EXPORT_DIR)
+    run = open_run(args.run_dir)
+    result = export_run_at(run, args.trial)
     where = f"{run.uri}/{EXPORT_DIR}" if run.uri else result.onnx_path
     print(f"exported {where} (ONNX macro-F1 {result.onnx_macro_f1:.4f})")
     return 0
@@ -81,13 +78,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(f"{RANKING_METRIC} {m[RANKING_METRIC]:.4f}  accuracy {m['accuracy']:.4f}  "
           f"balanced accuracy {m['balanced_accuracy']:.4f}  ({m['world_size']} worker(s))")
     return 0
-
-
-def _existing_run(location: str):
-    """A run directory, local or in an object store (its records fetched)."""
-    from search.storage import open_run
-
-    return open_run(location)
 
 
 def _data_digits(args: argparse.Namespace) -> int:

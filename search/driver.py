@@ -54,7 +54,7 @@ from search.searcher import (
 from search.storage import RunLocation, locate_run, take_over
 from search.trial import TrialContext, run_search_trial, trial_config
 from search.train_job import create_run_dir, prepare_data
-from search.winner import EXPORT_DIR, export_run
+from search.winner import export_run_at
 from trainables.metrics import RANKING_METRIC
 
 
@@ -153,8 +153,7 @@ def _connect(run: RunLocation) -> None:
 
 
 def _export(run: RunLocation, print_fn) -> None:
-    result = export_run(run.local, fetch=lambda checkpoint: run.pull(str(checkpoint.relative_to(run.local))))
-    run.push(EXPORT_DIR)
+    result = export_run_at(run)
     print_fn(
         f"exported {result.onnx_path}: ONNX macro-F1 {result.onnx_macro_f1:.4f} "
         f"(reported {result.reported_macro_f1:.4f}), argmax agreement {result.argmax_agreement:.4f}, "

@@ -34,7 +34,7 @@ from trainables.images import DEFAULT_MAX_PIXELS
 from trainables.loaders import create_val_loader
 from trainables.metrics import RANKING_METRIC, TOP_K, EvalMetrics, compute_metrics
 from trainables.runtime import local_runtime
-from trainables.transforms import create_eval_transform
+from trainables.transforms import eval_transform_from_spec
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -240,9 +240,7 @@ def _check_meta(meta: dict[str, Any], split: DataSplit, checkpoint_dir: Path) ->
 def _create_loader(split: DataSplit, meta: dict[str, Any], batch_size: int):
     spec = meta["preprocessing"]
     try:
-        transform = create_eval_transform(
-            spec["image_size"], spec["resize_mode"], spec["mean"], spec["std"], spec["crop_pct"]
-        )
+        transform = eval_transform_from_spec(spec)
     except KeyError as err:
         raise ExportError(
             f"the checkpoint's preprocessing has no {err} key; expected the fields of "

@@ -137,3 +137,14 @@ def state_shows_live_driver(state: dict[str, Any]) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def newest_unfinished(states: dict[str, dict]) -> str | None:
+    """Of ``{run directory name: its search_state}``, the newest run whose search never
+    finished and whose driver is gone (a run with a live driver is left to it). Names
+    end in their start time, so they sort by it."""
+    for name in sorted(states, reverse=True):
+        state = states[name]
+        if state.get("status") not in (None, "finished") and not state_shows_live_driver(state):
+            return name
+    return None

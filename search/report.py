@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from search.ranking import TrialSummary, rank_trials
-from search.records import TRIALS_DIR
+from search.records import CONFIG_FILE, TRIALS_DIR
 from search.trial import deep_merge
 from trainables.metrics import RANKING_METRIC
 
@@ -27,7 +27,7 @@ TOP_DETAILED = 3
 
 
 def _base_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG_FILE
     return yaml.safe_load(path.read_text()) if path.is_file() else {}
 
 

@@ -39,8 +39,10 @@ from search.records import (
     write_record,
 )
 from search.searcher import TRIAL_ID_KEY, run_trial_id
+from search.storage import not_a_run
 from trainables.checkpoint import last_checkpoint_epoch
 from trainables.metrics import RANKING_METRIC
+from trainables.mirror import Mirror
 
 
 
@@ -56,12 +58,14 @@ class ResumePlan:
     time_budget_s: float | None  # what is left of search.time_budget_s (<= 0: spent)
 
 
-def stored_config(run_dir: Path) -> RunConfig:
-    """The config a run was started with (its ``config.yaml``)."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(f"'{run_dir}' is not a tunecv run directory (no {CONFIG_FILE} in it).")
-    return parse_config(yaml.safe_load(path.read_text()), source=f"'{path}'")
+def stored_config(location: str | Path) -> RunConfig:
+    """The config a run was started with (its ``config.yaml``), from a path or a URI."""
+    mirror = Mirror.for_location(str(location))
+    path = Path(location) / CONFIG_FILE
+    text = mirror.read_text(CONFIG_FILE) if mirror else (path.read_text() if path.is_file() else None)
+    if text is None:
+        raise not_a_run(location)
+    return parse_config(yaml.safe_load(text), source=f"'{location}/{CONFIG_FILE}'")
 
 
 def check_same_config(run_dir: Path, cfg: RunConfig, display: str | None = None) -> None:
@@ -104,22 +108,6 @@ def check_driver_gone(run_dir: Path, display: str | None = None) -> None:
         )
 
 
-def find_unfinished_run(output_dir: Path, name: str) -> Path | None:
-    """The newest ``output_dir/name-*`` run whose search never finished and whose driver
-    is gone, if any (a run with a live driver is left to it: a new run starts)."""
-    if not output_dir.is_dir():
-        return None
-    candidates = sorted(
-        (p for p in output_dir.glob(f"{name}-*") if (p / CONFIG_FILE).is_file()),
-        key=lambda p: p.stat().st_mtime,
-        reverse=True,
-    )
-    for run_dir in candidates:
-        if read_state(run_dir).get("status") not in (None, "finished") and not driver_is_alive(run_dir):
-            return run_dir
-    return None
-
-
 def plan_resume(run_dir: Path, cfg: RunConfig, study) -> ResumePlan:
     """Reconcile ``study`` with the run's records and say what is left to run.
 
@@ -141,11 +129,11 @@ def plan_resume(run_dir: Path, cfg: RunConfig, study) -> ResumePlan:
     State = optuna.trial.TrialState
     max_epochs = cfg.optim.epochs
     records = {r.trial_id: r for r in read_records(run_dir)}
-    study_trials = len(study.get_trials(deepcopy=False))
+    trials = study.get_trials(deepcopy=False)  # read once: enqueues below only add WAITING ones
+    latest = {run_trial_id(t): t.number for t in trials}  # numbers ascend: the last one wins
     # Continuations an earlier resume enqueued that no driver has asked for yet.
-    continuing = [run_trial_id(t) for t in study.get_trials(deepcopy=False, states=(State.WAITING,))
-                  if TRIAL_ID_KEY in t.user_attrs]
-    for ot_trial in study.get_trials(deepcopy=False):
+    continuing = [run_trial_id(t) for t in trials if t.state == State.WAITING and TRIAL_ID_KEY in t.user_attrs]
+    for ot_trial in trials:
         trial_id = run_trial_id(ot_trial)
         record = records.get(trial_id)
         epochs = read_epochs(run_dir, trial_id)
@@ -163,9 +151,7 @@ def plan_resume(run_dir: Path, cfg: RunConfig, study) -> ResumePlan:
         elif record is not None and record.status not in TERMINAL and trial_id not in continuing:
             if ot_trial.state == State.COMPLETE:
                 records[trial_id] = _finish(run_dir, record, epochs, max_epochs)
-            elif ot_trial.state == State.FAIL and not any(
-                run_trial_id(t) == trial_id and t.number > ot_trial.number for t in study.get_trials(deepcopy=False)
-            ):
+            elif ot_trial.state == State.FAIL and latest[trial_id] == ot_trial.number:
                 # Told FAIL and never enqueued again: Tune gave up on it just before
                 # the driver died, before on_trial_error settled the record.
                 records[trial_id] = replace(record, status=FAILED, reason=record.reason or "failed (driver died)")
@@ -186,7 +172,7 @@ def plan_resume(run_dir: Path, cfg: RunConfig, study) -> ResumePlan:
         continuing=tuple(continuing),
         num_samples=max(0, left),
         history=history,
-        study_trials=study_trials,
+        study_trials=len(trials),
         time_budget_s=budget,
     )
 

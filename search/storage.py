@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from search.config import ConfigError, RunConfig
-from search.records import CONFIG_FILE, STATE_FILE, state_shows_live_driver
+from search.records import CONFIG_FILE, STATE_FILE, newest_unfinished, read_state
 from search.train_job import new_run_dir, run_dir_name
 from trainables.mirror import Mirror
 
@@ -60,14 +60,15 @@ class RunLocation:
             self.mirror.pull(*rels, skip_suffixes=(".safetensors",) if metadata_only else ())
 
 
-def open_run(location: str, view: bool = True) -> RunLocation:
+def not_a_run(location: str | Path) -> ConfigError:
+    return ConfigError(f"'{location}' is not a tunecv run directory (no {CONFIG_FILE} in it).")
+
+
+def open_run(location: str) -> RunLocation:
     """An existing run, with its metadata at hand (weights stay remote until needed).
 
-    Args:
-        location: A run directory or its object-store URI.
-        view: For a URI, read into a private temporary copy (``tunecv report`` while
-            the search runs must not touch the driver's working copy). ``False`` makes
-            this node's working copy afresh: for the driver that resumes the run.
+    A URI is read into a private temporary copy: ``tunecv report`` while the search
+    runs must not touch the driver's working copy (``take_over`` makes that one).
 
     Raises:
         ConfigError: ``location`` is not a run directory.
@@ -76,15 +77,12 @@ def open_run(location: str, view: bool = True) -> RunLocation:
     if mirror is None:
         local = Path(location).resolve()
         if not (local / CONFIG_FILE).is_file():
-            raise ConfigError(f"'{location}' is not a tunecv run directory (no {CONFIG_FILE} in it).")
+            raise not_a_run(location)
         return RunLocation(local)
     if not mirror.exists(CONFIG_FILE):
-        raise ConfigError(f"'{location}' is not a tunecv run directory (no {CONFIG_FILE} in it).")
-    if view:
-        mirror = Mirror(mirror.uri, Path(tempfile.mkdtemp(prefix="tunecv-view-")))
-    else:
-        shutil.rmtree(mirror.local, ignore_errors=True)  # a stale copy must not mix in
-    run = RunLocation(mirror.local, mirror)
+        raise not_a_run(location)
+    view = Path(tempfile.mkdtemp(prefix="tunecv-view-"))
+    run = RunLocation(view, Mirror(mirror.uri, view))
     run.pull("", metadata_only=True)
     return run
 
@@ -97,8 +95,6 @@ def locate_run(cfg: RunConfig, run_dir: str | None) -> tuple[RunLocation, bool]:
     directory is chosen. A run to resume comes as a view (``open_run``): its config
     and driver are checked before this process takes it over.
     """
-    from search.resume import find_unfinished_run
-
     if run_dir is not None:
         mirror = Mirror.for_location(run_dir)
         if mirror is not None:
@@ -108,15 +104,21 @@ def locate_run(cfg: RunConfig, run_dir: str | None) -> tuple[RunLocation, bool]:
             raise ConfigError(f"--run-dir '{run_dir}' exists but is not a tunecv run directory; pick another.")
         return RunLocation(local), local.exists()
     root = Mirror.for_location(cfg.output_dir)
+    prefix = f"{cfg.name}-"
     if root is None:
-        found = find_unfinished_run(Path(cfg.output_dir).resolve(), cfg.name)
-        return (RunLocation(found), True) if found else (RunLocation(new_run_dir(cfg)), False)
-    for name in sorted((d for d in root.list_dirs() if d.startswith(f"{cfg.name}-")), reverse=True):
-        text = root.child(name).read_text(STATE_FILE)
-        state = json.loads(text) if text else {}
-        if text and state.get("status") != "finished" and not state_shows_live_driver(state):
-            return open_run(root.child(name).uri), True
-    return _fresh(root.child(run_dir_name(cfg))), False
+        output_dir = Path(cfg.output_dir).resolve()
+        states = {
+            p.name: read_state(p) for p in output_dir.glob(f"{prefix}*") if (p / CONFIG_FILE).is_file()
+        } if output_dir.is_dir() else {}
+        found = newest_unfinished(states)
+        return (RunLocation(output_dir / found), True) if found else (RunLocation(new_run_dir(cfg)), False)
+    states = {}
+    for name in root.list_dirs():
+        text = root.child(name).read_text(STATE_FILE) if name.startswith(prefix) else None
+        if text:
+            states[name] = json.loads(text)
+    found = newest_unfinished(states)
+    return (open_run(root.child(found).uri), True) if found else (_fresh(root.child(run_dir_name(cfg))), False)
 
 
 def _fresh(mirror: Mirror) -> RunLocation:
@@ -125,8 +127,15 @@ def _fresh(mirror: Mirror) -> RunLocation:
 
 
 def take_over(run: RunLocation) -> RunLocation:
-    """The run as its driver works on it: for a URI, this node's working copy afresh."""
-    return open_run(run.uri, view=False) if run.mirror is not None else run
+    """The run as its driver works on it: for a URI, the view becomes this node's
+    working copy (moved, not fetched again)."""
+    if run.mirror is None:
+        return run
+    working = Mirror.for_location(run.uri)
+    shutil.rmtree(working.local, ignore_errors=True)  # a stale copy must not mix in
+    working.local.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(run.local), str(working.local))
+    return RunLocation(working.local, working)
 
 
 _PROBE_TIMEOUT_S = 120.0

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from search.config import RunConfig, dump_config
-from search.records import SPLIT_FILE
+from search.records import CONFIG_FILE, SPLIT_FILE
 from trainables.datasets import DataSplit, prepare_split, write_split
 from trainables.metrics import RANKING_METRIC
 
@@ -27,11 +27,11 @@ def run_dir_name(cfg: RunConfig) -> str:
 
 def new_run_dir(cfg: RunConfig) -> Path:
     """``output_dir/name-YYYYmmdd-HHMMSS`` on a local path, not yet taken."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = (Path(cfg.output_dir) / f"{cfg.name}-{stamp}").resolve()
+    name = run_dir_name(cfg)
+    run_dir = (Path(cfg.output_dir) / name).resolve()
     suffix = 1
     while run_dir.exists():  # two runs in the same second must not share a directory
-        run_dir = run_dir.with_name(f"{cfg.name}-{stamp}-{suffix}")
+        run_dir = run_dir.with_name(f"{name}-{suffix}")
         suffix += 1
     return run_dir
 
@@ -40,7 +40,7 @@ def create_run_dir(cfg: RunConfig, run_dir: Path | None = None) -> Path:
     """Create ``run_dir`` (default: a new ``output_dir/name-<time>``) holding the resolved config."""
     run_dir = (run_dir or new_run_dir(cfg)).resolve()
     run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    (run_dir / CONFIG_FILE).write_text(dump_config(cfg))
     return run_dir
 
 

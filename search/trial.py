@@ -78,10 +78,14 @@ class TuneReporter(RunDirReporter):
         from ray import tune
 
         super().report(result, checkpoint_dir)
-        scalars = {k: v for k, v in result.flat().items() if not isinstance(v, (dict, list))}
         # No Tune checkpoint: the trial's last/ (kept above) is what a retry resumes
         # from, one copy per epoch instead of two.
-        tune.report(scalars)
+        tune.report(_scalars(result.flat()))
+
+
+def _scalars(epoch: dict[str, Any]) -> dict[str, Any]:
+    """An epoch's result without per-class tables: what Tune and ASHA take."""
+    return {k: v for k, v in epoch.items() if not isinstance(v, (dict, list))}
 
 
 def run_search_trial(params: dict[str, Any], context: TrialContext) -> None:
@@ -112,11 +116,12 @@ def run_search_trial(params: dict[str, Any], context: TrialContext) -> None:
     space = load_space(run_dir / SPACE_FILE, check_depths=False)
     overrides = space.to_overrides(searched)
     max_epochs = context.base_config["optim"]["epochs"]
-    resume_epoch = _resumable_epoch(run_dir, trial_id, max_epochs)
+    kept = last_checkpoint_epoch(trial_dir(run_dir, trial_id) / LAST_DIR)  # an earlier attempt's
+    resume_epoch = kept if kept is not None and kept < max_epochs else None
     record = _start_record(run_dir, TrialRecord(trial_id, searched, overrides, max_epochs=max_epochs), resume_epoch)
     save = _record_saver(run_dir, trial_id, mirror)
     save(record)
-    if _finished_before(run_dir, trial_id, max_epochs):
+    if kept is not None and kept >= max_epochs and _report_kept_last_epoch(run_dir, trial_id):
         save(replace(record, status=COMPLETED, end_time=time.time()))
         return
     try:
@@ -153,24 +158,15 @@ def _record_saver(run_dir: Path, trial_id: str, mirror: Mirror | None):
     return save
 
 
-def _resumable_epoch(run_dir: Path, trial_id: str, max_epochs: int) -> int | None:
-    """The epoch of the trial's ``last/`` checkpoint, when there is one to continue from."""
-    epoch = last_checkpoint_epoch(trial_dir(run_dir, trial_id) / LAST_DIR)
-    return epoch if epoch is not None and epoch < max_epochs else None
-
-
-def _finished_before(run_dir: Path, trial_id: str, max_epochs: int) -> bool:
+def _report_kept_last_epoch(run_dir: Path, trial_id: str) -> bool:
     """A retry of a trial whose last epoch was already kept (it died while finishing):
     report that epoch to Tune again instead of training it all over."""
     from ray import tune
 
-    if (last_checkpoint_epoch(trial_dir(run_dir, trial_id) / LAST_DIR) or 0) < max_epochs:
-        return False
     epochs = read_epochs(run_dir, trial_id)
-    if not epochs:
-        return False
-    tune.report({k: v for k, v in epochs[-1].items() if not isinstance(v, (dict, list))})
-    return True
+    if epochs:
+        tune.report(_scalars(epochs[-1]))
+    return bool(epochs)
 
 
 def _start_record(run_dir: Path, fresh: TrialRecord, resume_epoch: int | None) -> TrialRecord:
@@ -243,6 +239,7 @@ def create_torch_trainer(cfg: TrialConfig, split_path: Path, storage_path: Path,
 def _run_with_torch_trainer(
     cfg: TrialConfig, run_dir: Path, trial_id: str, resume_epoch: int | None, mirror: Mirror | None
 ) -> None:
+    import ray.train
     from ray.tune.integration.ray_train import TuneReportCallback
 
     directory = trial_dir(run_dir, trial_id)
@@ -253,8 +250,6 @@ def _run_with_torch_trainer(
         placement = {"storage_uri": mirror.uri, "record_rel": f"{TRIALS_DIR}/{trial_id}"}
     else:
         storage, placement = directory, {"record_dir": directory}
-    import ray.train
-
     create_torch_trainer(
         cfg, run_dir / SPLIT_FILE, storage, resume_epoch=resume_epoch, callbacks=[TuneReportCallback()],
         # Ray Train's own copy of each epoch's checkpoint: the trial keeps best/ and

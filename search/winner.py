@@ -53,3 +53,13 @@ def export_run(run_dir: Path, trial_id: str | None = None, out_dir: Path | None 
     return export_checkpoint(
         best_checkpoint_dir(run_dir, chosen.trial_id), split, out_dir or run_dir / EXPORT_DIR
     )
+
+
+def export_run_at(run, trial_id: str | None = None):
+    """``export_run`` for a ``search.storage.RunLocation``: an object-store run fetches
+    the chosen weights first and uploads ``export/`` after."""
+    result = export_run(
+        run.local, trial_id, fetch=lambda checkpoint: run.pull(str(checkpoint.relative_to(run.local)))
+    )
+    run.push(EXPORT_DIR)
+    return result

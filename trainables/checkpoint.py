@@ -72,14 +72,13 @@ def load_model(directory: Path) -> tuple[nn.Module, dict[str, Any]]:
         (model, meta).
     """
     import timm
-    from safetensors.torch import load_model as load_weights
 
     directory = Path(directory)
     meta = read_meta(directory)
     model = timm.create_model(
         meta["backbone"], pretrained=False, num_classes=len(meta["class_names"])
     )
-    load_weights(model, str(directory / WEIGHTS_FILE), strict=True, device="cpu")
+    load_weights_into(model, directory)
     model.eval()
     return model, meta
 
@@ -114,15 +113,10 @@ def save_training_state(directory: Path, optimizer, scheduler, scaler, epoch: in
     return target
 
 
-def has_training_state(directory: Path) -> bool:
-    return (Path(directory) / TRAIN_STATE_DIR / _STATE_JSON).is_file()
-
-
 def last_checkpoint_epoch(directory: Path) -> int | None:
     """The epoch a resumable checkpoint was saved after, or None when there is none."""
-    if not has_training_state(directory):
-        return None
-    return int(json.loads((Path(directory) / TRAIN_STATE_DIR / _STATE_JSON).read_text())["epoch"])
+    path = Path(directory) / TRAIN_STATE_DIR / _STATE_JSON
+    return int(json.loads(path.read_text())["epoch"]) if path.is_file() else None
 
 
 def load_training_state(directory: Path, optimizer, scheduler, scaler) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from trainables.checkpoint import TRAIN_STATE_DIR
+from trainables.checkpoint import META_FILE, TRAIN_STATE_DIR
 from trainables.metrics import RANKING_METRIC, EvalMetrics, format_report
 from trainables.mirror import Mirror
 
@@ -104,8 +104,11 @@ class RunDirReporter:
             # Killed after keeping last/ but before best/: last/ is that best epoch.
             _replace_dir(last, best, ignore=TRAIN_STATE_DIR)
             changed.append(BEST_DIR)
+        self._upload(changed)
+
+    def _upload(self, names: list[str]) -> None:
         if self.mirror is not None:
-            self.mirror.push(*(f"{self.mirror_rel}/{name}" for name in changed))
+            self.mirror.push(*(f"{self.mirror_rel}/{name}" for name in names))
 
     def report(self, result: EpochResult, checkpoint_dir: Path | None) -> None:
         with (self.directory / METRICS_FILE).open("a") as f:
@@ -123,8 +126,7 @@ class RunDirReporter:
         if checkpoint_dir is not None and improved:
             _replace_dir(checkpoint_dir, self.directory / BEST_DIR, ignore=TRAIN_STATE_DIR)
             changed.append(BEST_DIR)
-        if self.mirror is not None:
-            self.mirror.push(*(f"{self.mirror_rel}/{name}" for name in changed))
+        self._upload(changed)
 
 
 class ConsoleReporter(RunDirReporter):
@@ -172,7 +174,7 @@ class RayTrainReporter:
 
 
 def _checkpoint_epoch(directory: Path) -> int | None:
-    meta = directory / "meta.json"
+    meta = directory / META_FILE
     return json.loads(meta.read_text()).get("epoch") if meta.is_file() else None
 
 

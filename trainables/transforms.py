@@ -89,6 +89,13 @@ def create_eval_transform(
     return A.Compose([*resize, A.Normalize(mean=tuple(mean), std=tuple(std)), ToTensorV2()])
 
 
+def eval_transform_from_spec(spec: dict) -> A.Compose:
+    """``create_eval_transform`` rebuilt from a checkpoint's ``preprocessing_spec``."""
+    return create_eval_transform(
+        spec["image_size"], spec["resize_mode"], spec["mean"], spec["std"], spec["crop_pct"]
+    )
+
+
 def preprocessing_spec(
     image_size: int, resize_mode: str, mean: Sequence[float], std: Sequence[float], crop_pct: float
 ) -> dict:

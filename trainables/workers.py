@@ -65,18 +65,14 @@ def evaluate_loop_per_worker(config: dict) -> None:
     from trainables.checkpoint import load_model
     from trainables.loaders import create_val_loader
     from trainables.loop import evaluate
-    from trainables.transforms import create_eval_transform
+    from trainables.transforms import eval_transform_from_spec
 
     runtime = ray_train_runtime()
     model, meta = load_model(Path(config["checkpoint"]))
     model.to(runtime.device)  # evaluation needs no DDP wrapper: nothing is trained
     split = read_split(Path(config["split_path"]))
-    pre = meta["preprocessing"]
-    transform = create_eval_transform(
-        pre["image_size"], pre["resize_mode"], pre["mean"], pre["std"], pre["crop_pct"]
-    )
     loader, _ = create_val_loader(
-        split, transform, batch_size=config["batch_size"], num_workers=0, runtime=runtime,
+        split, eval_transform_from_spec(meta["preprocessing"]), batch_size=config["batch_size"], num_workers=0, runtime=runtime,
         max_pixels=meta["config"]["data"]["max_image_pixels"],
     )
     metrics = evaluate(model, loader, runtime, list(split.class_names))
