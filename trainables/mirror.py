@@ -110,6 +110,11 @@ class Mirror:
     def pull(self, *rels: str, skip_suffixes: Iterable[str] = ()) -> None:
         """Download files or directories that exist remotely, replacing local copies.
 
+        Every directory inside what is pulled (the whole run, a trial, a checkpoint)
+        is read as ``push`` left it whole: from its complete ``.staged`` replacement
+        when one exists. Two processes pulling the same remote state therefore see
+        the same checkpoints, whatever level each pulls from.
+
         Args:
             skip_suffixes: File endings to leave remote, e.g. ``.safetensors`` when
                 only metadata is needed.
@@ -119,23 +124,8 @@ class Mirror:
         fs, _ = self._fs
         skip = tuple(skip_suffixes)
         for rel in rels:
-            info = fs.get_file_info(self._remote(rel))
-            if info.type == pafs.FileType.NotFound:
-                continue
-            if info.type == pafs.FileType.File:
-                files = [(info.path, rel)]
-            else:
-                if rel and self.exists(f"{rel}{_STAGED}/{_COMPLETE}"):
-                    # A replacement was under way: the staged copy is the complete, newer one.
-                    info = fs.get_file_info(self._remote(rel + _STAGED))
-                prefix = info.path.rstrip("/") + "/"
-                files = [
-                    (f.path, f"{rel}/{f.path[len(prefix):]}" if rel else f.path[len(prefix):])
-                    for f in fs.get_file_info(pafs.FileSelector(info.path, recursive=True))
-                    if f.type == pafs.FileType.File
-                ]
-            for remote, local_rel in files:
-                if local_rel.endswith(skip) or local_rel.endswith(_COMPLETE) or f"{_STAGED}/" in local_rel:
+            for remote, local_rel in self._whole_files(rel):
+                if local_rel.endswith(skip):
                     continue
                 target = self.local / local_rel
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -147,6 +137,47 @@ class Mirror:
                         continue  # replaced by its writer since the listing; the next pull has it
                     raise
                 tmp.replace(target)
+
+    def _whole_files(self, rel: str) -> list[tuple[str, str]]:
+        """(remote path, path relative to the run) of the files that make up ``rel``.
+
+        A directory ``D`` with a complete ``D.staged`` is taken from the staged copy
+        (``D`` itself may be half replaced); an incomplete ``.staged`` is ignored.
+        """
+        import pyarrow.fs as pafs
+
+        fs, _ = self._fs
+        info = fs.get_file_info(self._remote(rel))
+        if info.type == pafs.FileType.NotFound:
+            return []
+        if info.type == pafs.FileType.File:
+            return [(info.path, rel)]
+        if rel and self.exists(f"{rel}{_STAGED}/{_COMPLETE}"):
+            info = fs.get_file_info(self._remote(rel + _STAGED))
+        prefix = info.path.rstrip("/") + "/"
+        listed = {
+            f.path[len(prefix):]: f.path
+            for f in fs.get_file_info(pafs.FileSelector(info.path, recursive=True))
+            if f.type == pafs.FileType.File
+        }
+        replaced = {name[: -len(f"{_STAGED}/{_COMPLETE}")] for name in listed if name.endswith(f"{_STAGED}/{_COMPLETE}")}
+        files = []
+        for name, remote in listed.items():
+            parts = name.split("/")
+            if parts[-1] == _COMPLETE:
+                continue
+            # The innermost staged directory on the path decides: complete copies are
+            # read in place of their directory, everything else staged is skipped.
+            staged_at = max((i for i, part in enumerate(parts[:-1]) if part.endswith(_STAGED)), default=None)
+            if staged_at is not None:
+                directory = "/".join(parts[: staged_at + 1])[: -len(_STAGED)]
+                if directory not in replaced:
+                    continue
+                name = "/".join([directory, *parts[staged_at + 1:]])
+            elif any(name.startswith(d + "/") for d in replaced):
+                continue  # the staged copy stands in for this directory
+            files.append((remote, f"{rel}/{name}" if rel else name))
+        return files
 
     def read_text(self, rel: str) -> str | None:
         """A small remote file's text, or None when it does not exist."""
