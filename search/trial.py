@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -124,6 +125,7 @@ def run_search_trial(params: dict[str, Any], context: TrialContext) -> None:
     if kept is not None and kept >= max_epochs and _report_kept_last_epoch(run_dir, trial_id):
         save(replace(record, status=COMPLETED, end_time=time.time()))
         return
+    stop_requested = _tune_stop_event()
     try:
         cfg = trial_config(context, overrides)
         if cfg.scaling.num_workers == 0:
@@ -131,10 +133,30 @@ def run_search_trial(params: dict[str, Any], context: TrialContext) -> None:
         else:
             _run_with_torch_trainer(cfg, run_dir, trial_id, resume_epoch, mirror)
     except Exception as err:
+        if stop_requested.is_set():
+            # Tune stopped the trial (ASHA, its final epoch, or the search ending) and
+            # tore it down while Ray Train was still shutting its workers down: the
+            # error is that teardown, not the trial failing. The driver has settled
+            # the record as completed or stopped early; do not overwrite it.
+            return
         reason = f"{type(err).__name__}: {err}".splitlines()[0][:500]
         save(replace(read_record(run_dir, trial_id), status=FAILED, reason=reason, end_time=time.time()))
         raise
     save(replace(record, status=COMPLETED, end_time=time.time()))
+
+
+def _tune_stop_event() -> threading.Event:
+    """The event Tune sets when it stops this trial.
+
+    Tune stops a trial as soon as the scheduler says so, its final epoch included,
+    without waiting for the trainable to return. Ray has no public API for "was I
+    stopped"; the session's stop event is the first thing Tune's stop sets, and it is
+    taken here because the session itself is gone by the time the thread notices.
+    """
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    return getattr(session, "stop_event", None) or threading.Event()
 
 
 def _fetch_for_trial(mirror: Mirror, trial_id: str) -> None:
