@@ -210,8 +210,12 @@ def _tune(cfg, space, run: RunLocation, plan: ResumePlan, storage, scheduler, ca
             time_budget_s=plan.time_budget_s,
             trial_dirname_creator=lambda trial: f"tune_{trial.config[TRIAL_ID_KEY]}_{trial.trial_id}",
             # A fresh trial process costs ~4.4 s here (start-up, importing torch and
-            # timm); reusing the actor brings a trial's fixed overhead to ~0.2 s.
-            reuse_actors=True,
+            # timm); reusing the actor brings a trial's fixed overhead to ~0.2 s. Not
+            # for TorchTrainer trials: Tune reuses an actor only if the stopped trial's
+            # thread ends within TUNE_FUNCTION_THREAD_TIMEOUT_S (2 s), and Ray Train's
+            # teardown often takes longer; Tune then aborts the next trial outright
+            # (no retry, no callback). Their actor is a thin driver anyway.
+            reuse_actors=cfg.scaling.num_workers == 0,
         ),
         run_config=tune.RunConfig(
             # Tune's own experiment state is not what resumes a run (the records and

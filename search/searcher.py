@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from trainables.metrics import RANKING_METRIC
@@ -59,12 +59,22 @@ def _keyed(trial) -> _RunId:
 
 
 class RunIdASHA(ASHAScheduler):
-    """ASHA whose rungs are keyed by run-level trial id and can be refilled on resume."""
+    """ASHA whose rungs are keyed by run-level trial id and can be refilled on resume.
+
+    A trial's last epoch (``max_t``) is let through instead of stopped: the trial ends
+    by itself right after it, and stopping it there would kill its actor while it
+    winds down (a TorchTrainer mid-teardown, which leaks its workers' placement group
+    unless Ray's State API is up). Rungs are unchanged: ASHA records nothing for a
+    result it stops at ``max_t`` either, and the completed trial's last result reaches
+    ``on_trial_complete`` as before.
+    """
 
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, _keyed(trial))
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if result.get(self._time_attr, 0) >= self._max_t:
+            return TrialScheduler.CONTINUE
         return super().on_trial_result(tune_controller, _keyed(trial), result)
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
