@@ -105,3 +105,34 @@ def test_metadata_only_pull_leaves_weights_remote(s3_bucket, tmp_path):
     reader.pull("", skip_suffixes=(".safetensors",))
     assert (reader.local / CKPT / "meta.json").is_file()
     assert not (reader.local / CKPT / "model.safetensors").exists()
+
+
+def test_pulls_while_a_writer_replaces_the_checkpoint_never_fail(s3_bucket, tmp_path):
+    """``tunecv report`` (or the test that polls a live search) pulls while trials push:
+    a file deleted under the reader by a replace in progress is read again."""
+    import threading
+
+    mirror = _mirror(s3_bucket, tmp_path, "live")
+    _write_checkpoint(mirror.local / CKPT, 1)
+    mirror.push(CKPT)
+    stop, pushed = threading.Event(), []
+
+    def writer() -> None:
+        epoch = 1
+        while not stop.is_set():
+            epoch += 1
+            _write_checkpoint(mirror.local / CKPT, epoch % 250)
+            mirror.push(CKPT)
+            pushed.append(epoch)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for i in range(25):
+            reader = Mirror(mirror.uri, tmp_path / f"live-reader-{i}")
+            reader.pull("", skip_suffixes=(".safetensors",))
+            assert json.loads((reader.local / CKPT / "meta.json").read_text())["epoch"] >= 0
+    finally:
+        stop.set()
+        thread.join()
+    assert len(pushed) >= 10  # the reads did overlap many replaces

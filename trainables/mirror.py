@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
@@ -21,6 +22,7 @@ from pathlib import Path
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _STAGED = ".staged"  # <dir>.staged: a directory's replacement while it uploads
 _COMPLETE = ".complete"  # written last into <dir>.staged: the replacement is whole
+_PULL_ATTEMPTS = 4  # listings of one pull; a replace in progress settles within them
 
 
 def is_uri(location: str | Path) -> bool:
@@ -113,30 +115,35 @@ class Mirror:
         Every directory inside what is pulled (the whole run, a trial, a checkpoint)
         is read as ``push`` left it whole: from its complete ``.staged`` replacement
         when one exists. Two processes pulling the same remote state therefore see
-        the same checkpoints, whatever level each pulls from.
+        the same checkpoints, whatever level each pulls from. A file that vanishes
+        while being read (its writer is replacing its directory) makes the whole of
+        ``rel`` be listed and read again, so that it does not mix two versions.
 
         Args:
             skip_suffixes: File endings to leave remote, e.g. ``.safetensors`` when
                 only metadata is needed.
         """
-        import pyarrow.fs as pafs
-
-        fs, _ = self._fs
         skip = tuple(skip_suffixes)
         for rel in rels:
-            for remote, local_rel in self._whole_files(rel):
-                if local_rel.endswith(skip):
-                    continue
-                target = self.local / local_rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}.{os.getpid()}.part")  # streamed, then renamed whole
+            for attempt in range(_PULL_ATTEMPTS):
+                files = [(remote, local_rel) for remote, local_rel in self._whole_files(rel) if not local_rel.endswith(skip)]
                 try:
-                    pafs.copy_files(remote, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+                    for remote, local_rel in files:
+                        self._download(remote, local_rel)
+                    break
                 except OSError:  # S3 says RESOURCE_NOT_FOUND, local filesystems FileNotFoundError
-                    if fs.get_file_info(remote).type == pafs.FileType.NotFound:
-                        continue  # replaced by its writer since the listing; the next pull has it
-                    raise
-                tmp.replace(target)
+                    if attempt == _PULL_ATTEMPTS - 1:
+                        raise
+                    time.sleep(0.5 * (attempt + 1))  # let the writer finish its replace
+
+    def _download(self, remote: str, local_rel: str) -> None:
+        import pyarrow.fs as pafs
+
+        target = self.local / local_rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.part")  # streamed, then renamed whole
+        pafs.copy_files(remote, str(tmp), source_filesystem=self._fs[0], destination_filesystem=pafs.LocalFileSystem())
+        tmp.replace(target)
 
     def _whole_files(self, rel: str) -> list[tuple[str, str]]:
         """(remote path, path relative to the run) of the files that make up ``rel``.
