@@ -52,7 +52,11 @@ def _report(args: argparse.Namespace) -> int:
     from search.report import write_run_report
     from search.storage import open_run
 
-    write_run_report(open_run(args.run_dir))
+    run = open_run(args.run_dir)
+    try:
+        write_run_report(run)
+    finally:
+        run.close()
     return 0
 
 
@@ -61,7 +65,10 @@ def _export(args: argparse.Namespace) -> int:
     from search.winner import EXPORT_DIR, export_run_at
 
     run = open_run(args.run_dir)
-    result = export_run_at(run, args.trial)
+    try:
+        result = export_run_at(run, args.trial)
+    finally:
+        run.close()
     where = f"{run.uri}/{EXPORT_DIR}" if run.uri else result.onnx_path
     print(f"exported {where} (ONNX macro-F1 {result.onnx_macro_f1:.4f})")
     return 0

@@ -116,8 +116,12 @@ def run_search(
         space = _load_space_checked(cfg, space_path)
     run, resuming = locate_run(cfg, None if run_dir is None else str(run_dir))
     if resuming:
-        check_same_config(run.local, cfg, str(run))
-        check_driver_gone(run.local, str(run))
+        try:
+            check_same_config(run.local, cfg, str(run))
+            check_driver_gone(run.local, str(run))
+        except ConfigError:
+            run.close()
+            raise
         run = take_over(run)
     _connect(run)
     if resuming:

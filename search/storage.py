@@ -27,7 +27,7 @@ from pathlib import Path
 from search.config import ConfigError, RunConfig
 from search.records import CONFIG_FILE, STATE_FILE, newest_unfinished, read_state
 from search.train_job import new_run_dir, run_dir_name
-from trainables.mirror import Mirror
+from trainables.mirror import Mirror, working_copy_for
 
 
 
@@ -54,6 +54,12 @@ class RunLocation:
         if self.mirror is not None:
             self.mirror.push(*rels)
 
+    def close(self) -> None:
+        """Delete this process's private view of a URI run (``open_run``); a working
+        copy, or a run on a filesystem, stays."""
+        if self.mirror is not None and self.local != working_copy_for(self.mirror.uri):
+            shutil.rmtree(self.local, ignore_errors=True)
+
     def pull(self, *rels: str, metadata_only: bool = False) -> None:
         """Bring remote files into ``local``; ``metadata_only`` leaves the weights remote."""
         if self.mirror is not None:
@@ -69,6 +75,7 @@ def open_run(location: str) -> RunLocation:
 
     A URI is read into a private temporary copy: ``tunecv report`` while the search
     runs must not touch the driver's working copy (``take_over`` makes that one).
+    ``close()`` deletes it.
 
     Raises:
         ConfigError: ``location`` is not a run directory.

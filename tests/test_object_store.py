@@ -5,6 +5,7 @@ export are rebuilt from the bucket alone.
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -58,10 +59,13 @@ def test_search_keeps_its_whole_run_in_the_bucket(s3_bucket, synthetic_root, tmp
 
     # `tunecv report` from the bucket alone, with this machine's working copy gone.
     shutil.rmtree(work_copy)
+    tmp = tmp_path / "tmp"  # where the command's private view of the bucket goes
+    tmp.mkdir()
     done = subprocess.run([sys.executable, "-m", "search.cli", "report", run_uri],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert all(t in done.stdout for t in trial_ids)
+    assert list(tmp.iterdir()) == []  # the view is deleted after use
     fs, base = pafs.FileSystem.from_uri(run_uri)
     with fs.open_input_file(f"{base}/report.parquet") as f:
         table = pq.read_table(f).to_pylist()
