@@ -117,7 +117,10 @@ class Mirror:
         when one exists. Two processes pulling the same remote state therefore see
         the same checkpoints, whatever level each pulls from. A file that vanishes
         while being read (its writer is replacing its directory) makes the whole of
-        ``rel`` be listed and read again, so that it does not mix two versions.
+        ``rel`` be listed and read again. A pull that overlaps a writer (``tunecv
+        report`` during a search) can still get two versions of one checkpoint if a
+        whole replace falls between listing and reading; pulls of a run whose
+        writers are gone (resume, report after the search) cannot.
 
         Args:
             skip_suffixes: File endings to leave remote, e.g. ``.safetensors`` when
@@ -126,10 +129,10 @@ class Mirror:
         skip = tuple(skip_suffixes)
         for rel in rels:
             for attempt in range(_PULL_ATTEMPTS):
-                files = [(remote, local_rel) for remote, local_rel in self._whole_files(rel) if not local_rel.endswith(skip)]
                 try:
-                    for remote, local_rel in files:
-                        self._download(remote, local_rel)
+                    for remote, local_rel in self._whole_files(rel):
+                        if not local_rel.endswith(skip):
+                            self._download(remote, local_rel)
                     break
                 except OSError:  # S3 says RESOURCE_NOT_FOUND, local filesystems FileNotFoundError
                     if attempt == _PULL_ATTEMPTS - 1:
