@@ -108,8 +108,9 @@ def test_metadata_only_pull_leaves_weights_remote(s3_bucket, tmp_path):
 
 
 def test_pulls_while_a_writer_replaces_the_checkpoint_never_fail(s3_bucket, tmp_path):
-    """``tunecv report`` (or the test that polls a live search) pulls while trials push:
-    a file deleted under the reader by a replace in progress is read again."""
+    """``tunecv report`` (or the test that polls a live search) pulls the whole run
+    while trials push: a directory whose files vanish under the reader (a replace in
+    progress) is read again, alone; retrying the whole run lost the race in CI."""
     import threading
 
     mirror = _mirror(s3_bucket, tmp_path, "live")
@@ -121,8 +122,9 @@ def test_pulls_while_a_writer_replaces_the_checkpoint_never_fail(s3_bucket, tmp_
         epoch = 1
         while not stop.is_set():
             epoch += 1
-            _write_checkpoint(mirror.local / CKPT, epoch % 250)
-            mirror.push(CKPT)
+            for rel in (CKPT, "trials/t0001/best"):  # two trials' checkpoints, as in a search
+                _write_checkpoint(mirror.local / rel, epoch % 250)
+                mirror.push(rel)
             pushed.append(epoch)
 
     thread = threading.Thread(target=writer)

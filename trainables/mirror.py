@@ -22,7 +22,8 @@ from pathlib import Path
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _STAGED = ".staged"  # <dir>.staged: a directory's replacement while it uploads
 _COMPLETE = ".complete"  # written last into <dir>.staged: the replacement is whole
-_PULL_ATTEMPTS = 4  # listings of one pull; a replace in progress settles within them
+_PULL_ATTEMPTS = 4  # reads of a directory whose files vanish: a replace settles within them
+_RETRY_S = 0.5
 
 
 def is_uri(location: str | Path) -> bool:
@@ -115,29 +116,42 @@ class Mirror:
         Every directory inside what is pulled (the whole run, a trial, a checkpoint)
         is read as ``push`` left it whole: from its complete ``.staged`` replacement
         when one exists. Two processes pulling the same remote state therefore see
-        the same checkpoints, whatever level each pulls from. A file that vanishes
-        while being read (its writer is replacing its directory) makes the whole of
-        ``rel`` be listed and read again. A pull that overlaps a writer (``tunecv
-        report`` during a search) can still get two versions of one checkpoint if a
-        whole replace falls between listing and reading; pulls of a run whose
-        writers are gone (resume, report after the search) cannot.
+        the same checkpoints, whatever level each pulls from.
+
+        A pull that overlaps a writer (``tunecv report`` during a search) can find a
+        file gone: its directory is being replaced. That directory alone is then read
+        again. Such a pull can still get two versions of one checkpoint if a whole
+        replace falls between listing and reading; pulls of a run whose writers are
+        gone (resume, report after the search) cannot.
 
         Args:
             skip_suffixes: File endings to leave remote, e.g. ``.safetensors`` when
                 only metadata is needed.
         """
-        skip = tuple(skip_suffixes)
         for rel in rels:
-            for attempt in range(_PULL_ATTEMPTS):
-                try:
-                    for remote, local_rel in self._whole_files(rel):
-                        if not local_rel.endswith(skip):
-                            self._download(remote, local_rel)
-                    break
-                except OSError:  # S3 says RESOURCE_NOT_FOUND, local filesystems FileNotFoundError
-                    if attempt == _PULL_ATTEMPTS - 1:
-                        raise
-                    time.sleep(0.5 * (attempt + 1))  # let the writer finish its replace
+            self._pull(rel, tuple(skip_suffixes), _PULL_ATTEMPTS)
+
+    def _pull(self, rel: str, skip: tuple[str, ...], attempts: int) -> None:
+        try:
+            files = self._whole_files(rel)
+        except OSError:  # a directory deleted while it was being listed
+            if attempts <= 1:
+                raise
+            time.sleep(_RETRY_S)
+            return self._pull(rel, skip, attempts - 1)
+        again: set[str] = set()
+        for remote, local_rel, unit in files:
+            if local_rel.endswith(skip) or unit in again:
+                continue
+            try:
+                self._download(remote, local_rel)
+            except OSError:  # S3 says RESOURCE_NOT_FOUND, local filesystems FileNotFoundError
+                if attempts <= 1:
+                    raise
+                again.add(unit)
+        for unit in sorted(again):
+            time.sleep(_RETRY_S)  # let the writer finish its replace
+            self._pull(unit, skip, attempts - 1)
 
     def _download(self, remote: str, local_rel: str) -> None:
         import pyarrow.fs as pafs
@@ -148,11 +162,13 @@ class Mirror:
         pafs.copy_files(remote, str(tmp), source_filesystem=self._fs[0], destination_filesystem=pafs.LocalFileSystem())
         tmp.replace(target)
 
-    def _whole_files(self, rel: str) -> list[tuple[str, str]]:
-        """(remote path, path relative to the run) of the files that make up ``rel``.
+    def _whole_files(self, rel: str) -> list[tuple[str, str, str]]:
+        """(remote path, path in the run, unit) of each file that makes up ``rel``.
 
         A directory ``D`` with a complete ``D.staged`` is taken from the staged copy
         (``D`` itself may be half replaced); an incomplete ``.staged`` is ignored.
+        A file's unit is what to read again if the file vanishes: the directory a
+        push replaces (one with a ``.staged`` beside it), else its own directory.
         """
         import pyarrow.fs as pafs
 
@@ -161,7 +177,7 @@ class Mirror:
         if info.type == pafs.FileType.NotFound:
             return []
         if info.type == pafs.FileType.File:
-            return [(info.path, rel)]
+            return [(info.path, rel, rel)]
         if rel and self.exists(f"{rel}{_STAGED}/{_COMPLETE}"):
             info = fs.get_file_info(self._remote(rel + _STAGED))
         prefix = info.path.rstrip("/") + "/"
@@ -171,6 +187,7 @@ class Mirror:
             if f.type == pafs.FileType.File
         }
         replaced = {name[: -len(f"{_STAGED}/{_COMPLETE}")] for name in listed if name.endswith(f"{_STAGED}/{_COMPLETE}")}
+        staging = {d for name in listed for d in _staged_dirs(name)}  # complete or still uploading
         files = []
         for name, remote in listed.items():
             parts = name.split("/")
@@ -186,7 +203,8 @@ class Mirror:
                 name = "/".join([directory, *parts[staged_at + 1:]])
             elif any(name.startswith(d + "/") for d in replaced):
                 continue  # the staged copy stands in for this directory
-            files.append((remote, f"{rel}/{name}" if rel else name))
+            unit = max((d for d in staging if name.startswith(d + "/")), key=len, default=name.rpartition("/")[0] or name)
+            files.append((remote, _join(rel, name), _join(rel, unit)))
         return files
 
     def read_text(self, rel: str) -> str | None:
@@ -221,3 +239,13 @@ class Mirror:
         """The mirror of ``uri/name`` (for run directories under an output URI)."""
         uri = f"{self.uri}/{name}"
         return Mirror(uri, working_copy_for(uri))
+
+
+def _staged_dirs(name: str) -> list[str]:
+    """The directories with a ``.staged`` replacement on the path ``name``."""
+    parts = name.split("/")
+    return ["/".join(parts[: i + 1])[: -len(_STAGED)] for i, part in enumerate(parts[:-1]) if part.endswith(_STAGED)]
+
+
+def _join(rel: str, name: str) -> str:
+    return "/".join(p for p in (rel, name) if p)
