@@ -186,21 +186,19 @@ class Mirror:
             for f in fs.get_file_info(pafs.FileSelector(info.path, recursive=True))
             if f.type == pafs.FileType.File
         }
-        replaced = {name[: -len(f"{_STAGED}/{_COMPLETE}")] for name in listed if name.endswith(f"{_STAGED}/{_COMPLETE}")}
-        staging = {d for name in listed for d in _staged_dirs(name)}  # complete or still uploading
+        # Directories with a .staged beside them: complete ones are read from it.
+        staging = {d for name in listed for d in _staged_dirs(name)}
+        replaced = {d for d in staging if f"{d}{_STAGED}/{_COMPLETE}" in listed}
         files = []
         for name, remote in listed.items():
-            parts = name.split("/")
-            if parts[-1] == _COMPLETE:
+            if name.rpartition("/")[2] == _COMPLETE:
                 continue
-            # The innermost staged directory on the path decides: complete copies are
-            # read in place of their directory, everything else staged is skipped.
-            staged_at = max((i for i, part in enumerate(parts[:-1]) if part.endswith(_STAGED)), default=None)
-            if staged_at is not None:
-                directory = "/".join(parts[: staged_at + 1])[: -len(_STAGED)]
+            on_path = _staged_dirs(name)
+            if on_path:  # the innermost staged directory decides
+                directory = on_path[-1]
                 if directory not in replaced:
-                    continue
-                name = "/".join([directory, *parts[staged_at + 1:]])
+                    continue  # still uploading: the directory itself is whole
+                name = directory + name[len(directory) + len(_STAGED):]
             elif any(name.startswith(d + "/") for d in replaced):
                 continue  # the staged copy stands in for this directory
             unit = max((d for d in staging if name.startswith(d + "/")), key=len, default=name.rpartition("/")[0] or name)

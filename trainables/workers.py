@@ -72,8 +72,8 @@ def evaluate_loop_per_worker(config: dict) -> None:
     model.to(runtime.device)  # evaluation needs no DDP wrapper: nothing is trained
     split = read_split(Path(config["split_path"]))
     loader, _ = create_val_loader(
-        split, eval_transform_from_spec(meta["preprocessing"]), batch_size=config["batch_size"], num_workers=0, runtime=runtime,
-        max_pixels=meta["config"]["data"]["max_image_pixels"],
+        split, eval_transform_from_spec(meta["preprocessing"]), batch_size=config["batch_size"],
+        num_workers=0, runtime=runtime, max_pixels=meta["config"]["data"]["max_image_pixels"],
     )
     metrics = evaluate(model, loader, runtime, list(split.class_names))
     nodes = runtime.all_gather(ray.get_runtime_context().get_node_id())
