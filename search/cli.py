@@ -15,7 +15,7 @@ from pathlib import Path
 
 def _train(args: argparse.Namespace) -> int:
     from search.config import load_config
-    from search.train_job import train
+    from search.jobs.train import train
 
     cfg = load_config(args.config, args.set)
     train(cfg)
@@ -24,8 +24,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from search.config import ConfigError, load_config
-    from search.driver import run_search
-    from search.resume import stored_config
+    from search.run.driver import run_search
+    from search.run.location import stored_config
 
     if args.resume:
         if args.config or args.set or args.space or args.run_dir:
@@ -40,7 +40,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from search.submit import submit
+    from search.jobs.submit import submit
 
     return submit(
         args.config, args.address, args.set, runtime_env=Path(args.runtime_env),
@@ -49,38 +49,37 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from search.report import write_run_report
+    from search.layout import REPORT_MARKDOWN
+    from search.results.report import build_report, format_table, write_report_files
+    from search.results.trials import load_run
     from search.storage import open_run
 
-    run = open_run(args.run_dir)
-    try:
-        write_run_report(run)
-    finally:
-        run.close()
+    report = build_report(load_run(open_run(args.run_dir)))
+    print(format_table(report.rows))
+    if args.out:
+        write_report_files(report, Path(args.out))
+        print(f"report: {Path(args.out) / REPORT_MARKDOWN}")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
+    from search.results.winner import export_trial
     from search.storage import open_run
-    from search.winner import EXPORT_DIR, export_run_at
 
-    run = open_run(args.run_dir)
-    try:
-        result = export_run_at(run, args.trial)
-    finally:
-        run.close()
-    where = f"{run.uri}/{EXPORT_DIR}" if run.uri else result.onnx_path
-    print(f"exported {where} (ONNX macro-F1 {result.onnx_macro_f1:.4f})")
+    store = open_run(args.run_dir)
+    out = Path(args.out or f"export-{store.name}" + (f"-{args.trial}" if args.trial else ""))
+    result = export_trial(store, out, args.trial)
+    print(f"exported {result.onnx_path} (ONNX macro-F1 {result.onnx_macro_f1:.4f})")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from search.evaluate_job import evaluate_checkpoint
+    from search.jobs.evaluate import evaluate_checkpoint
     from trainables.metrics import RANKING_METRIC
 
     m = evaluate_checkpoint(
-        Path(args.checkpoint), Path(args.split), num_workers=args.workers,
-        cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpu,
+        args.checkpoint, args.split, num_workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+        use_gpu=args.gpu, storage=args.storage,
     )
     print(f"{RANKING_METRIC} {m[RANKING_METRIC]:.4f}  accuracy {m['accuracy']:.4f}  "
           f"balanced accuracy {m['balanced_accuracy']:.4f}  ({m['world_size']} worker(s))")
@@ -142,18 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true", help="wait for the job and print its log tail")
     submit.set_defaults(func=_submit)
 
-    report = sub.add_parser("report", help="rebuild and print the ranked report of a run")
+    report = sub.add_parser("report", help="build and print the ranked report of a run, also mid-run")
     report.add_argument("run_dir", help="a run directory, or its URI (s3://..., gs://...)")
+    report.add_argument("--out", help="also write report.md and report.parquet into this local directory")
     report.set_defaults(func=_report)
 
-    export = sub.add_parser("export", help="export a run's winner (or --trial) to ONNX")
-    export.add_argument("run_dir")
+    export = sub.add_parser("export", help="export a run's winner (or --trial) to a verified ONNX bundle")
+    export.add_argument("run_dir", help="a run directory, or its URI")
     export.add_argument("--trial", help="trial id (default: the top-ranked trial)")
+    export.add_argument("--out", help="local directory for the bundle (default: ./export-RUN[-TRIAL])")
     export.set_defaults(func=_export)
 
     evaluate = sub.add_parser("evaluate", help="a checkpoint's metrics on a split's validation images")
-    evaluate.add_argument("checkpoint", help="checkpoint directory, e.g. RUN_DIR/trials/t0003/best")
-    evaluate.add_argument("--split", required=True, help="split file, e.g. RUN_DIR/split.parquet")
+    evaluate.add_argument("checkpoint", help="checkpoint directory (path or URI), e.g. RUN/tune/001/t0003/checkpoint_000002")
+    evaluate.add_argument("--split", required=True, help="split file (path or URI), e.g. RUN/split.parquet")
+    evaluate.add_argument("--storage", help="where Ray Train keeps the evaluation run (default: a temporary directory)")
     evaluate.add_argument("--workers", type=int, default=1, help="Ray Train workers (shards)")
     evaluate.add_argument("--cpus-per-worker", type=float, default=1.0)
     evaluate.add_argument("--gpu", action="store_true")
@@ -178,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from search.config import ConfigError
-    from search.space import SpaceError
-    from search.winner import NothingToExportError
+    from search.results.winner import NothingToExportError
+    from search.space.model import SpaceError
     from trainables.backbones import PretrainedWeightsError
     from trainables.layouts import DataError
 

@@ -1,171 +1,204 @@
-"""Where a run lives, and the check that every node of the cluster can reach it.
+"""Reading and writing a run location through ``pyarrow.fs``, and the check that every
+node of the cluster can reach it.
 
-Every process of a search writes into the run directory: the driver (config, split,
-study, report, export) and each trial, wherever Ray placed it (records, metrics,
-checkpoints). It lives in one of:
+A run lives in a local directory, on a filesystem mounted at the same path on every
+node (NFS, EFS, Filestore, a ReadWriteMany volume), or in an object store (``s3://``,
+``gs://``, anything ``pyarrow.fs.FileSystem.from_uri`` opens). ``RunStore`` is the one
+way tunecv's own code touches it, whichever it is: files are written whole (a local
+file is written under a temporary name and renamed; an object is one upload), so a
+reader never meets half a file. Ray reaches the same location through its own
+``RunConfig(storage_path=..., storage_filesystem=...)``.
 
-- a local directory: one machine;
-- a shared filesystem mounted at the same path on every node (NFS, EFS, Filestore, a
-  ReadWriteMany volume): processes write into it directly;
-- an object store (``s3://``, ``gs://``, through pyarrow): each process works in a
-  node-local copy and uploads what it changed (``trainables/mirror.py``).
-
-On a multi-node cluster a local directory would scatter results over nodes and a night
-of them would vanish, so the driver checks at start, before any data is scanned, that
-every node reads back a token it wrote (or lists the bucket).
+Ray checks that the driver can write its storage, but not that every node can: a
+local path on a multi-node cluster would scatter results over nodes. So before any
+data is scanned the driver writes a token and reads it back from every node.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
-from search.config import ConfigError, RunConfig
-from search.records import CONFIG_FILE, STATE_FILE, newest_unfinished, read_state
-from search.train_job import new_run_dir, run_dir_name
-from trainables.mirror import Mirror, working_copy_for
-
+from search.config import ConfigError
+from search.layout import CONFIG, join
+from trainables.locations import is_uri, resolve_location
 
 
 @dataclass(frozen=True)
-class RunLocation:
-    """A run directory as this process sees it: ``local``, and its ``mirror`` for URIs."""
+class RunStore:
+    """A directory (a run, or the ``output_dir`` runs go under) at ``location``.
 
-    local: Path
-    mirror: Mirror | None = None
+    Only ``location`` is pickled (stores travel to Ray tasks); the filesystem is opened
+    again on first use.
+    """
+
+    location: str  # an absolute local path, or a URI without a trailing slash
+
+    @staticmethod
+    def at(location: str | Path) -> RunStore:
+        text = str(location)
+        return RunStore(text.rstrip("/") if is_uri(text) else Path(text).resolve().as_posix())
+
+    def __getstate__(self) -> dict:
+        return {"location": self.location}
+
+    def __setstate__(self, state: dict) -> None:
+        object.__setattr__(self, "location", state["location"])
+
+    @cached_property
+    def _resolved(self) -> tuple[Any, str]:
+        return resolve_location(self.location)
+
+    @property
+    def filesystem(self):
+        """The pyarrow filesystem: what Ray's ``storage_filesystem`` takes."""
+        return self._resolved[0]
+
+    @property
+    def is_local(self) -> bool:
+        """A path on this machine's filesystem (maybe a shared mount), not an object store."""
+        return not is_uri(self.location)
 
     @property
     def name(self) -> str:
-        """The run directory's own name (``demo-20261128-101500``): the study's name too."""
-        return str(self).rstrip("/").rsplit("/", 1)[-1]
-
-    @property
-    def uri(self) -> str | None:
-        return self.mirror.uri if self.mirror else None
+        return self.location.rsplit("/", 1)[-1]
 
     def __str__(self) -> str:
-        return self.uri or str(self.local)
+        return self.location
 
-    def push(self, *rels: str) -> None:
-        if self.mirror is not None:
-            self.mirror.push(*rels)
+    def fs_path(self, rel: str = "") -> str:
+        """``rel``'s path on ``filesystem`` (what Ray's ``storage_path`` takes with it)."""
+        return join(self._resolved[1], rel) if rel else self._resolved[1]
 
-    def close(self) -> None:
-        """Delete this process's private view of a URI run (``open_run``); a working
-        copy, or a run on a filesystem, stays."""
-        if self.mirror is not None and self.local != working_copy_for(self.mirror.uri):
-            shutil.rmtree(self.local, ignore_errors=True)
+    def uri(self, rel: str = "") -> str:
+        """``rel`` as a location string another process can open (path or URI)."""
+        return join(self.location, rel) if rel else self.location
 
-    def pull(self, *rels: str, metadata_only: bool = False) -> None:
-        """Bring remote files into ``local``; ``metadata_only`` leaves the weights remote."""
-        if self.mirror is not None:
-            self.mirror.pull(*rels, skip_suffixes=(".safetensors",) if metadata_only else ())
+    def child(self, name: str) -> RunStore:
+        return RunStore(self.uri(name))
+
+    def exists(self, rel: str = "") -> bool:
+        import pyarrow.fs as pafs
+
+        return self.filesystem.get_file_info(self.fs_path(rel)).type != pafs.FileType.NotFound
+
+    def read_bytes(self, rel: str) -> bytes:
+        """The whole file. Raises FileNotFoundError when it does not exist."""
+        try:
+            with self.filesystem.open_input_stream(self.fs_path(rel)) as f:
+                return f.readall()
+        except OSError as err:  # S3 reports a missing key as OSError, not FileNotFoundError
+            if not self.exists(rel):
+                raise FileNotFoundError(f"{self.uri(rel)} does not exist") from err
+            raise
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode("utf-8")
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write ``rel`` whole: a reader sees the old content or the new, never a part."""
+        if self.is_local:
+            target = Path(self.fs_path(rel))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+            return
+        with self.filesystem.open_output_stream(self.fs_path(rel)) as f:  # one object, one upload
+            f.write(data)
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode("utf-8"))
+
+    def write_json(self, rel: str, value: Any) -> None:
+        self.write_text(rel, json.dumps(value, indent=1, default=str) + "\n")
+
+    def delete(self, rel: str) -> None:
+        self.filesystem.delete_file(self.fs_path(rel))
+
+    def list_names(self, rel: str = "") -> list[str]:
+        """Names directly under ``rel`` (files and directories); empty when it is missing."""
+        import pyarrow.fs as pafs
+
+        selector = pafs.FileSelector(self.fs_path(rel), allow_not_found=True)
+        return sorted(info.base_name for info in self.filesystem.get_file_info(selector))
+
+    @contextlib.contextmanager
+    def local_dir(self, rel: str, only: Sequence[str] | None = None) -> Iterator[Path]:
+        """``rel`` as a directory on this machine, for code that needs real files.
+
+        A local store yields the directory itself. An object store downloads ``only``
+        these files of it (or all of it) into a temporary directory, deleted on exit.
+        """
+        if self.is_local:
+            yield Path(self.fs_path(rel))
+            return
+        import pyarrow.fs as pafs
+
+        tmp = Path(tempfile.mkdtemp(prefix="tunecv-"))
+        try:
+            if only is None:
+                pafs.copy_files(self.fs_path(rel), str(tmp), source_filesystem=self.filesystem,
+                                destination_filesystem=pafs.LocalFileSystem())
+            for name in only or ():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / name).write_bytes(self.read_bytes(join(rel, name)))
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def upload_dir(self, local: Path, rel: str) -> None:
+        """Write every file under ``local`` to ``rel``, each one whole."""
+        for path in sorted(p for p in Path(local).rglob("*") if p.is_file()):
+            self.write_bytes(join(rel, path.relative_to(local).as_posix()), path.read_bytes())
 
 
 def not_a_run(location: str | Path) -> ConfigError:
-    return ConfigError(f"'{location}' is not a tunecv run directory (no {CONFIG_FILE} in it).")
+    return ConfigError(f"'{location}' is not a tunecv run directory (no {CONFIG} in it).")
 
 
-def open_run(location: str) -> RunLocation:
-    """An existing run, with its metadata at hand (weights stay remote until needed).
-
-    A URI is read into a private temporary copy: ``tunecv report`` while the search
-    runs must not touch the driver's working copy (``take_over`` makes that one).
-    ``close()`` deletes it.
+def open_run(location: str | Path) -> RunStore:
+    """An existing run, for reading.
 
     Raises:
-        ConfigError: ``location`` is not a run directory.
+        ConfigError: ``location`` holds no run.
     """
-    mirror = Mirror.for_location(location)
-    if mirror is None:
-        local = Path(location).resolve()
-        if not (local / CONFIG_FILE).is_file():
-            raise not_a_run(location)
-        return RunLocation(local)
-    if not mirror.exists(CONFIG_FILE):
+    store = RunStore.at(location)
+    if not store.exists(CONFIG):
         raise not_a_run(location)
-    view = Path(tempfile.mkdtemp(prefix="tunecv-view-"))
-    run = RunLocation(view, Mirror(mirror.uri, view))
-    run.pull("", metadata_only=True)
-    return run
-
-
-def locate_run(cfg: RunConfig, run_dir: str | None) -> tuple[RunLocation, bool]:
-    """Where this search's run lives, and whether it is an unfinished run to resume.
-
-    ``run_dir`` (a path or URI) is resumed when it holds a run; without it the newest
-    unfinished ``output_dir/name-*`` whose driver is gone is resumed, else a new
-    directory is chosen. A run to resume comes as a view (``open_run``): its config
-    and driver are checked before this process takes it over.
-    """
-    if run_dir is not None:
-        mirror = Mirror.for_location(run_dir)
-        if mirror is not None:
-            return (open_run(run_dir), True) if mirror.exists(CONFIG_FILE) else (_fresh(mirror), False)
-        local = Path(run_dir).resolve()
-        if local.exists() and not (local / CONFIG_FILE).is_file():
-            raise ConfigError(f"--run-dir '{run_dir}' exists but is not a tunecv run directory; pick another.")
-        return RunLocation(local), local.exists()
-    root = Mirror.for_location(cfg.output_dir)
-    prefix = f"{cfg.name}-"
-    if root is None:
-        output_dir = Path(cfg.output_dir).resolve()
-        states = {
-            p.name: read_state(p) for p in output_dir.glob(f"{prefix}*") if (p / CONFIG_FILE).is_file()
-        } if output_dir.is_dir() else {}
-        found = newest_unfinished(states)
-        return (RunLocation(output_dir / found), True) if found else (RunLocation(new_run_dir(cfg)), False)
-    states = {}
-    for name in root.list_dirs():
-        text = root.child(name).read_text(STATE_FILE) if name.startswith(prefix) else None
-        if text:
-            states[name] = json.loads(text)
-    found = newest_unfinished(states)
-    return (open_run(root.child(found).uri), True) if found else (_fresh(root.child(run_dir_name(cfg))), False)
-
-
-def _fresh(mirror: Mirror) -> RunLocation:
-    shutil.rmtree(mirror.local, ignore_errors=True)
-    return RunLocation(mirror.local, mirror)
-
-
-def take_over(run: RunLocation) -> RunLocation:
-    """The run as its driver works on it: for a URI, the view becomes this node's
-    working copy (moved, not fetched again)."""
-    if run.mirror is None:
-        return run
-    working = Mirror.for_location(run.uri)
-    shutil.rmtree(working.local, ignore_errors=True)  # a stale copy must not mix in
-    working.local.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(run.local), str(working.local))
-    return RunLocation(working.local, working)
+    return store
 
 
 _PROBE_TIMEOUT_S = 120.0
 
 
-def _reads_token(location: str, name: str, token: str) -> bool:
-    mirror = Mirror.for_location(location)
+def _reads_token(store: RunStore, name: str, token: str) -> bool:
     try:
-        if mirror is not None:
-            return mirror.read_text(name) == token  # also proves this node's credentials
-        return (Path(location) / name).read_text() == token
+        return store.read_text(name) == token  # for a bucket, also proves this node's credentials
     except OSError:
         return False
 
 
-def check_shared_storage(storage: str | Path) -> None:
+def check_shared_storage(store: RunStore) -> None:
     """Refuse to start a multi-node search whose storage some node cannot read.
 
     Args:
-        storage: The directory runs go under (a path), or an object-store URI.
+        store: Where runs go (``output_dir``).
 
     Raises:
-        ConfigError: Naming the nodes that cannot see ``storage`` and what to set.
+        ConfigError: Naming the nodes that cannot see ``store`` and what to set.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -175,21 +208,13 @@ def check_shared_storage(storage: str | Path) -> None:
         return
     token = uuid.uuid4().hex
     name = f".tunecv-probe-{token}"
-    mirror = Mirror.for_location(str(storage))
-    if mirror is not None:
-        mirror.write_text(name, token)
-        location = mirror.uri
-    else:
-        output_dir = Path(storage).resolve()
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / name).write_text(token)
-        location = str(output_dir)
+    store.write_text(name, token)
     read = ray.remote(num_cpus=0, max_retries=0)(_reads_token)
     try:
         pending = {
             n["NodeManagerAddress"] + f" ({n['NodeID'][:8]})": read.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-            ).remote(location, name, token)
+            ).remote(store, name, token)
             for n in nodes
         }
         blind = []
@@ -202,12 +227,9 @@ def check_shared_storage(storage: str | Path) -> None:
             if not seen:
                 blind.append(node)
     finally:
-        if mirror is not None:
-            mirror.delete(name)
-        else:
-            (Path(location) / name).unlink(missing_ok=True)
+        store.delete(name)
     if blind:
-        raise ConfigError(refusal_message(location, blind, len(nodes)))
+        raise ConfigError(refusal_message(store.location, blind, len(nodes)))
 
 
 def refusal_message(output_dir: str | Path, blind: list[str], num_nodes: int) -> str:

@@ -39,11 +39,16 @@ def s3_bucket():
     Sets the AWS_* variables in this process before any Ray starts, so Ray's workers
     inherit them; yields the ``s3://`` URI of an empty bucket.
     """
+    import logging
     import os
     import urllib.request
     import uuid
 
     from moto.server import ThreadedMotoServer
+
+    # moto's server logs every request through werkzeug at INFO: thousands of lines in
+    # a failing test's output, none of them about the failure.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

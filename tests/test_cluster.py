@@ -20,9 +20,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from search.records import COMPLETED, FAILED, STOPPED_EARLY, TERMINAL, read_epochs, read_records, read_state
-from trainables.checkpoint import last_checkpoint_epoch
+from search.drivers import read_drivers
+from search.results.trials import COMPLETED, FAILED, RUNNING, STOPPED_EARLY, load_run
+from search.storage import RunStore
 from tests.conftest import small_run_config
+
+TERMINAL = (COMPLETED, STOPPED_EARLY, FAILED)
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -84,7 +87,7 @@ def head(tmp_path_factory, s3_bucket):
 def _wait_for_dashboard(address: str, env: dict) -> None:
     probe = (
         "import sys; from ray.job_submission import JobSubmissionClient; "
-        "from search.submit import auth_headers; "
+        "from search.jobs.submit import auth_headers; "
         "JobSubmissionClient(sys.argv[1], headers=auth_headers()).list_jobs()"
     )
     deadline = time.time() + 90
@@ -136,22 +139,20 @@ def _wait_until(predicate, timeout: float, what: str, proc=None):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _run_dir(config: Path) -> Path | None:
-    """The run's directory; for an object-store run, a fresh local copy of its metadata."""
-    from trainables.mirror import Mirror
+def _run(config: Path) -> RunStore | None:
+    """The run of ``config`` (the first under its output_dir), local or in the bucket."""
+    root = RunStore.at(yaml.safe_load(config.read_text())["output_dir"])
+    names = [n for n in root.list_names() if root.child(n).exists("config.yaml")]
+    return root.child(names[0]) if names else None
 
-    output_dir = yaml.safe_load(config.read_text())["output_dir"]
-    root = Mirror.for_location(output_dir)
-    if root is None:
-        found = sorted(Path(output_dir).glob("*-*"))
-        return found[0] if found else None
-    names = sorted(root.list_dirs())
-    if not names:
-        return None
-    copy = Mirror(root.child(names[0]).uri, config.parent / "snapshot")
-    shutil.rmtree(copy.local, ignore_errors=True)
-    copy.pull("", skip_suffixes=(".safetensors",))
-    return copy.local
+
+def _trials(config: Path) -> dict:
+    run = _run(config)
+    return {t.trial_id: t for t in load_run(run).trials} if run and run.exists("space.yaml") else {}
+
+
+def _checkpointed_epoch(trial) -> int:
+    return max((e["epoch"] for e in trial.epochs if e.get("checkpoint")), default=0)
 
 
 def test_submitted_job_writes_ranked_report_and_model_to_storage(head, synthetic_root):
@@ -195,8 +196,8 @@ def test_ray_job_submit_runs_the_cli_as_documented(head, synthetic_root):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (run_dir,) = storage.glob("demo-*")
-    (record,) = read_records(run_dir)
-    assert record.status == COMPLETED and (run_dir / "report.md").is_file()
+    (trial,) = load_run(RunStore.at(run_dir)).trials
+    assert trial.status == COMPLETED and (run_dir / "report.md").is_file()
 
 
 def test_submit_refuses_without_a_token(head):
@@ -220,74 +221,65 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(head, synthetic_
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def one_done_one_mid_training():
-        run_dir = _run_dir(config)
-        if run_dir is None:
-            return None
-        records = read_records(run_dir)
-        done = [r for r in records if r.status in TERMINAL]
-        mid = [r.trial_id for r in records if r.status == "running"
-               and 1 <= (last_checkpoint_epoch(run_dir / "trials" / r.trial_id / "last") or 0) < 3]
-        return (run_dir, mid) if done and mid else None
+        trials = _trials(config)
+        done = [t for t in trials.values() if t.status in TERMINAL]
+        mid = [i for i, t in trials.items() if t.status == RUNNING and 1 <= _checkpointed_epoch(t) < 3]
+        return mid if done and mid else None
 
-    run_dir, mid = _wait_until(one_done_one_mid_training, 600, "a finished and a checkpointed running trial", first)
+    mid = _wait_until(one_done_one_mid_training, 600, "a finished and a checkpointed running trial", first)
     first.send_signal(signal.SIGKILL)
     first.wait()
     time.sleep(2)  # Ray stops the dead driver's trials; let their last writes land
-    run_dir = _run_dir(config)
-    before = {r.trial_id: r for r in read_records(run_dir)}
-    finished_before = {i: read_epochs(run_dir, i) for i, r in before.items() if r.status in TERMINAL}
-    assert read_state(run_dir)["status"] == "running"  # the driver never got to say otherwise
+    run = _run(config)
+    before = {t.trial_id: t for t in load_run(run).trials}
+    finished_before = {i: t.epochs for i, t in before.items() if t.status in TERMINAL}
+    assert read_drivers(run)[-1].status == "running"  # the driver never got to say otherwise
 
     second = subprocess.run(_cli("run", "--config", str(config)), env=head["env"], cwd=REPO,
                             capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     (resumed,) = [l.split(": ", 1)[1] for l in second.stdout.splitlines() if l.startswith("resuming run directory: ")]
-    run_name = resumed.rstrip("/").rsplit("/", 1)[-1]
-    assert run_name.startswith(f"{name}-")
+    assert resumed == run.location
 
-    run_dir = _run_dir(config)
-    records = read_records(run_dir)
-    assert len(records) == 5 and len({r.trial_id for r in records}) == 5  # total as asked, no id twice
-    assert all(r.status in (COMPLETED, STOPPED_EARLY) for r in records), [(r.trial_id, r.status, r.reason) for r in records]
+    trials = {t.trial_id: t for t in load_run(run).trials}
+    assert len(trials) == 5  # the total as asked, each id once
+    assert all(t.status in (COMPLETED, STOPPED_EARLY) for t in trials.values()), [
+        (t.trial_id, t.status, t.reason) for t in trials.values()]
     for trial_id, epochs in finished_before.items():  # finished trials were not re-run
-        assert read_epochs(run_dir, trial_id) == epochs
-        assert next(r for r in records if r.trial_id == trial_id).attempts == 1
-    for r in records:  # each epoch once, in order, continued trials included
-        assert [e["epoch"] for e in read_epochs(run_dir, r.trial_id)] == list(range(1, len(read_epochs(run_dir, r.trial_id)) + 1))
+        assert trials[trial_id].epochs == epochs and trials[trial_id].attempts == 1
+    for t in trials.values():  # each epoch once, in order, continued trials included
+        assert [e["epoch"] for e in t.epochs] == list(range(1, len(t.epochs) + 1))
 
     # TPE continued from one study: both drivers' trials are in it. Each trial the
-    # killed driver left running is FAIL there and completes again under its own id;
-    # every trial of the report has exactly one COMPLETE entry.
+    # killed driver left running is FAIL there and ends again under its own id; every
+    # trial of the report has exactly one COMPLETE or PRUNED entry.
     import optuna
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-    from search.searcher import run_trial_id
+    from search.study import read_trials, run_trial_id
 
-    study = optuna.load_study(study_name=run_name, storage=JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal"))))
     State = optuna.trial.TrialState
-    complete = [run_trial_id(t) for t in study.trials if t.state == State.COMPLETE]
-    interrupted = [run_trial_id(t) for t in study.trials if t.state == State.FAIL]
-    assert sorted(complete) == sorted(r.trial_id for r in records)
-    assert set(interrupted) <= set(complete) and set(interrupted).isdisjoint(finished_before)
-    assert all(t.state in (State.COMPLETE, State.FAIL) for t in study.trials)
-    # Interrupted trials that had started ran a second attempt (one asked for but not yet
-    # started ran once, under its id); those killed mid-training continued from their
-    # checkpoint. A trial that had in fact finished, with only the driver's bookkeeping
+    study_trials = read_trials(run, None)
+    ended = [run_trial_id(t) for t in study_trials if t.state in (State.COMPLETE, State.PRUNED)]
+    interrupted = [run_trial_id(t) for t in study_trials if t.state == State.FAIL]
+    assert sorted(ended) == sorted(trials)
+    assert set(interrupted).isdisjoint(finished_before)
+    assert all(t.state in (State.COMPLETE, State.PRUNED, State.FAIL) for t in study_trials)
+    # Interrupted trials ran a second attempt; those killed mid-training continued from
+    # their checkpoint. A trial that had in fact finished, with only the driver's tell
     # missing, is settled, not re-run.
     assert set(mid) <= set(interrupted)
-    for r in records:
-        assert r.attempts == (2 if r.trial_id in interrupted and r.trial_id in before else 1), r
-        if r.trial_id in mid:
-            assert r.resumed_from_epoch >= 1, r
+    for t in trials.values():
+        assert t.attempts == (2 if t.trial_id in interrupted else 1), t
+        if t.trial_id in mid:
+            assert max(e.get("resumed_from_epoch") or 0 for e in t.epochs) >= 1, t
 
     # ASHA's rungs: every trial that reached a milestone sits in it once, with the
     # macro-F1 it had there, whichever driver saw it.
-    rungs = read_state(run_dir)["asha_rungs"]
+    rungs = read_drivers(run)[-1].asha_rungs
     for milestone, recorded in rungs.items():
-        reached = {r.trial_id: read_epochs(run_dir, r.trial_id) for r in records}
-        expected = {i: next(e["macro_f1"] for e in eps if e["epoch"] >= int(milestone))
-                    for i, eps in reached.items() if eps and eps[-1]["epoch"] >= int(milestone)}
-        assert recorded == pytest.approx(expected), milestone
+        expected = {t.trial_id: next(e["macro_f1"] for e in t.epochs if e["epoch"] >= int(milestone))
+                    for t in trials.values() if t.epochs and t.epochs[-1]["epoch"] >= int(milestone)}
+        assert recorded == pytest.approx(expected), (milestone, recorded, expected, {t.trial_id: t.epochs for t in trials.values()})
 
 
 def test_crashed_trial_retries_from_its_last_checkpoint(head, synthetic_root):
@@ -296,26 +288,23 @@ def test_crashed_trial_retries_from_its_last_checkpoint(head, synthetic_root):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def trial_after_epoch_one():
-        run_dir = _run_dir(config)
-        records = read_records(run_dir) if run_dir else []
-        if records and len(read_epochs(run_dir, records[0].trial_id)) >= 1:
-            return run_dir, records[0]
-        return None
+        trials = list(_trials(config).values())
+        return trials[0] if trials and trials[0].epochs else None
 
-    run_dir, record = _wait_until(trial_after_epoch_one, 600, "the trial's first epoch", proc)
-    os.kill(record.pid, signal.SIGKILL)  # the trial's process dies, as on a lost node or OOM kill
+    trial = _wait_until(trial_after_epoch_one, 600, "the trial's first epoch", proc)
+    os.kill(trial.epochs[-1]["pid"], signal.SIGKILL)  # the trial's process dies, as on a lost node or OOM kill
     killed_at = time.time()
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-3000:]
-    (final,) = read_records(run_dir)
+    (final,) = _trials(config).values()
     assert final.status == COMPLETED, final.reason
     assert final.attempts == 2 and len(final.failures) == 1
-    assert final.resumed_from_epoch >= 1
-    epochs = read_epochs(run_dir, final.trial_id)
-    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
+    resumed_from = max(e.get("resumed_from_epoch") or 0 for e in final.epochs)
+    assert resumed_from >= 1
+    assert [e["epoch"] for e in final.epochs] == [1, 2, 3, 4]
     # Epochs up to the checkpoint come from the first attempt, the rest from the retry.
-    assert all(e["timestamp"] < killed_at for e in epochs[: final.resumed_from_epoch])
-    assert all(e["timestamp"] > killed_at for e in epochs[final.resumed_from_epoch:])
+    assert all(e["timestamp"] < killed_at for e in final.epochs[:resumed_from])
+    assert all(e["timestamp"] > killed_at for e in final.epochs[resumed_from:])
     assert "retry 1/1 continues from its last checkpoint" in out
 
 
@@ -327,6 +316,6 @@ def test_retries_exhausted_records_the_trial_failed_with_its_reason(head, synthe
     done = subprocess.run(_cli("run", "--config", str(config)), env=head["env"], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (record,) = read_records(_run_dir(config))
-    assert record.status == FAILED and record.attempts == 2
-    assert "optim.batch_size 1000 is larger than" in record.reason
+    (trial,) = _trials(config).values()
+    assert trial.status == FAILED and trial.attempts == 2
+    assert "optim.batch_size 1000 is larger than" in trial.reason

@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from search.export import TENSORRT_HINT, ExportError, create_session, export_checkpoint
+from search.export.onnx import TENSORRT_HINT, ExportError, create_session, export_checkpoint
 from trainables.backbones import data_config
 from trainables.checkpoint import META_FILE, load_model, save_checkpoint
 from trainables.datasets import DataSplit, ImageDataset, prepare_split

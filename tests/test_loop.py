@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from search.config import parse_config
-from search.train_job import train
+from search.jobs.train import train
 from tests.conftest import small_run_config
 from trainables.checkpoint import load_model, read_meta
 from trainables.datasets import read_split
 from trainables.loaders import create_val_loader
 from trainables.loop import evaluate
-from trainables.reporting import RunDirReporter
+from trainables.reporting import LocalRunReporter
 from trainables.runtime import Runtime, local_runtime
 from trainables.transforms import create_eval_transform
 
@@ -131,11 +131,11 @@ def test_two_rank_ddp_under_ray_train_matches_one_process_evaluation(synthetic_r
     assert single.accuracy == pytest.approx(meta["metrics"]["accuracy"], abs=1e-9)
 
 
-class _CrashAfter(RunDirReporter):
-    """Keeps epochs like a search trial, then raises: a trial dying mid-run."""
+class _CrashAfter(LocalRunReporter):
+    """Keeps epochs and checkpoints, then raises: a trial dying mid-run."""
 
     def __init__(self, directory, crash_after_epoch):
-        super().__init__(directory, keep_last=True)
+        super().__init__(directory)
         self.crash_after_epoch = crash_after_epoch
 
     def report(self, result, checkpoint_dir):
@@ -160,12 +160,10 @@ def test_resuming_from_last_checkpoint_continues_exactly(synthetic_root, tmp_pat
     )).trial()
     split = prepare_split(synthetic_root, val_fraction=0.2, seed=0)
     runtime = local_runtime(use_gpu=False)
-    run_trial(cfg, split, RunDirReporter(tmp_path / "straight", keep_last=True), runtime)
+    run_trial(cfg, split, LocalRunReporter(tmp_path / "straight"), runtime)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_trial(cfg, split, _CrashAfter(tmp_path / "resumed", crash_after_epoch=1), runtime)
-    reporter = RunDirReporter(tmp_path / "resumed", keep_last=True)
-    reporter.resume_after(1)
-    run_trial(cfg, split, reporter, runtime, resume_from=tmp_path / "resumed" / "last")
+    run_trial(cfg, split, LocalRunReporter(tmp_path / "resumed"), runtime, resume_from=tmp_path / "resumed" / "last")
 
     def lines(name):
         return [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
@@ -179,21 +177,3 @@ def test_resuming_from_last_checkpoint_continues_exactly(synthetic_root, tmp_pat
     weights_b = load_file(str(tmp_path / "resumed" / "last" / "model.safetensors"))
     assert all(torch.allclose(weights_a[k], weights_b[k], atol=1e-6) for k in weights_a)
     assert not (tmp_path / "resumed" / "best" / "train_state").exists()  # export needs weights only
-
-
-def test_resume_after_drops_epochs_written_after_the_checkpoint(tmp_path):
-    """A crash between appending an epoch's line and replacing last/ must not leave
-    that epoch twice once the resumed trial writes it again."""
-    directory = tmp_path / "trial"
-    directory.mkdir()
-    (directory / "metrics.jsonl").write_text(
-        "".join(json.dumps({"epoch": e, "macro_f1": 0.1 * e}) + "\n" for e in (1, 2, 3)) + '{"epo'
-    )
-    for name, epoch in (("last", 2), ("best", 1)):  # killed after keeping last/, before best/
-        (directory / name).mkdir()
-        (directory / name / "meta.json").write_text(json.dumps({"epoch": epoch}))
-    reporter = RunDirReporter(directory)
-    reporter.resume_after(2)
-    assert [json.loads(l)["epoch"] for l in (directory / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    assert reporter.best_macro_f1 == pytest.approx(0.2)
-    assert json.loads((directory / "best" / "meta.json").read_text())["epoch"] == 2  # restored from last/

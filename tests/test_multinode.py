@@ -4,11 +4,13 @@ Each node has one CPU, so a 2-worker trial must put one DDP rank (gloo) on each 
 """
 
 import json
+import logging
+import re
 
 import pytest
 
 from search.config import parse_config
-from search.train_job import train
+from search.jobs.train import train
 from tests.conftest import small_run_config
 
 
@@ -31,11 +33,11 @@ def two_nodes(s3_bucket):  # the S3 endpoint's variables must be set before the 
 def test_two_worker_ddp_across_two_nodes_trains_and_evaluates_like_one_worker(two_nodes, synthetic_root, tmp_path):
     import ray
 
-    from search.evaluate_job import evaluate_checkpoint
-    from search.storage import check_shared_storage
+    from search.jobs.evaluate import evaluate_checkpoint
+    from search.storage import RunStore, check_shared_storage
 
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-    check_shared_storage(tmp_path / "runs")  # one host, one filesystem: both nodes see it
+    check_shared_storage(RunStore.at(tmp_path / "runs"))  # one host, one filesystem: both nodes see it
     cfg = parse_config(small_run_config(
         synthetic_root, tmp_path / "runs", optim={"epochs": 3}, scaling={"num_workers": 2, "cpus_per_worker": 1},
     ))
@@ -52,37 +54,68 @@ def test_two_worker_ddp_across_two_nodes_trains_and_evaluates_like_one_worker(tw
     assert two["macro_f1"] == pytest.approx(meta["metrics"]["macro_f1"], abs=1e-9)
 
 
+class _S3Requests(logging.Handler):
+    """The S3 requests moto's server answers (it logs each through werkzeug)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def uploads(self, suffix: str) -> list[str]:
+        """Keys ending in ``suffix`` uploaded, once per upload (single PUT or multipart start)."""
+        keys = []
+        for line in self.lines:
+            match = re.search(r'"(PUT|POST) (/[^ ?]+)(\?[^ ]*)? HTTP', line)
+            if not match or not match.group(2).endswith(suffix):
+                continue
+            query = match.group(3) or ""
+            single_put = match.group(1) == "PUT" and "partNumber" not in query
+            if single_put or (match.group(1) == "POST" and query.startswith("?uploads")):
+                keys.append(match.group(2))
+        return keys
+
+
 @pytest.mark.slow
-def test_multi_worker_trial_across_nodes_keeps_its_run_in_the_bucket(two_nodes, s3_bucket, synthetic_root, tmp_path):
-    """Object-store run, 2 DDP workers on 2 nodes: rank 0 uploads the trial's epochs and
-    checkpoints from whichever node it is on; the driver's report sees them."""
-    import pyarrow.fs as pafs
+def test_multi_worker_trial_across_nodes_uploads_each_checkpoint_once(two_nodes, s3_bucket, synthetic_root, tmp_path):
+    """Object-store run, 2 DDP workers on 2 nodes: Ray Train uploads each epoch's
+    checkpoint once, from whichever node rank 0 is on, and nothing else copies it."""
     import yaml
 
-    from search.driver import run_search
-    from search.storage import check_shared_storage
+    from search.results.trials import COMPLETED, load_run
+    from search.run.driver import run_search
+    from search.storage import RunStore, check_shared_storage
     from tests.test_cluster import SPACE
 
-    check_shared_storage(f"{s3_bucket}/multi")  # both nodes read the probe through S3
+    check_shared_storage(RunStore.at(f"{s3_bucket}/multi"))  # both nodes read the probe through S3
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
     cfg = parse_config(small_run_config(
         synthetic_root, f"{s3_bucket}/multi", name="multi", optim={"epochs": 2},
         scaling={"num_workers": 2, "cpus_per_worker": 0.9},
         search={"space": str(tmp_path / "space.yaml"), "num_samples": 1, "export": False, "scheduler": "fifo"},
     ))
-    lines = []
-    run_search(cfg, print_fn=lines.append)
-    fs, base = pafs.FileSystem.from_uri(f"{s3_bucket}/multi")
-    files = {i.path[len(base) + 1:] for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
-             if i.type == pafs.FileType.File}
-    run_name = next(f.split("/")[0] for f in files if f.endswith("report.parquet"))
-    trial = next(f.split("/")[2] for f in files if "/trials/" in f)
-    for name in ("trial.json", "metrics.jsonl", "best/model.safetensors", "last/train_state/state.json"):
-        assert f"{run_name}/trials/{trial}/{name}" in files, name
-    with fs.open_input_stream(f"{base}/{run_name}/trials/{trial}/trial.json") as f:
-        assert json.loads(f.readall())["status"] == "completed"
-    with fs.open_input_stream(f"{base}/{run_name}/trials/{trial}/metrics.jsonl") as f:
-        assert [json.loads(l)["epoch"] for l in f.readall().decode().splitlines()] == [1, 2]
+    requests, werkzeug = _S3Requests(), logging.getLogger("werkzeug")
+    werkzeug.addHandler(requests)
+    werkzeug.setLevel(logging.INFO)
+    werkzeug.propagate = False  # counted here, not printed
+    try:
+        store = run_search(cfg, print_fn=lambda *_: None)
+    finally:
+        werkzeug.removeHandler(requests)
+        werkzeug.setLevel(logging.WARNING)
+        werkzeug.propagate = True
+    (trial,) = load_run(store).trials
+    assert trial.status == COMPLETED and [e["epoch"] for e in trial.epochs] == [1, 2]
+    checkpoints = [e["checkpoint"] for e in trial.epochs]
+    assert all(c.startswith(f"tune/001/{trial.trial_id}/train/checkpoint_") for c in checkpoints)
+    for name in ("model.safetensors", "train_state/optimizer.safetensors", "meta.json", "metrics.json"):
+        uploads = requests.uploads(f"/{name}")
+        assert len(uploads) == 2, (name, uploads)  # one per epoch, 2 epochs
+        assert len(set(uploads)) == 2  # each key once: no checkpoint is rewritten
+        assert sorted(u.split("/train/")[1].split("/")[0] for u in uploads) == sorted(
+            c.split("/train/")[1] for c in checkpoints)
 
 
 def test_shared_storage_check_names_what_to_configure(tmp_path):

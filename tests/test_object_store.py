@@ -1,14 +1,16 @@
-"""A search whose run directory lives in an object store (S3 protocol, local endpoint).
+"""A search whose run lives in an object store (S3 protocol, moto's server on loopback).
 
-Trials work in node-local copies and upload what they change; the report and the
-export are rebuilt from the bucket alone.
+Ray writes the checkpoints into the bucket, the driver writes the study and its own
+files as whole objects, and everything a user reads afterwards (the report, the
+export) comes from the bucket alone, during the search as well as after it.
 """
 
 import json
 import os
-import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -28,47 +30,88 @@ def _bucket_files(uri: str) -> set[str]:
     return {i.path[len(base) + 1:] for i in infos if i.type == pafs.FileType.File}
 
 
-def test_search_keeps_its_whole_run_in_the_bucket(s3_bucket, synthetic_root, tmp_path):
+class _ReportPoller(threading.Thread):
+    """Runs ``tunecv report RUN`` every 0.5 s until stopped; keeps every outcome."""
+
+    def __init__(self, run_uri: str) -> None:
+        super().__init__(daemon=True)
+        self.run_uri = run_uri
+        self.outcomes: list[object] = []  # exit codes, or the exception a call raised
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        from search.cli import main
+
+        while not self.stop.is_set():
+            try:
+                self.outcomes.append(main(["report", self.run_uri]))
+            except BaseException as err:  # noqa: BLE001 - any escape is a failed call
+                self.outcomes.append(err)
+            time.sleep(0.5)
+
+
+def test_search_keeps_its_whole_run_in_the_bucket_and_reports_from_it_throughout(
+    s3_bucket, synthetic_root, tmp_path, capsys
+):
     import ray
 
-    from search.driver import run_search
+    from search.run.driver import run_search
 
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
     cfg = parse_config(small_run_config(
         synthetic_root, f"{s3_bucket}/runs", name="s3run",
-        search={"space": str(tmp_path / "space.yaml"), "num_samples": 2, "max_concurrent_trials": 2,
+        search={"space": str(tmp_path / "space.yaml"), "num_samples": 3, "max_concurrent_trials": 2,
                 "asha": {"grace_period": 1}},
     ))
+    run_uri = f"{s3_bucket}/runs/s3run-polled"
+    poller = _ReportPoller(run_uri)
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        work_copy = run_search(cfg, print_fn=lambda *_: None)
+        poller.start()
+        run_search(cfg, print_fn=lambda *_: None, run_dir=run_uri)
     finally:
+        poller.stop.set()
+        poller.join(timeout=120)
         ray.shutdown()
+    capsys.readouterr()  # the poller's tables
 
-    (run_name,) = {f.split("/")[0] for f in _bucket_files(f"{s3_bucket}/runs")}
-    run_uri = f"{s3_bucket}/runs/{run_name}"
+    # Before the driver wrote config.yaml the run did not exist yet (exit code 2, "not a
+    # run"); from the first report on, every call during the search succeeded.
+    answered = poller.outcomes[next(i for i, o in enumerate(poller.outcomes) if o == 0):]
+    assert len(answered) >= 10, poller.outcomes
+    assert all(o == 0 for o in answered), [o for o in answered if o != 0]
+
     files = _bucket_files(run_uri)
     for name in ("config.yaml", "split.parquet", "split.json", "space.yaml", "optuna.journal",
-                 "search_state.json", "report.parquet", "report.md", "export/model.onnx", "export/metrics.json"):
+                 "drivers/001.json", "report.parquet", "report.md", "export/model.onnx", "export/metrics.json"):
         assert name in files, name
-    trial_ids = {f.split("/")[1] for f in files if f.startswith("trials/")}
-    assert len(trial_ids) == 2
-    for trial_id in trial_ids:
-        for name in ("trial.json", "metrics.jsonl", "best/model.safetensors", "last/train_state/state.json"):
-            assert f"trials/{trial_id}/{name}" in files, (trial_id, name)
+    trial_dirs = {"/".join(f.split("/")[:3]) for f in files if f.startswith("tune/001/t0")}
+    assert len(trial_dirs) == 3
+    for trial_dir in trial_dirs:  # Ray's checkpoints: weights, meta, per-class metrics, resumable state
+        for name in ("model.safetensors", "meta.json", "metrics.json", "train_state/state.json"):
+            assert any(f.startswith(f"{trial_dir}/checkpoint_") and f.endswith(name) for f in files), (trial_dir, name)
 
-    # `tunecv report` from the bucket alone, with this machine's working copy gone.
-    shutil.rmtree(work_copy)
-    tmp = tmp_path / "tmp"  # where the command's private view of the bucket goes
+    # `tunecv report` from the bucket alone, in a fresh process: nothing left in its TMPDIR.
+    tmp = tmp_path / "tmp"
     tmp.mkdir()
-    done = subprocess.run([sys.executable, "-m", "search.cli", "report", run_uri],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp)})
+    done = subprocess.run([sys.executable, "-m", "search.cli", "report", run_uri], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TMPDIR": str(tmp)})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert all(t in done.stdout for t in trial_ids)
-    assert list(tmp.iterdir()) == []  # the view is deleted after use
+    assert list(tmp.iterdir()) == []
     fs, base = pafs.FileSystem.from_uri(run_uri)
     with fs.open_input_file(f"{base}/report.parquet") as f:
         table = pq.read_table(f).to_pylist()
-    assert {r["trial_id"] for r in table} == trial_ids and table[0]["macro_f1"] > 0.3
-    with fs.open_input_stream(f"{base}/search_state.json") as f:
+    assert all(r["trial_id"] in done.stdout for r in table) and len(table) == 3
+    assert table[0]["macro_f1"] > 0.3
+    with fs.open_input_stream(f"{base}/drivers/001.json") as f:
         assert json.loads(f.readall())["status"] == "finished"
+
+    # `tunecv export` of another trial: it downloads that checkpoint only, and leaves no copy behind.
+    other = table[1]["trial_id"]
+    done = subprocess.run([sys.executable, "-m", "search.cli", "export", run_uri, "--trial", other,
+                           "--out", str(tmp_path / "exported")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TMPDIR": str(tmp)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "exported" / "model.onnx").is_file() and list(tmp.iterdir()) == []
+    assert json.loads((tmp_path / "exported" / "metrics.json").read_text())["macro_f1"] == pytest.approx(
+        table[1]["macro_f1"])

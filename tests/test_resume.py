@@ -1,81 +1,115 @@
-"""Resume planning against a real Optuna study: every way a driver can die mid-search."""
-
-import json
+"""Resume planning against a real Optuna study in a real run directory: every way a
+driver can leave its trials when it dies."""
 
 import optuna
 import pytest
 
 from search.config import parse_config
-from search.records import COMPLETED, FAILED, INTERRUPTED, RUNNING, STOPPED_EARLY, TrialRecord, read_records, write_record
-from search.resume import plan_resume
-from search.searcher import TRIAL_ID_KEY
+from search.run.resume import INTERRUPTED_REASON, plan_resume
+from search.run.scheduler import RunIdASHA
+from search.storage import RunStore
+from search.study import (
+    CHECKPOINT, FAILURES, REASON, RESUME_FROM_KEY, TIMESTAMP, TRIAL_ID_KEY, epoch_key, open_study, run_trial_id,
+)
 from tests.conftest import small_run_config
 
-PARAMS = {"lr_head": 1e-3}
+State = optuna.trial.TrialState
 DIST = {"lr_head": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
+CHECKPOINT_FILES = ("model.safetensors", "meta.json", "train_state/state.json", "train_state/optimizer.safetensors")
 
 
-def _cfg(tmp_path, num_samples=6, **search):
+def _cfg(tmp_path, num_samples=8, **search):
     (tmp_path / "data").mkdir(exist_ok=True)
     raw = small_run_config(tmp_path / "data", tmp_path, optim={"epochs": 3}, search={"num_samples": num_samples, **search})
     return parse_config(raw)
 
 
-def _trial(run_dir, study, status, epochs, *, tell=None, trial_id=None):
-    """Ask the study for a trial, give it a record and epochs; optionally tell it."""
-    t = study.ask(DIST)
-    trial_id = trial_id or f"t{t.number:04d}"
-    write_record(run_dir, TrialRecord(trial_id, PARAMS, {}, max_epochs=3, status=status))
-    lines = [{"epoch": e, "macro_f1": 0.1 * e} for e in range(1, epochs + 1)]
-    (run_dir / "trials" / trial_id / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+@pytest.fixture
+def run(tmp_path):
+    store = RunStore.at(tmp_path / "run")
+    return store, open_study(store, None)
+
+
+_clock = iter(range(1000, 100000))
+
+
+def _trial(store, study, epochs, *, scores=None, checkpoints=(), tell=None):
+    """Ask for a trial and record ``epochs`` epochs as the driver would; Ray kept the
+    checkpoints of the epochs in ``checkpoints``. Optionally tell how it ended."""
+    trial = study.ask(DIST)
+    trial_id = run_trial_id(trial)
+    trial.set_user_attr(TRIAL_ID_KEY, trial_id)
+    for epoch in range(1, epochs + 1):
+        score = (scores or {}).get(epoch, 0.1 * epoch)
+        rel = f"tune/001/{trial_id}/checkpoint_{epoch - 1:06d}"
+        trial.report(score, step=epoch)
+        trial.set_user_attr(epoch_key(epoch), {"epoch": epoch, "macro_f1": score, TIMESTAMP: next(_clock), CHECKPOINT: rel})
+        if epoch in checkpoints:
+            for name in CHECKPOINT_FILES:
+                store.write_text(f"{rel}/{name}", "{}")
+    if tell is State.FAIL:
+        trial.set_user_attr(REASON, "ValueError: boom")
     if tell is not None:
-        study.tell(t, tell) if not isinstance(tell, optuna.trial.TrialState) else study.tell(t, state=tell)
+        study.tell(trial, tell) if not isinstance(tell, State) else study.tell(trial, state=tell)
     return trial_id
 
 
-def test_plan_settles_continues_and_counts(tmp_path):
-    run_dir = tmp_path / "run"
-    study = optuna.create_study(direction="maximize")
-    State = optuna.trial.TrialState
-    done = _trial(run_dir, study, COMPLETED, 3, tell=0.3)  # fully recorded
-    untold = _trial(run_dir, study, STOPPED_EARLY, 1)  # finished, the tell() never came
-    all_epochs = _trial(run_dir, study, RUNNING, 3)  # every epoch done, record not settled
-    training = _trial(run_dir, study, RUNNING, 1)  # mid-training: continues
-    retrying = _trial(run_dir, study, FAILED, 1)  # crashed, Tune was about to retry it
-    told_first = _trial(run_dir, study, RUNNING, 2, tell=0.2)  # Optuna told, callbacks never ran
-    plan = plan_resume(run_dir, _cfg(tmp_path, num_samples=8), study)
+def _latest(study, trial_id):
+    return [t for t in study.trials if run_trial_id(t) == trial_id][-1]
 
-    assert set(plan.finished) == {done, untold, all_epochs, told_first}
-    assert set(plan.continuing) == {training, retrying}
-    assert plan.num_samples == 8 - 4  # the continuing trials and two new ones
-    records = {r.trial_id: r.status for r in read_records(run_dir)}
-    assert records[all_epochs] == COMPLETED and records[told_first] == STOPPED_EARLY
-    assert records[training] == INTERRUPTED and records[retrying] == INTERRUPTED
+
+def test_plan_settles_continues_and_counts(run, tmp_path):
+    store, handle = run
+    study = handle.study
+    done = _trial(store, study, 3, tell=0.3)
+    pruned = _trial(store, study, 1, tell=State.PRUNED)
+    failed = _trial(store, study, 1, tell=State.FAIL)
+    all_epochs = _trial(store, study, 3, checkpoints={3})  # only the driver's tell was lost
+    training = _trial(store, study, 2, checkpoints={2})  # mid-training: continues from epoch 2
+    deleted = _trial(store, study, 2, checkpoints=())  # Ray no longer keeps its checkpoints
+    plan = plan_resume(handle, store, _cfg(tmp_path), scheduler=None, spent_s=0.0)
+
+    assert set(plan.finished) == {done, pruned, failed, all_epochs}
+    assert set(plan.continuing) == {training, deleted}
+    assert plan.num_samples == 8 - 4  # the two continuing trials and two new ones
+    assert _latest(study, all_epochs).state == State.COMPLETE and _latest(study, all_epochs).value == pytest.approx(0.3)
     assert not study.get_trials(states=(State.RUNNING,))
-    queued = study.get_trials(states=(State.WAITING,))
-    assert sorted(t.user_attrs[TRIAL_ID_KEY] for t in queued) == sorted([training, retrying])
-    assert plan.history[training] == []  # no last/ checkpoint: it starts over, its epoch 1 is not kept
-    assert plan.history[done] == [(1, pytest.approx(0.1)), (2, pytest.approx(0.2)), (3, pytest.approx(0.3))]
+    continued = _latest(study, training)
+    assert continued.state == State.WAITING
+    assert continued.user_attrs[RESUME_FROM_KEY] == f"tune/001/{training}/checkpoint_000001"
+    assert continued.intermediate_values == {1: pytest.approx(0.1), 2: pytest.approx(0.2)}
+    assert continued.user_attrs[FAILURES] == [INTERRUPTED_REASON]
+    assert continued.params == _latest(study, training).params == study.trials[4].params
+    restarted = _latest(study, deleted)
+    assert RESUME_FROM_KEY not in restarted.user_attrs and restarted.intermediate_values == {}
+    # The interrupted attempts stay in the study as FAIL: the history of their ids.
+    assert [t.state for t in study.trials if run_trial_id(t) == training] == [State.FAIL, State.WAITING]
 
 
-def test_a_second_resume_keeps_queued_continuations_and_their_ids(tmp_path):
-    run_dir = tmp_path / "run"
-    study = optuna.create_study(direction="maximize")
-    training = _trial(run_dir, study, RUNNING, 1)
-    first = plan_resume(run_dir, _cfg(tmp_path), study)
+def test_a_second_resume_keeps_queued_continuations_and_their_ids(run, tmp_path):
+    store, handle = run
+    training = _trial(store, handle.study, 1, checkpoints={1})
+    first = plan_resume(handle, store, _cfg(tmp_path), scheduler=None, spent_s=0.0)
     assert first.continuing == (training,)
     # The resumed driver dies before asking for the continuation: it is still queued.
-    second = plan_resume(run_dir, _cfg(tmp_path), study)
+    second = plan_resume(handle, store, _cfg(tmp_path), scheduler=None, spent_s=0.0)
     assert second.continuing == (training,) and second.finished == ()
-    assert {r.trial_id: r.status for r in read_records(run_dir)}[training] == INTERRUPTED
-    assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 1  # not enqueued twice
+    assert len(handle.study.get_trials(states=(State.WAITING,))) == 1  # not queued twice
 
 
-def test_a_spent_time_budget_starts_nothing(tmp_path):
-    from search.records import write_state
+def test_asha_rebuilt_from_the_study_stops_what_the_dead_driver_would_have(run, tmp_path):
+    store, handle = run
+    cfg = _cfg(tmp_path, asha={"grace_period": 1, "reduction_factor": 2})
+    leader = _trial(store, handle.study, 1, scores={1: 0.9}, checkpoints={1})
+    laggard = _trial(store, handle.study, 1, scores={1: 0.1}, checkpoints={1})  # arrived after the leader
+    scheduler = RunIdASHA(max_t=3, grace_period=1, reduction_factor=2)
+    plan = plan_resume(handle, store, cfg, scheduler, spent_s=0.0)
+    assert plan.continuing == (leader,) and plan.finished == (laggard,)
+    assert _latest(handle.study, laggard).state == State.PRUNED
+    assert scheduler.rungs()["1"] == {leader: pytest.approx(0.9), laggard: pytest.approx(0.1)}
 
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    write_state(run_dir, status="running", spent_s=120.0)
-    plan = plan_resume(run_dir, _cfg(tmp_path, time_budget_s=100), optuna.create_study(direction="maximize"))
-    assert plan.num_samples == 0
+
+def test_a_spent_time_budget_starts_nothing(run, tmp_path):
+    store, handle = run
+    plan = plan_resume(handle, store, _cfg(tmp_path, time_budget_s=100), scheduler=None, spent_s=120.0)
+    assert plan.num_samples == 0 and plan.time_budget_s == pytest.approx(-20.0)

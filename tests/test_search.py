@@ -4,14 +4,16 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from search.config import ConfigError, parse_config
-from search.records import COMPLETED, FAILED, STOPPED_EARLY, read_records
-from search.report import REPORT_MARKDOWN, REPORT_PARQUET
+from search.layout import REPORT_MARKDOWN, REPORT_PARQUET
+from search.results.trials import COMPLETED, FAILED, STOPPED_EARLY, load_run
+from search.study import read_trials
 from tests.conftest import small_run_config
 
 # Three families (ResNet, EfficientNet, ViT), three losses. The warm start runs first,
@@ -56,56 +58,62 @@ def _search_config(synthetic_root, tmp_path, **search):
 def search_run(synthetic_root, tmp_path_factory):
     import ray
 
-    from search.driver import run_search
+    from search.run.driver import run_search
 
     tmp = tmp_path_factory.mktemp("search")
     lines = []
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        run_dir = run_search(_search_config(synthetic_root, tmp), print_fn=lines.append)
+        store = run_search(_search_config(synthetic_root, tmp), print_fn=lines.append)
     finally:
         ray.shutdown()
-    return run_dir, lines
+    return store, lines
 
 
 @pytest.mark.slow
 def test_every_trial_is_recorded_with_a_status(search_run):
-    run_dir, _ = search_run
-    records = read_records(run_dir)
-    assert len(records) == 6
-    assert len({r.trial_id for r in records}) == 6
-    assert all(r.status in (COMPLETED, STOPPED_EARLY, FAILED) for r in records)
-    assert {r.overrides["model"]["backbone"] for r in records} >= {"test_resnet", "test_efficientnet", "test_vit"}
-    assert len({r.overrides["loss"]["type"] for r in records}) >= 2
+    store, _ = search_run
+    trials = load_run(store).trials
+    assert len(trials) == 6
+    assert len({t.trial_id for t in trials}) == 6
+    assert all(t.status in (COMPLETED, STOPPED_EARLY, FAILED) for t in trials)
+    assert {t.config.model.backbone for t in trials} >= {"test_resnet", "test_efficientnet", "test_vit"}
+    assert len({t.config.loss.type for t in trials}) >= 2
 
 
 @pytest.mark.slow
-def test_asha_stops_the_hopeless_warm_start_early(search_run):
-    run_dir, _ = search_run
-    hopeless = [r for r in read_records(run_dir) if r.params.get("lr_head") == 1.0e-6]
+def test_asha_stops_the_hopeless_warm_start_early_and_optuna_sees_it_pruned(search_run):
+    import optuna
+
+    store, _ = search_run
+    hopeless = [t for t in load_run(store).trials if t.params.get("lr_head") == 1.0e-6]
     assert len(hopeless) == 1 and hopeless[0].status == STOPPED_EARLY
-    epochs = (run_dir / "trials" / hopeless[0].trial_id / "metrics.jsonl").read_text().splitlines()
-    assert len(epochs) < 3
+    assert len(hopeless[0].epochs) < 3
+    (study_trial,) = [t for t in read_trials(store, None) if t.params.get("lr_head") == 1.0e-6]
+    assert study_trial.state == optuna.trial.TrialState.PRUNED
+    assert sorted(study_trial.intermediate_values) == [e["epoch"] for e in hopeless[0].epochs]
 
 
 @pytest.mark.slow
 def test_a_trial_that_raises_is_recorded_failed_and_the_searcher_is_told(search_run):
     import optuna
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-    run_dir, _ = search_run
-    failed = [r for r in read_records(run_dir) if r.status == FAILED]
-    assert failed and all(r.overrides["optim"]["batch_size"] == 1000 for r in failed)
-    assert all("ValueError: optim.batch_size 1000 is larger than" in r.reason for r in failed)
-    study = optuna.load_study(study_name=run_dir.name, storage=JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal"))))
-    states = [t.state for t in study.trials]
-    assert states.count(optuna.trial.TrialState.FAIL) == len(failed)
-    assert states.count(optuna.trial.TrialState.COMPLETE) == 6 - len(failed)
+    store, _ = search_run
+    trials = load_run(store).trials
+    failed = [t for t in trials if t.status == FAILED]
+    assert failed and all(t.config.optim.batch_size == 1000 for t in failed)
+    assert all("ValueError: optim.batch_size 1000 is larger than" in t.reason for t in failed)
+    states = [t.state for t in read_trials(store, None)]
+    State = optuna.trial.TrialState
+    assert states.count(State.FAIL) == len(failed)
+    assert states.count(State.COMPLETE) == sum(t.status == COMPLETED for t in trials)
+    assert states.count(State.PRUNED) == sum(t.status == STOPPED_EARLY for t in trials)
 
 
 @pytest.mark.slow
 def test_report_ranks_by_macro_f1_and_lists_every_trial(search_run):
-    run_dir, lines = search_run
+    store, lines = search_run
+    run_dir = Path(store.location)
     table = pq.read_table(run_dir / REPORT_PARQUET).to_pylist()
     assert len(table) == 6 and [r["rank"] for r in table] == list(range(1, 7))
     scores = [r["macro_f1"] for r in table if not math.isnan(r["macro_f1"])]
@@ -121,7 +129,7 @@ def test_report_ranks_by_macro_f1_and_lists_every_trial(search_run):
 
 @pytest.mark.slow
 def test_winner_is_exported_and_verified(search_run):
-    run_dir, _ = search_run
+    run_dir = Path(search_run[0].location)
     export = run_dir / "export"
     for name in ("model.onnx", "class_names.json", "preprocessing.json", "metrics.json"):
         assert (export / name).is_file(), name
@@ -132,22 +140,25 @@ def test_winner_is_exported_and_verified(search_run):
 
 
 @pytest.mark.slow
-def test_report_rebuilds_from_disk_via_cli(search_run):
-    run_dir, _ = search_run
-    (run_dir / REPORT_PARQUET).unlink()
+def test_report_rebuilds_from_the_run_via_cli_without_writing_into_it(search_run, tmp_path):
+    store, _ = search_run
+    before = (Path(store.location) / REPORT_PARQUET).read_bytes()
     proc = subprocess.run(
-        [sys.executable, "-m", "search.cli", "report", str(run_dir)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "search.cli", "report", store.location, "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert (run_dir / REPORT_PARQUET).is_file()
-    assert sum(r.trial_id in proc.stdout for r in read_records(run_dir)) == 6
+    assert sum(t.trial_id in proc.stdout for t in load_run(store).trials) == 6
+    rebuilt = pq.read_table(tmp_path / "out" / REPORT_PARQUET).to_pylist()
+    assert [r["trial_id"] for r in rebuilt] == [r["trial_id"] for r in pq.read_table(store.location + "/" + REPORT_PARQUET).to_pylist()]
+    assert (Path(store.location) / REPORT_PARQUET).read_bytes() == before  # the driver's file is untouched
 
 
 def test_bad_space_fails_before_ray_or_data(tmp_path, synthetic_root):
     import ray
 
-    from search.driver import run_search
-    from search.space import SpaceError
+    from search.run.driver import run_search
+    from search.space.model import SpaceError
 
     cfg = _search_config(synthetic_root, tmp_path)  # writes the good space.yaml...
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(dict(SPACE, losses={"hinge": {}})))  # ...spoil it
@@ -176,7 +187,7 @@ def test_multi_worker_trials_run_through_torch_trainer(synthetic_root, tmp_path)
     """
     import ray
 
-    from search.driver import run_search
+    from search.run.driver import run_search
 
     cfg = _search_config(synthetic_root, tmp_path, num_samples=2, warm_start=True, export=False)
     raw = cfg.model_dump(mode="json")
@@ -184,16 +195,18 @@ def test_multi_worker_trials_run_through_torch_trainer(synthetic_root, tmp_path)
     raw["optim"]["epochs"] = 2
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        run_dir = run_search(parse_config(raw), print_fn=lambda *_: None)
+        store = run_search(parse_config(raw), print_fn=lambda *_: None)
     finally:
         ray.shutdown()
-    records = read_records(run_dir)
-    assert len(records) == 2
-    assert all(r.status in (COMPLETED, STOPPED_EARLY) for r in records), [(r.trial_id, r.status, r.reason) for r in records]
-    first = records[0]
+    trials = sorted(load_run(store).trials, key=lambda t: t.trial_id)
+    assert len(trials) == 2
+    assert all(t.status in (COMPLETED, STOPPED_EARLY) for t in trials), [(t.trial_id, t.status, t.reason) for t in trials]
+    first = trials[0]
     assert first.status == COMPLETED and first.attempts == 1
-    epochs = (run_dir / "trials" / first.trial_id / "metrics.jsonl").read_text().splitlines()
-    assert len(epochs) == 2
-    assert (run_dir / "trials" / first.trial_id / "best" / "model.safetensors").is_file()
-    table = pq.read_table(run_dir / REPORT_PARQUET).to_pylist()
+    assert [e["epoch"] for e in first.epochs] == [1, 2]
+    # Ray Train wrote the checkpoints, inside the trial's Tune directory; the study points at them.
+    (best,) = first.checkpoints_by_rank()[:1]
+    assert best.startswith(f"tune/001/{first.trial_id}/train/checkpoint_")
+    assert (Path(store.location) / best / "model.safetensors").is_file()
+    table = pq.read_table(Path(store.location) / REPORT_PARQUET).to_pylist()
     assert table[0]["macro_f1"] > 0.3

@@ -10,8 +10,8 @@ import optuna
 import pytest
 import yaml
 
-from search.space import SearchSpace, SpaceError, unfreeze_depth_param
-from search.space_catalog import SPACES_DIR, TIERS, load_space, resolve_space_name
+from search.space.model import SearchSpace, SpaceError, unfreeze_depth_param
+from search.space.catalog import SPACES_DIR, TIERS, load_space, resolve_space_name
 from trainables.config import TrialConfig
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

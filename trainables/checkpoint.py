@@ -1,8 +1,9 @@
 """Checkpoints as safetensors weights plus a JSON sidecar; loading never unpickles.
 
 A checkpoint directory holds ``model.safetensors`` (tensors only, safe to open from
-anywhere) and ``meta.json`` (class names, preprocessing spec, the trial config, epoch
-and metrics). A resumable checkpoint adds ``train_state/``: the optimizer's tensors as
+anywhere), ``meta.json`` (class names, preprocessing spec, the trial config, epoch and
+metric scalars) and ``metrics.json`` (that epoch's per-class metrics and confusion
+matrix, which the report reads for its top trials). A resumable checkpoint adds ``train_state/``: the optimizer's tensors as
 safetensors, and its hyperparameters, the LR schedule's position, the GradScaler and
 the epoch as JSON, so a trial that crashed continues where it stopped. This module owns
 that format and rebuilding a model from it. It does not decide when to checkpoint: the
@@ -20,6 +21,7 @@ from torch import nn
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
+METRICS_FILE = "metrics.json"
 TRAIN_STATE_DIR = "train_state"
 _OPTIMIZER_TENSORS = "optimizer.safetensors"
 _STATE_JSON = "state.json"
@@ -49,6 +51,11 @@ def save_checkpoint(directory: Path, model: nn.Module, meta: dict[str, Any]) -> 
     payload = {"format_version": FORMAT_VERSION, **meta}
     (directory / META_FILE).write_text(json.dumps(payload, indent=2, default=str))
     return directory
+
+
+def write_epoch_metrics(directory: Path, metrics: dict[str, Any]) -> None:
+    """Write the epoch's full evaluation (scalars, per-class, confusion matrix) as ``metrics.json``."""
+    (Path(directory) / METRICS_FILE).write_text(json.dumps(metrics))
 
 
 def read_meta(directory: Path) -> dict[str, Any]:

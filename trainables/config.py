@@ -17,9 +17,6 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-LOSS_TYPES = ("ce", "label_smoothing", "weighted_ce", "focal")
-
-
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
@@ -108,10 +105,12 @@ class LossConfig(_Frozen):
     @field_validator("type")
     @classmethod
     def _known_loss(cls, name: str) -> str:
-        if name not in LOSS_TYPES:
-            close = difflib.get_close_matches(name, LOSS_TYPES, n=1)
+        from trainables.losses import LOSSES  # the registry imports torch; parse-time only
+
+        if name not in LOSSES:
+            close = difflib.get_close_matches(name, list(LOSSES), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ValueError(f"unknown loss '{name}'; expected one of {list(LOSS_TYPES)}.{hint}")
+            raise ValueError(f"unknown loss '{name}'; expected one of {list(LOSSES)}.{hint}")
         return name
 
     @field_validator("alpha")

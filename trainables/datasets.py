@@ -29,14 +29,13 @@ import torch.utils.data
 
 from trainables.images import DEFAULT_MAX_PIXELS, BadImage, load_rgb, scan_images
 from trainables.layouts import SPLITS, Candidate, DataError, folder_candidates, manifest_candidates, relative_posix
+from trainables.locations import resolve_location
 
 logger = logging.getLogger(__name__)
 
 # The reference guide asks for a 15-30 % holdout: less makes per-class val
 # metrics too noisy to rank trials, more starves training on small data sets.
 VAL_FRACTION_RANGE = (0.15, 0.30)
-SPLIT_FILE = "split.parquet"  # a run's fixed train/val split, shared by every trial
-SPLIT_META_FILE = "split.json"  # its sidecar (class names, skipped files), written with it
 _MAX_DUPLICATE_EXAMPLES = 5
 
 
@@ -240,26 +239,26 @@ def _duplicates(train: Sequence[Sample], val: Sequence[Sample]) -> tuple[tuple[s
     return pairs
 
 
-def _sidecar(path: Path) -> Path:
-    sidecar = path.with_name(path.stem + ".json")
-    if sidecar == path:
+def _sidecar(path: str) -> str:
+    if not path.endswith(".parquet"):
         raise DataError(
-            f"split file must be a .parquet path, got {str(path)!r}; metadata goes to <stem>.json."
+            f"split file must be a .parquet path, got {path!r}; metadata goes to <stem>.json."
         )
-    return sidecar
+    return path[: -len(".parquet")] + ".json"
 
 
-def write_split(split: DataSplit, path: Path) -> None:
+def write_split(split: DataSplit, location: str | Path) -> None:
     """Write ``split`` as Parquet rows plus a ``<stem>.json`` with the rest.
 
     Args:
         split: The split to store.
-        path: The Parquet file; the JSON sidecar goes next to it.
+        location: The Parquet file, a local path or an object-store URI; the JSON
+            sidecar goes next to it.
 
     Raises:
-        DataError: ``path`` ends in ``.json`` and would collide with the sidecar.
+        DataError: ``location`` does not end in ``.parquet``.
     """
-    path = Path(path)
+    fs, path = resolve_location(location)
     sidecar = _sidecar(path)
     rows = [("train", s) for s in split.train] + [("val", s) for s in split.val]
     table = pa.table(
@@ -271,8 +270,8 @@ def write_split(split: DataSplit, path: Path) -> None:
             "sha1": pa.array([s.sha1 for _, s in rows], pa.string()),
         }
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(table, path, filesystem=fs)
     meta = {
         "root": split.root,
         "class_names": list(split.class_names),
@@ -280,20 +279,22 @@ def write_split(split: DataSplit, path: Path) -> None:
         "duplicates_across_splits": [list(pair) for pair in split.duplicates_across_splits],
         "fingerprint": split.fingerprint(),
     }
-    sidecar.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    with fs.open_output_stream(sidecar) as f:
+        f.write((json.dumps(meta, indent=2) + "\n").encode("utf-8"))
 
 
-def read_split(path: Path) -> DataSplit:
-    """Read a split written by :func:`write_split`.
+def read_split(location: str | Path) -> DataSplit:
+    """Read a split written by :func:`write_split`, from a local path or an object-store URI.
 
     Raises:
         DataError: A file is missing or malformed, or the rows no longer match
             the stored fingerprint (the file was edited after writing).
     """
-    path = Path(path)
     try:
-        table = pq.read_table(path)
-        meta = json.loads(_sidecar(path).read_text(encoding="utf-8"))
+        fs, path = resolve_location(location)
+        table = pq.read_table(path, filesystem=fs)
+        with fs.open_input_stream(_sidecar(path)) as f:
+            meta = json.loads(f.readall().decode("utf-8"))
         class_names = tuple(meta["class_names"])
         # class_name is a convenience column for people reading the file; labels rule.
         columns = [table.column(name).to_pylist() for name in ("split", "path", "label", "sha1")]
@@ -312,12 +313,14 @@ def read_split(path: Path) -> DataSplit:
         )
         expected = meta["fingerprint"]
     except (OSError, KeyError, ValueError, TypeError, pa.ArrowException) as err:
+        if isinstance(err, DataError):
+            raise
         raise DataError(
-            f"cannot read split file {str(path)!r}: {err!r}. Regenerate it with write_split."
+            f"cannot read split file {str(location)!r}: {err!r}. Regenerate it with write_split."
         ) from err
     if result.fingerprint() != expected:
         raise DataError(
-            f"split file {str(path)!r} does not match its fingerprint {expected}; it was edited "
+            f"split file {str(location)!r} does not match its fingerprint {expected}; it was edited "
             "after writing. Regenerate it with prepare_split and write_split."
         )
     return result

@@ -29,7 +29,13 @@ from trainables.backbones import (
     set_train_mode,
     unwrap,
 )
-from trainables.checkpoint import load_training_state, load_weights_into, save_checkpoint, save_training_state
+from trainables.checkpoint import (
+    load_training_state,
+    load_weights_into,
+    save_checkpoint,
+    save_training_state,
+    write_epoch_metrics,
+)
 from trainables.config import TrialConfig
 from trainables.datasets import DataSplit
 from trainables.loaders import create_train_loader, create_val_loader
@@ -249,7 +255,7 @@ def run_trial(
         split: The run's fixed train/validation split.
         reporter: Receives every epoch's result and (on the chief) a checkpoint.
         runtime: In-process or Ray Train worker.
-        resume_from: A checkpoint with ``train_state/`` (the trial's ``last/``): weights,
+        resume_from: A checkpoint with ``train_state/`` (any epoch the loop saved): weights,
             optimizer, LR schedule and GradScaler are restored and training continues
             with the epoch after it.
 
@@ -279,6 +285,8 @@ def run_trial(
             lr_head=lr_head,
             lr_base=lr_base,
             metrics=metrics,
+            num_params=parts.meta["num_params"],
+            trainable_params=parts.meta["trainable_params"],
         )
         if best is None or metrics.macro_f1 > best.metrics.macro_f1:
             best = result
@@ -298,6 +306,7 @@ def _report(parts: _Parts, result: EpochResult, reporter: Reporter, runtime: Run
     with tempfile.TemporaryDirectory(prefix="tunecv-ckpt-") as tmp:
         meta = {**parts.meta, "epoch": result.epoch, "metrics": result.metrics.scalars()}
         save_checkpoint(Path(tmp), unwrap(parts.model), meta)
-        # Every epoch's checkpoint can resume the trial; reporters keep it as last/.
+        write_epoch_metrics(Path(tmp), {**result.scalars(), **result.details()})
+        # Every epoch's checkpoint can resume the trial: a retry continues from it.
         save_training_state(Path(tmp), parts.optimizer, parts.scheduler, scaler, result.epoch)
         reporter.report(result, Path(tmp))

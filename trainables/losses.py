@@ -1,20 +1,23 @@
-"""Training losses and class-imbalance weights.
+"""Training losses: the one registry that config validation, search spaces and the report read.
 
-Owns the loss registry (``create_loss("focal", ...)``) and the 'balanced' class
-weights derived from training labels. Validation loss is not chosen here: the loop
-always reports plain cross-entropy so that trials with different training losses
-stay comparable in the report.
+Owns ``LOSSES`` (name -> how to build it, which of its ``LossConfig`` fields a search may
+tune, how the report labels it) and the 'balanced' class weights derived from training
+labels. Validation loss is not chosen here: the loop always reports plain cross-entropy,
+so trials that train with different losses stay comparable in the report.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.config import LossConfig
+if TYPE_CHECKING:
+    from trainables.config import LossConfig
 
 
 def balanced_class_weights(class_counts: Sequence[int]) -> torch.Tensor:
@@ -55,36 +58,61 @@ class FocalLoss(nn.Module):
         return loss.mean()
 
 
+def _focal(cfg: LossConfig, class_counts: Sequence[int]) -> nn.Module:
+    alpha = None
+    if cfg.alpha == "balanced":
+        alpha = balanced_class_weights(class_counts)
+    elif cfg.alpha is not None:
+        if len(cfg.alpha) != len(class_counts):
+            raise ValueError(
+                f"loss.alpha has {len(cfg.alpha)} weights but the data has {len(class_counts)} "
+                "classes; give one weight per class or 'balanced'."
+            )
+        alpha = torch.tensor(cfg.alpha, dtype=torch.float32)
+    return FocalLoss(gamma=cfg.gamma, alpha=alpha)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One registered loss."""
+
+    build: Callable[[LossConfig, Sequence[int]], nn.Module]  # (config, train counts per class)
+    params: tuple[str, ...] = ()  # the LossConfig fields that belong to this loss (searchable)
+
+    def label(self, name: str, cfg: LossConfig) -> str:
+        """A short label for tables, e.g. ``focal(gamma=2)``."""
+        values = ", ".join(f"{p}={getattr(cfg, p):.3g}" for p in self.params)
+        return f"{name}({values})" if values else name
+
+
+LOSSES: dict[str, LossSpec] = {
+    "ce": LossSpec(lambda cfg, counts: nn.CrossEntropyLoss()),
+    "label_smoothing": LossSpec(
+        lambda cfg, counts: nn.CrossEntropyLoss(label_smoothing=cfg.smoothing), params=("smoothing",)
+    ),
+    "weighted_ce": LossSpec(lambda cfg, counts: nn.CrossEntropyLoss(weight=balanced_class_weights(counts))),
+    "focal": LossSpec(_focal, params=("gamma",)),
+}
+
+
 def create_loss(cfg: LossConfig, class_counts: Sequence[int]) -> nn.Module:
     """Build the training loss named by ``cfg.type``.
 
     Args:
-        cfg: Loss settings.
+        cfg: Loss settings (``cfg.type`` is validated against ``LOSSES`` when parsed).
         class_counts: Training images per class, in class-index order.
 
     Returns:
         A module mapping (logits [N, C], targets [N]) to a scalar.
 
     Raises:
-        ValueError: Unknown type, or focal ``alpha`` of the wrong length.
+        ValueError: Focal ``alpha`` of the wrong length, or an unknown type.
     """
-    num_classes = len(class_counts)
-    if cfg.type == "ce":
-        return nn.CrossEntropyLoss()
-    if cfg.type == "label_smoothing":
-        return nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
-    if cfg.type == "weighted_ce":
-        return nn.CrossEntropyLoss(weight=balanced_class_weights(class_counts))
-    if cfg.type == "focal":
-        alpha = None
-        if cfg.alpha == "balanced":
-            alpha = balanced_class_weights(class_counts)
-        elif cfg.alpha is not None:
-            if len(cfg.alpha) != num_classes:
-                raise ValueError(
-                    f"loss.alpha has {len(cfg.alpha)} weights but the data has "
-                    f"{num_classes} classes; give one weight per class or 'balanced'."
-                )
-            alpha = torch.tensor(cfg.alpha, dtype=torch.float32)
-        return FocalLoss(gamma=cfg.gamma, alpha=alpha)
-    raise ValueError(f"unknown loss type '{cfg.type}'.")
+    if cfg.type not in LOSSES:
+        raise ValueError(f"unknown loss type '{cfg.type}'; expected one of {list(LOSSES)}.")
+    return LOSSES[cfg.type].build(cfg, class_counts)
+
+
+def loss_label(cfg: LossConfig) -> str:
+    """The loss of ``cfg`` as the report shows it: its name and its own parameters."""
+    return LOSSES[cfg.type].label(cfg.type, cfg)

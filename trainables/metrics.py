@@ -15,6 +15,7 @@ import numpy as np
 
 RANKING_METRIC = "macro_f1"
 TOP_K = 5
+METRIC_KEYS = (RANKING_METRIC, "accuracy", "balanced_accuracy", "val_loss", "top5_accuracy")  # scalars()
 
 
 @dataclass(frozen=True)

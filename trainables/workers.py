@@ -1,8 +1,8 @@
-"""Entry point of one Ray Train worker: the same loop, with Ray's runtime and reporter.
+"""Entry points of Ray Train workers: the same loop, with Ray's runtime and reporter.
 
-``TorchTrainer`` pickles the function by reference, so it lives in an importable module
-and receives only JSON-able data: the trial config as a dict and the path of the run's
-split file (shared storage on a multi-node cluster).
+``TorchTrainer`` pickles these functions by reference, so they live in an importable
+module and receive only JSON-able data: the trial config as a dict and locations (local
+paths or object-store URIs) that every node can open through ``pyarrow.fs``.
 """
 
 from __future__ import annotations
@@ -11,53 +11,61 @@ import json
 import tempfile
 from pathlib import Path
 
+from trainables.checkpoint import last_checkpoint_epoch
 from trainables.config import TrialConfig
-from trainables.datasets import SPLIT_FILE, SPLIT_META_FILE, read_split
+from trainables.datasets import DataSplit, read_split
+from trainables.locations import ray_checkpoint
 from trainables.loop import run_trial
-from trainables.mirror import Mirror
-from trainables.reporting import LAST_DIR, METRICS_FILE, RayTrainReporter, RunDirReporter
-from trainables.runtime import ray_train_runtime
+from trainables.reporting import RayReporter
+from trainables.runtime import Runtime, ray_train_runtime
+
+RESUMED_FROM_EPOCH = "resumed_from_epoch"  # in every result of a trial that continued
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Run one rank of a trial.
+    """Run one rank of a trial; rank 0 hands Ray Train a checkpoint every epoch.
+
+    A trial continues from a checkpoint when Ray Train restores its run (the trial was
+    retried: ``ray.train.get_checkpoint()``) or, failing that, from ``resume_from``
+    (a checkpoint an earlier driver's run kept). Every rank loads the same one.
 
     Args:
-        config: ``{"trial": TrialConfig as JSON dict, "split_path": str}`` and
-            optionally ``"record_dir"``, where rank 0 keeps metrics and the best and
-            last checkpoints (shared storage on a multi-node cluster), and
-            ``"resume_epoch"``: continue from ``record_dir/last`` after that epoch.
-            Object-store runs give ``"storage_uri"`` and ``"record_rel"`` instead: each
-            rank works in its node's copy of the run, and rank 0 uploads each epoch.
+        config: ``{"trial": TrialConfig as a JSON dict, "split": the run's split
+            location}`` and optionally ``"resume_from"``, a checkpoint location.
     """
-    cfg = TrialConfig.model_validate(config["trial"])
-    record_dir = config.get("record_dir")
-    resume_epoch = config.get("resume_epoch")
-    mirror = Mirror.for_location(config["storage_uri"]) if config.get("storage_uri") else None
-    split_path = Path(config["split_path"])
-    if mirror is not None:
-        split_path = mirror.local / SPLIT_FILE
-        mirror.pull(*[n for n in (SPLIT_FILE, SPLIT_META_FILE) if not (mirror.local / n).is_file()])
-        record_dir = mirror.local / config["record_rel"]
-        if resume_epoch is not None:  # every rank loads last/; rank 0 also trims metrics.jsonl
-            mirror.pull(f"{config['record_rel']}/{LAST_DIR}", f"{config['record_rel']}/{METRICS_FILE}")
-    split = read_split(split_path)
-    runtime = ray_train_runtime()
-    local = None
-    if record_dir and runtime.is_chief:
-        local = RunDirReporter(Path(record_dir), keep_last=True, mirror=mirror, mirror_rel=config.get("record_rel", ""))
-        local.resume_after(resume_epoch or 0)  # a fresh start drops an earlier attempt's lines
-    resume_from = Path(record_dir) / LAST_DIR if record_dir and resume_epoch is not None else None
-    run_trial(cfg, split, RayTrainReporter(local), runtime, resume_from=resume_from)
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("resume_from"):
+        checkpoint = ray_checkpoint(config["resume_from"])
+    run_trial_from(
+        TrialConfig.model_validate(config["trial"]), read_split(config["split"]), ray_train_runtime(), checkpoint
+    )
+
+
+def run_trial_from(cfg: TrialConfig, split: DataSplit, runtime: Runtime, checkpoint, report_fn=None,
+                   checkpoint_type=None) -> None:
+    """Run a trial that reports to Ray, continuing from ``checkpoint`` (a Ray checkpoint) if given.
+
+    ``report_fn`` and ``checkpoint_type`` default to Ray Train's; see ``RayReporter``.
+    """
+    if checkpoint is None:
+        run_trial(cfg, split, RayReporter(report_fn, checkpoint_type), runtime)
+        return
+    with checkpoint.as_directory() as directory:
+        extra = {RESUMED_FROM_EPOCH: last_checkpoint_epoch(Path(directory))}
+        reporter = RayReporter(report_fn, checkpoint_type, extra)
+        run_trial(cfg, split, reporter, runtime, resume_from=Path(directory))
 
 
 def evaluate_loop_per_worker(config: dict) -> None:
     """Evaluate a saved checkpoint on the validation split, sharded over the workers.
 
     Args:
-        config: ``{"checkpoint": dir, "split_path": str, "batch_size": int}``; every rank
-            must read both paths (shared storage). Rank 0 reports the metrics, gathered
-            over all ranks, and the Ray node of every rank.
+        config: ``{"checkpoint": location, "split": location, "batch_size": int}``;
+            locations are local paths every node can read, or object-store URIs.
+            Rank 0 reports the metrics, gathered over all ranks, and the Ray node of
+            every rank.
     """
     import ray
     import ray.train
@@ -68,9 +76,10 @@ def evaluate_loop_per_worker(config: dict) -> None:
     from trainables.transforms import eval_transform_from_spec
 
     runtime = ray_train_runtime()
-    model, meta = load_model(Path(config["checkpoint"]))
+    with ray_checkpoint(config["checkpoint"]).as_directory() as directory:
+        model, meta = load_model(Path(directory))
     model.to(runtime.device)  # evaluation needs no DDP wrapper: nothing is trained
-    split = read_split(Path(config["split_path"]))
+    split = read_split(config["split"])
     loader, _ = create_val_loader(
         split, eval_transform_from_spec(meta["preprocessing"]), batch_size=config["batch_size"],
         num_workers=0, runtime=runtime, max_pixels=meta["config"]["data"]["max_image_pixels"],

@@ -18,10 +18,8 @@ from pathlib import Path
 import yaml
 
 from search.config import ConfigError, load_config
-from search.report import REPORT_MARKDOWN
-from search.train_job import run_dir_name
-from search.winner import EXPORT_DIR
-from trainables.mirror import is_uri
+from search.layout import EXPORT, REPORT_MARKDOWN, run_name
+from trainables.locations import is_uri
 
 DEFAULT_RUNTIME_ENV = Path("cluster/runtime_env.yaml")
 _POLL_S = 2.0
@@ -39,14 +37,12 @@ def auth_headers() -> dict[str, str]:
         token = path.read_text().strip() if path.is_file() else None
     return {"Authorization": f"Bearer {token}"} if token else {}
 
-
 def build_entrypoint(config: Path, run_dir: str, overrides: list[str]) -> str:
     """The job's command: the real CLI, run from the uploaded working directory."""
     parts = ["python", "-m", "search.cli", "run", "--config", config.as_posix(), "--run-dir", run_dir]
     for item in overrides:
         parts += ["--set", item]
     return shlex.join(parts)
-
 
 def submit(
     config: str,
@@ -82,7 +78,7 @@ def submit(
                 "temporary copy of the working directory and be deleted with it. Set it to a "
                 "shared path such as /mnt/shared/runs or a bucket (--set output_dir=s3://bucket/runs)."
             )
-        run_dir = f"{cfg.output_dir.rstrip('/')}/{run_dir_name(cfg)}"
+        run_dir = f"{cfg.output_dir.rstrip('/')}/{run_name(cfg.name)}"
     env = _load_runtime_env(runtime_env)
     client = JobSubmissionClient(address, headers=auth_headers())
     job_id = client.submit_job(
@@ -94,7 +90,7 @@ def submit(
     print_fn(f"follow:  ray job logs -f {job_id} --address {address}")
     print_fn(f"run directory: {run_dir}")
     print_fn(f"report:  {run_dir}/{REPORT_MARKDOWN} (also report.parquet; `tunecv report {run_dir}` any time)")
-    print_fn(f"model:   {run_dir}/{EXPORT_DIR}/model.onnx")
+    print_fn(f"model:   {run_dir}/{EXPORT}/model.onnx")
     if not wait:
         return 0
     while not (status := client.get_job_status(job_id)).is_terminal():
@@ -102,7 +98,6 @@ def submit(
     print_fn(client.get_job_logs(job_id)[-4000:])
     print_fn(f"job {job_id}: {status.value}")
     return 0 if status == JobStatus.SUCCEEDED else 1
-
 
 def _load_runtime_env(path: Path) -> dict:
     if not path.is_file():

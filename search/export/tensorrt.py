@@ -2,7 +2,7 @@
 
 This module owns the TensorRT API calls: whether TensorRT can run here, building an
 engine with a dynamic-batch profile (fp16 where the API offers it), and running it over
-a loader. It knows nothing of checkpoints or metrics: ``search/export.py`` compares the
+a loader. It knows nothing of checkpoints or metrics: ``search/export/onnx.py`` compares the
 logits it returns against PyTorch. The ``tensorrt`` package is imported only here, and
 only when called.
 """

@@ -3,7 +3,7 @@
 This module owns ``spaces/`` as a catalogue (names, the dataset-size tiers behind
 ``--space auto``) and reading a space file into a validated ``SearchSpace``, with every
 problem reported under its field path in the user's YAML words. What a space means,
-and how it becomes Optuna parameters, lives in ``search/space.py``.
+and how it becomes Optuna parameters, lives in ``search/space/model.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from search.space import (
+from search.space.model import (
     FORM_TAGS,
     BackboneChoice,
     LossChoice,
@@ -25,7 +25,7 @@ from search.space import (
     WarmStartRecipe,
 )
 
-SPACES_DIR = Path(__file__).resolve().parents[1] / "spaces"
+SPACES_DIR = Path(__file__).resolve().parents[2] / "spaces"
 
 # (exclusive upper bound on training images, or None for no bound; space name).
 TIERS: tuple[tuple[int | None, str], ...] = (
@@ -95,18 +95,25 @@ def load_space(path: Path, *, check_depths: bool = True) -> SearchSpace:
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except OSError as err:
         raise SpaceError(f"cannot read search space '{path}': {err.strerror}; check the path.") from err
+    return parse_space(text, path, check_depths=check_depths)
+
+
+def parse_space(text: str, source: str | Path, *, check_depths: bool = True) -> SearchSpace:
+    """Validate a search space's YAML text (``source`` names it in messages); see ``load_space``."""
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise SpaceError(f"search space {path} is not valid YAML: {err}") from err
+        raise SpaceError(f"search space {source} is not valid YAML: {err}") from err
     if not isinstance(raw, dict):
-        raise SpaceError(f"search space {path} must be a YAML mapping with backbones, lr_head, "
+        raise SpaceError(f"search space {source} must be a YAML mapping with backbones, lr_head, "
                          f"lr_base and losses; got {type(raw).__name__}. See spaces/README.md.")
     try:
         return SearchSpace.model_validate(raw, context={"check_depths": check_depths})
     except ValidationError as err:
-        raise SpaceError(_format_errors(err, path)) from err
+        raise SpaceError(_format_errors(err, source)) from err
 
 
 _KNOWN_KEYS = sorted({key for model in (SearchSpace, BackboneChoice, LossChoice, RatioRange,
@@ -120,7 +127,7 @@ _FRIENDLY = {  # pydantic's wording speaks of Python types; users wrote YAML
 }
 
 
-def _format_errors(err: ValidationError, source: Path) -> str:
+def _format_errors(err: ValidationError, source: str | Path) -> str:
     lines = [f"invalid search space {source}:"]
     for error in err.errors():
         loc = _loc_path(error["loc"])

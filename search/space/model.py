@@ -4,34 +4,36 @@ This module owns the search-space file format (described for users in
 ``spaces/README.md``), its validation before any compute, the Optuna parameters a space
 suggests (conditional ones only on their branch), the way back from a trial's flat
 Optuna parameters to nested ``TrialConfig`` overrides. Finding and loading space files
-lives in ``search/space_catalog.py``. It does not read the run file, merge overrides or
-start Ray: the driver hands ``define_by_run`` to
-``OptunaSearch(space=...)`` and ``warm_start_points()`` to its ``points_to_evaluate``.
+lives in ``search/space/catalog.py``. It does not read the run file, merge overrides or
+start Ray: the searcher calls ``define_by_run`` on each trial it asks the study for,
+and the driver enqueues ``warm_start_points()`` first.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Union
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Optional, Union
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, Tag, ValidationError
-from pydantic import PlainValidator, ValidationInfo, field_validator, model_validator
+from pydantic import PlainValidator, ValidationInfo, create_model, field_validator, model_validator
 
-from trainables.config import LOSS_TYPES, AugmentConfig, LossConfig, OptimConfig
+from trainables.config import AugmentConfig, LossConfig, OptimConfig
 from trainables.config import check_backbone_name
+from trainables.losses import LOSSES
 
 if TYPE_CHECKING:
     import optuna
 
 # Optuna parameter names. Only the unfreeze depth has different choices per branch, so
-# only it carries the branch (the backbone) in its name; smoothing and gamma each
-# belong to a single loss and keep plain names.
+# only it carries the branch (the backbone) in its name; a loss's own parameters
+# (smoothing, gamma: the registry's ``LossSpec.params``) each belong to a single loss
+# and keep plain names.
 BACKBONE, LOSS, LR_HEAD, LR_BASE = "backbone", "loss", "lr_head", "lr_base"
 LR_BASE_RATIO = "lr_base_ratio"
 BATCH_SIZE, WEIGHT_DECAY, AUGMENT_STRENGTH = "batch_size", "weight_decay", "augment_strength"
-LOSS_PARAMS = {"label_smoothing": ("smoothing",), "focal": ("gamma",)}
+LOSS_PARAMS = tuple(sorted({param for spec in LOSSES.values() for param in spec.params}))
 
 # Where each searched value lands in the trial config: ranges are checked against the
 # limits the trial itself enforces rather than a second copy of them.
@@ -41,8 +43,7 @@ _TRIAL_FIELDS = {
     BATCH_SIZE: ("optim", OptimConfig, "batch_size"),
     WEIGHT_DECAY: ("optim", OptimConfig, "weight_decay"),
     AUGMENT_STRENGTH: ("augment", AugmentConfig, "strength"),
-    "smoothing": ("loss", LossConfig, "smoothing"),
-    "gamma": ("loss", LossConfig, "gamma"),
+    **{param: ("loss", LossConfig, param) for param in LOSS_PARAMS},
 }
 
 
@@ -116,12 +117,7 @@ class BackboneChoice(_Frozen):
     unfreeze_depth: Annotated[tuple[Depth, ...], Field(min_length=1)]
 
 
-class LossChoice(_Frozen):
-    """One loss in a space, with the ranges of its own parameters if they are searched."""
-
-    smoothing: UniformRange | None = None
-    gamma: UniformRange | None = None
-
+class _LossChoice(_Frozen):
     @model_validator(mode="before")
     @classmethod
     def _bare_key(cls, value: Any) -> Any:
@@ -133,17 +129,19 @@ class LossChoice(_Frozen):
         return {name: rng for name, rng in ranges.items() if rng is not None}
 
 
-class WarmStartRecipe(_Frozen):
-    """A complete point evaluated before the sampler takes over: every searched value is given."""
+# One field per loss parameter of the registry: ``smoothing: {low, high}`` and so on.
+LossChoice = create_model(
+    "LossChoice", __base__=_LossChoice, __doc__="One loss in a space, with the ranges of its own "
+    "parameters if they are searched.", **{param: (Optional[UniformRange], None) for param in LOSS_PARAMS},
+)
 
+class _WarmStartRecipe(_Frozen):
     backbone: str
     loss: str
     unfreeze_depth: Depth | None = None
     lr_head: float | None = None
     lr_base: float | None = None
     lr_base_ratio: float | None = None
-    smoothing: float | None = None
-    gamma: float | None = None
     batch_size: StrictInt | None = None
     weight_decay: float | None = None
     augment_strength: float | None = None
@@ -154,6 +152,13 @@ class WarmStartRecipe(_Frozen):
         if "unfreeze_depth" in point:
             point[unfreeze_depth_param(self.backbone)] = point.pop("unfreeze_depth")
         return point
+
+
+WarmStartRecipe = create_model(
+    "WarmStartRecipe", __base__=_WarmStartRecipe, __doc__="A complete point evaluated before the "
+    "sampler takes over: every searched value is given.",
+    **{param: (Optional[float], None) for param in LOSS_PARAMS},
+)
 
 
 class SearchSpace(_Frozen):
@@ -191,18 +196,18 @@ class SearchSpace(_Frozen):
     @classmethod
     def _known_losses(cls, losses: dict) -> dict:
         if not losses:
-            raise ValueError(f"losses: empty; list at least one of {list(LOSS_TYPES)}, e.g. `ce: {{}}`.")
+            raise ValueError(f"losses: empty; list at least one of {list(LOSSES)}, e.g. `ce: {{}}`.")
         problems = []
         for name, choice in losses.items():
-            if name not in LOSS_TYPES:
-                close = difflib.get_close_matches(name, LOSS_TYPES, n=1)
+            if name not in LOSSES:
+                close = difflib.get_close_matches(name, list(LOSSES), n=1)
                 hint = f" Did you mean '{close[0]}'?" if close else ""
                 problems.append(f"losses.{name}: unknown loss; expected one of "
-                                f"{list(LOSS_TYPES)}.{hint}")
+                                f"{list(LOSSES)}.{hint}")
                 continue
             for param in choice.searched():
-                if param not in LOSS_PARAMS.get(name, ()):
-                    owner = next(loss for loss, params in LOSS_PARAMS.items() if param in params)
+                if param not in LOSSES[name].params:
+                    owner = next(loss for loss, spec in LOSSES.items() if param in spec.params)
                     problems.append(f"losses.{name}.{param}: {param} only applies to the '{owner}' "
                                     f"loss; remove it here or move it under losses.{owner}.")
         _raise_if(problems)

@@ -7,7 +7,7 @@ run side by side over the whole validation split with the checkpoint's own
 preprocessing, and the macro-F1 recomputed from the ONNX predictions must equal the one
 the checkpoint reported. Only a verified export reaches ``out_dir`` (it is staged next
 to it and moved in last). On GPU machines a TensorRT engine is built and checked the
-same way. It does not choose the trial to export (``search/winner.py``) and does not own
+same way. It does not choose the trial to export (``search/results/winner.py``) and does not own
 the checkpoint format, preprocessing or metrics: those come from ``trainables``.
 """
 
@@ -15,6 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+
+# ONNX Runtime 1.29+ sends telemetry from Linux too and, at import, writes a device id
+# (".ses") into the temporary directory. tunecv's machines have no network and its read
+# commands promise to leave nothing behind; set before onnxruntime is first imported.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import shutil
 import tempfile
 import warnings
@@ -27,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from search.tensorrt_engine import run_tensorrt, tensorrt_unavailable_reason
+from search.export.tensorrt import run_tensorrt, tensorrt_unavailable_reason
 from trainables.checkpoint import load_model, read_meta
 from trainables.datasets import DataSplit
 from trainables.images import DEFAULT_MAX_PIXELS
@@ -383,7 +388,7 @@ TensorRT engines are tied to a GPU and TensorRT version; build one on the servin
 """
 
 
-# --- TensorRT: GPU machines only (the engine itself lives in search/tensorrt_engine.py) ---
+# --- TensorRT: GPU machines only (the engine itself lives in search/export/tensorrt.py) ---
 
 
 def _resolve_tensorrt(requested: bool | None) -> bool:

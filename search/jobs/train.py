@@ -1,0 +1,86 @@
+"""``tunecv train``: one configuration, outside any search, on this machine's disk.
+
+Owns the run directory of a single training job: the resolved config, the scanned
+split (``split.parquet``), per-epoch metrics and the best and latest checkpoints. The
+loop runs in this process for ``scaling.num_workers: 0`` (``LocalRunReporter`` keeps
+``metrics.jsonl``, ``best/`` and ``last/``), or in a Ray Train ``TorchTrainer`` worker
+group (DDP) otherwise, where Ray Train keeps the checkpoints in ``train/`` and the best
+one is copied to ``best/`` at the end. The loop itself lives in ``trainables/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from search.config import ConfigError, RunConfig, dump_config
+from search.data import prepare_data
+from search.layout import CONFIG, SPLIT, run_name
+from search.storage import RunStore
+from trainables.datasets import DataSplit
+from trainables.locations import is_uri
+from trainables.metrics import RANKING_METRIC
+from trainables.reporting import BEST_DIR
+
+
+def new_run_dir(cfg: RunConfig) -> Path:
+    """``output_dir/name-YYYYmmdd-HHMMSS``, not yet taken, created with the resolved config."""
+    name = run_name(cfg.name)
+    run_dir = (Path(cfg.output_dir) / name).resolve()
+    suffix = 1
+    while run_dir.exists():  # two runs in the same second must not share a directory
+        run_dir = run_dir.with_name(f"{name}-{suffix}")
+        suffix += 1
+    run_dir.mkdir(parents=True)
+    (run_dir / CONFIG).write_text(dump_config(cfg))
+    return run_dir
+
+
+def train(cfg: RunConfig, print_fn=print) -> Path:
+    """Train one configuration and return its run directory.
+
+    Raises:
+        trainables.layouts.DataError: The data cannot produce a usable split (before any training).
+        ConfigError: ``output_dir`` is an object-store URI (one training run writes locally).
+    """
+    if is_uri(cfg.output_dir):
+        raise ConfigError(
+            f"output_dir '{cfg.output_dir}': tunecv train writes a local run directory; give a "
+            "path (object-store URIs are for tunecv run)."
+        )
+    run_dir = new_run_dir(cfg)
+    print_fn(f"run directory: {run_dir}")
+    split = prepare_data(cfg, str(run_dir / SPLIT), print_fn)
+    if cfg.scaling.num_workers == 0:
+        _train_in_process(cfg, split, run_dir, print_fn)
+    else:
+        _train_with_ray(cfg, run_dir, print_fn)
+    return run_dir
+
+
+def _train_in_process(cfg: RunConfig, split: DataSplit, run_dir: Path, print_fn) -> None:
+    from trainables.loop import run_trial
+    from trainables.reporting import LocalRunReporter
+    from trainables.runtime import local_runtime
+
+    reporter = LocalRunReporter(run_dir, print_fn)
+    summary = run_trial(cfg.trial(), split, reporter, local_runtime(cfg.scaling.use_gpu))
+    print_fn(
+        f"model: {cfg.model.backbone}, {summary.num_params:,} parameters "
+        f"({summary.trainable_params:,} trainable)"
+    )
+    print_fn(reporter.final_report())
+    print_fn(f"best checkpoint: {run_dir / BEST_DIR}")
+
+
+def _train_with_ray(cfg: RunConfig, run_dir: Path, print_fn) -> None:
+    from search.ray_session import connect_ray
+    from search.run.runners import create_torch_trainer
+
+    connect_ray()
+    result = create_torch_trainer(cfg.trial(), str(run_dir / SPLIT), RunStore.at(run_dir)).fit()
+    if result.best_checkpoints:
+        best, _ = max(result.best_checkpoints, key=lambda pair: pair[1][RANKING_METRIC])
+        best.to_directory(str(run_dir / BEST_DIR))
+    m = result.metrics
+    print_fn(f"last epoch {m['epoch']}: {RANKING_METRIC} {m[RANKING_METRIC]:.4f}, accuracy {m['accuracy']:.4f}")
+    print_fn(f"best checkpoint: {run_dir / BEST_DIR}")

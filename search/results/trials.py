@@ -1,0 +1,156 @@
+"""A run's trials as a reader sees them, derived from the study and the checkpoints.
+
+Owns the read side of the run's record: each run-level trial id becomes one
+``TrialView`` with its typed config, status, epochs and attempts, whatever drivers ran
+it. Nothing is stored twice: status comes from the Optuna state of the id's latest
+trial (and whether a driver is alive), epochs from its ``epoch_NNNN`` attributes,
+per-class metrics from the checkpoint Ray kept for the best epoch. It reads through
+``RunStore`` only, so the same code serves a local run and a bucket, during or after
+the search.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from search.config import RunConfig, parse_config
+from search.drivers import live_driver, read_drivers
+from search.layout import CONFIG, SPACE, join
+from search.run.trial import searched_params, trial_config
+from search.space.catalog import parse_space
+from search.storage import RunStore
+from search.study import (
+    CHECKPOINT,
+    FAILURES,
+    REASON,
+    TIMESTAMP,
+    TRIAL_ID_KEY,
+    read_trials,
+    recorded_epochs,
+    run_trial_id,
+)
+from trainables.checkpoint import METRICS_FILE
+from trainables.config import TrialConfig
+from trainables.metrics import RANKING_METRIC
+
+COMPLETED, STOPPED_EARLY, FAILED = "completed", "stopped_early", "failed"
+RUNNING, INTERRUPTED, QUEUED = "running", "interrupted", "queued"
+_STATUS = {TrialState.COMPLETE: COMPLETED, TrialState.PRUNED: STOPPED_EARLY, TrialState.FAIL: FAILED}
+
+
+@dataclass(frozen=True)
+class TrialView:
+    """One trial of the run, over all its attempts."""
+
+    trial_id: str
+    params: dict[str, Any]  # the searcher's flat parameters
+    config: TrialConfig  # the run's settings with this trial's overrides: what it trained
+    status: str  # completed | stopped_early | failed | running | interrupted | queued
+    reason: str | None  # why it failed or was stopped, in one line
+    failures: tuple[str, ...]  # why earlier attempts ended (crash retries, drivers that died)
+    epochs: tuple[dict[str, Any], ...]  # per-epoch scalars, timestamp and checkpoint, in order
+    wall_time_s: float  # summed over attempts
+
+    @property
+    def attempts(self) -> int:
+        return len(self.failures) + 1
+
+    @property
+    def best_epoch(self) -> dict[str, Any] | None:
+        """The epoch with the best macro-F1; the first one wins a tie (it got there sooner)."""
+        best = None
+        for epoch in self.epochs:
+            if best is None or epoch[RANKING_METRIC] > best[RANKING_METRIC]:
+                best = epoch
+        return best
+
+    @property
+    def macro_f1(self) -> float:
+        best = self.best_epoch
+        return best[RANKING_METRIC] if best else math.nan
+
+    @property
+    def num_params(self) -> int | None:
+        return self.epochs[-1].get("num_params") if self.epochs else None
+
+    def checkpoints_by_rank(self) -> list[str]:
+        """This trial's recorded checkpoints, best macro-F1 first (earlier epoch on a tie).
+
+        Ray keeps the best one; a reader that finds a listed one gone (Ray deleted it, a
+        tie went the other way) takes the next.
+        """
+        ranked = sorted(self.epochs, key=lambda e: (-e[RANKING_METRIC], e["epoch"]))
+        return [e[CHECKPOINT] for e in ranked if e.get(CHECKPOINT)]
+
+
+@dataclass(frozen=True)
+class RunView:
+    """A run as it stands: its config, its trials, and whether a driver is on it."""
+
+    store: RunStore
+    config: RunConfig
+    trials: tuple[TrialView, ...]
+    searching: bool  # a live driver works on the run right now
+
+
+def load_run(store: RunStore) -> RunView:
+    """Read the run's config, space, drivers and study into views (no weights are read)."""
+    config = parse_config(yaml.safe_load(store.read_text(CONFIG)), source=store.uri(CONFIG), check_paths=False)
+    searching = live_driver(read_drivers(store)) is not None
+    if not store.exists(SPACE):  # the first driver is still scanning the data
+        return RunView(store, config, (), searching)
+    space = parse_space(store.read_text(SPACE), store.uri(SPACE), check_depths=False)
+    by_id: dict[str, list[FrozenTrial]] = {}
+    for trial in read_trials(store, config.search.storage):
+        if trial.state != TrialState.WAITING or TRIAL_ID_KEY in trial.user_attrs:
+            by_id.setdefault(run_trial_id(trial), []).append(trial)
+    base = config.trial().model_dump(mode="json")
+    views = []
+    for trial_id, attempts in by_id.items():
+        latest = attempts[-1]
+        params = searched_params(latest.params)
+        views.append(TrialView(
+            trial_id=trial_id,
+            params=params,
+            config=trial_config(base, space.to_overrides(params)),
+            status=_status(latest, searching),
+            reason=latest.user_attrs.get(REASON),
+            failures=tuple(latest.user_attrs.get(FAILURES, ())),
+            epochs=tuple(recorded_epochs(latest)),
+            wall_time_s=sum(_wall_time(t) for t in attempts),
+        ))
+    return RunView(store, config, tuple(views), searching)
+
+
+def _status(latest: FrozenTrial, searching: bool) -> str:
+    if latest.state in _STATUS:
+        return _STATUS[latest.state]
+    if latest.state == TrialState.WAITING:
+        return QUEUED
+    return RUNNING if searching else INTERRUPTED
+
+
+def _wall_time(trial: FrozenTrial) -> float:
+    if trial.datetime_start is None:
+        return 0.0
+    epochs = recorded_epochs(trial)
+    end = trial.datetime_complete.timestamp() if trial.datetime_complete else (
+        epochs[-1][TIMESTAMP] if epochs else trial.datetime_start.timestamp()
+    )
+    return max(0.0, end - trial.datetime_start.timestamp())
+
+
+def read_epoch_details(store: RunStore, trial: TrialView) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(best epoch, its per-class metrics and confusion matrix) from the checkpoint Ray kept."""
+    for rel in trial.checkpoints_by_rank():
+        try:
+            details = store.read_json(join(rel, METRICS_FILE))
+        except FileNotFoundError:
+            continue  # deleted by Ray since the study recorded it
+        return next(e for e in trial.epochs if e.get(CHECKPOINT) == rel), details
+    return None

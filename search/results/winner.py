@@ -1,0 +1,73 @@
+"""Exporting a run's winner (or a chosen trial): from the ranking to a verified ONNX bundle.
+
+Owns picking the trial (the top-ranked one whose best checkpoint Ray still keeps,
+unless one is named), fetching only that checkpoint's weights and metadata, and
+handing them with the run's split to ``search/export/onnx.py``, which owns the
+conversion and its verification. The driver that finishes a search exports into the
+run's ``export/``; ``tunecv export`` writes wherever ``--out`` says.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from search.layout import EXPORT, SPLIT, join
+from search.results.ranking import rank
+from search.results.trials import load_run
+from search.storage import RunStore
+from trainables.checkpoint import META_FILE, WEIGHTS_FILE
+
+
+class NothingToExportError(ValueError):
+    """The run (or the named trial) has no checkpoint to export."""
+
+
+def _best_checkpoint(store: RunStore, trial_id: str | None) -> tuple[str, str]:
+    """(trial id, checkpoint relative to the run) of ``trial_id`` or the top-ranked trial."""
+    ranked = rank(load_run(store).trials)
+    if trial_id is not None:
+        known = [t.trial_id for t in ranked]
+        if trial_id not in known:
+            raise NothingToExportError(f"no trial '{trial_id}' in {store}; trials: {', '.join(known)}")
+        ranked = [t for t in ranked if t.trial_id == trial_id]
+    for trial in ranked:
+        for rel in trial.checkpoints_by_rank():
+            if store.exists(join(rel, WEIGHTS_FILE)):
+                return trial.trial_id, rel
+    which = f"trial '{trial_id}'" if trial_id else "no trial"
+    raise NothingToExportError(f"{which} in {store} has a finished epoch with a checkpoint to export.")
+
+
+def export_trial(store: RunStore, out_dir: Path, trial_id: str | None = None):
+    """Export the best checkpoint of ``trial_id`` (default: the top-ranked trial) to ``out_dir``.
+
+    Returns:
+        The ``ExportResult``.
+
+    Raises:
+        NothingToExportError: No trial has a checkpoint, or ``trial_id`` is unknown or has none.
+    """
+    from search.export.onnx import export_checkpoint
+    from trainables.datasets import read_split
+
+    _, rel = _best_checkpoint(store, trial_id)
+    split = read_split(store.uri(SPLIT))
+    with store.local_dir(rel, only=(WEIGHTS_FILE, META_FILE)) as checkpoint:
+        return export_checkpoint(checkpoint, split, out_dir)
+
+
+def export_winner(store: RunStore, print_fn=print):
+    """The driver's export at the end of a search, into the run's ``export/``."""
+    if store.is_local:
+        result = export_trial(store, Path(store.fs_path(EXPORT)))
+    else:
+        with tempfile.TemporaryDirectory(prefix="tunecv-export-") as tmp:
+            result = export_trial(store, Path(tmp) / EXPORT)
+            store.upload_dir(Path(tmp) / EXPORT, EXPORT)
+    print_fn(
+        f"exported {store.uri(EXPORT)}: ONNX macro-F1 {result.onnx_macro_f1:.4f} (reported "
+        f"{result.reported_macro_f1:.4f}), argmax agreement {result.argmax_agreement:.4f}, "
+        f"max |logit diff| {result.max_abs_logit_diff:.2e}"
+    )
+    return result

@@ -1,0 +1,196 @@
+"""``tunecv run``: the search, from a validated config to a ranked report and an export.
+
+Owns the order of things: validate the space (before any compute), find or create the
+run, join Ray and check every node reaches the run location, scan the data once (a new
+run) or settle what a dead driver left (a resume), then Ray Tune with the study's
+sampler (``StudySearcher``) and ASHA over epochs, each trial running
+``search/run/trial.py``. Ray keeps the checkpoints, under ``RunConfig(storage_path,
+storage_filesystem)`` at the run location; this driver alone writes the study, its own
+``drivers/<k>.json`` and, once the search is over, the report and the export.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from ray import tune
+
+from search.config import ConfigError, RunConfig, dump_config
+from search.data import prepare_data
+from search.drivers import FINISHED, INTERRUPTED, DriverRecord, read_drivers, spent_s
+from search.layout import CONFIG, SPACE, SPLIT, tune_experiment
+from search.ray_session import connect_ray
+from search.run.location import check_resumable, locate_run
+from search.run.progress import Heartbeat, ProgressCallback
+from search.run.recorder import TIME_BUDGET_REASON, TrialRecorder
+from search.run.resume import ResumePlan, plan_resume
+from search.run.runners import keep_best_and_latest
+from search.run.scheduler import create_scheduler
+from search.run.searcher import StudySearcher, create_sampler
+from search.run.trial import TrialContext, run_search_trial, trial_config
+from search.space.catalog import parse_space, resolve_space_name
+from search.space.model import SearchSpace
+from search.storage import RunStore, check_shared_storage
+from search.study import TRIAL_ID_KEY, StudyHandle, open_study
+
+
+def check_space(cfg: RunConfig, text: str, source: str) -> SearchSpace:
+    """Parse a space and build every warm-start recipe's config: all before Ray starts."""
+    space = parse_space(text, source)
+    base = cfg.trial().model_dump(mode="json")
+    for i, point in enumerate(space.warm_start_points()):
+        try:
+            trial_config(base, space.to_overrides(point))
+        except ValueError as err:
+            raise ConfigError(f"space '{source}': warm_start[{i}] gives an invalid trial config: {err}") from err
+    return space
+
+
+def _trial_resources(cfg: RunConfig) -> dict[str, float]:
+    if cfg.scaling.num_workers > 0:
+        # The trial only drives a TorchTrainer; a whole CPU here would deadlock small
+        # clusters (2 CPUs: 1 for the trial + 1 for its worker, times 2 trials).
+        return {"cpu": 0.01}
+    resources = {"cpu": cfg.search.cpus_per_trial}
+    if cfg.scaling.use_gpu:
+        resources["gpu"] = cfg.scaling.gpus_per_worker
+    return resources
+
+
+def run_search(
+    cfg: RunConfig,
+    print_fn=print,
+    callbacks: Sequence[tune.Callback] = (),
+    run_dir: str | None = None,
+) -> RunStore:
+    """Search, rank, report and export; return the run.
+
+    An unfinished search is resumed: ``run_dir`` when it holds one, or else the newest
+    unfinished ``output_dir/name-*`` whose driver is gone. Its config must equal ``cfg``.
+
+    Args:
+        cfg: The validated run config.
+        print_fn: Where progress lines go.
+        callbacks: Extra Tune callbacks (benchmarks use one to time trials).
+        run_dir: Where the run lives, a path or an object-store URI (created when
+            missing, resumed when present).
+
+    Raises:
+        ConfigError: The space is invalid, the run to resume is finished, has another
+            config or a live driver, or the cluster's nodes cannot all see the run
+            location; all before any training (an invalid space even before data or Ray).
+    """
+    space = None
+    if cfg.search.space != "auto":
+        space_path, note = resolve_space_name(cfg.search.space)
+        space = check_space(cfg, space_path.read_text(), str(space_path))
+    store, resuming = locate_run(cfg, run_dir)
+    if resuming:
+        check_resumable(store, cfg)
+    connect_ray()
+    check_shared_storage(RunStore.at(store.location.rsplit("/", 1)[0]))
+    if resuming:
+        print_fn(f"resuming run directory: {store}")
+        space = check_space(cfg, store.read_text(SPACE), store.uri(SPACE))
+    else:
+        print_fn(f"run directory: {store}")
+        store.write_text(CONFIG, dump_config(cfg))
+        split = prepare_data(cfg, store.uri(SPLIT), print_fn)
+        if space is None:
+            space_path, note = resolve_space_name("auto", num_train_images=len(split.train))
+            space = check_space(cfg, space_path.read_text(), str(space_path))
+        print_fn(note)
+        store.write_text(SPACE, space_path.read_text())
+    _search(cfg, space, store, resuming, print_fn, callbacks)
+    return store
+
+
+def _search(cfg: RunConfig, space: SearchSpace, store: RunStore, resuming: bool, print_fn, callbacks) -> None:
+    from search.results.report import write_run_report
+    from search.results.winner import export_winner
+
+    earlier = read_drivers(store)
+    driver = DriverRecord(store, earlier[-1].k + 1 if earlier else 1)
+    handle = open_study(store, cfg.search.storage)
+    scheduler = create_scheduler(cfg)
+    try:
+        handle.study.sampler = create_sampler(cfg, seed_offset=len(handle.study.trials))
+        if resuming:
+            plan = plan_resume(handle, store, cfg, scheduler, spent_s(earlier))
+            print_fn(
+                f"{len(plan.finished)} trial(s) finished before; {len(plan.continuing)} continue under "
+                f"their own id, from their last checkpoint if Ray kept one "
+                f"({', '.join(plan.continuing) or 'none'}); {plan.num_samples} left to run"
+            )
+        else:
+            plan = ResumePlan((), (), cfg.search.num_samples, cfg.search.time_budget_s)
+            if cfg.search.warm_start:
+                for point in space.warm_start_points():
+                    handle.study.enqueue_trial(point)
+        done = plan.num_samples <= 0 or _tune(cfg, space, store, driver, handle, scheduler, plan, print_fn,
+                                              callbacks)
+    except BaseException:
+        handle.flush()
+        driver.finish(INTERRUPTED)  # resumable: `tunecv run` with the same config continues it
+        raise
+    handle.flush()
+    if not done:
+        driver.finish(INTERRUPTED)
+        print_fn(f"search interrupted; continue it with `tunecv run --resume {store}`")
+        return
+    write_run_report(store, print_fn)
+    if cfg.search.export:
+        export_winner(store, print_fn)
+    driver.finish(FINISHED, asha_rungs=scheduler.rungs() if scheduler else None)
+
+
+def _tune(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverRecord, handle: StudyHandle,
+          scheduler, plan: ResumePlan, print_fn, callbacks) -> bool:
+    """Run Tune until ``plan``'s trials are done; False when it was interrupted instead."""
+    context = TrialContext(store, driver.k, cfg.trial().model_dump(mode="json"), space)
+    trainable = tune.with_resources(tune.with_parameters(run_search_trial, context=context), _trial_resources(cfg))
+    searcher = StudySearcher(handle, space)
+    recorder = TrialRecorder(searcher, store, driver.k, cfg.optim.epochs)
+    started = time.time()
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=plan.num_samples,
+            max_concurrent_trials=cfg.search.max_concurrent_trials,
+            time_budget_s=plan.time_budget_s,
+            trial_dirname_creator=lambda trial: trial.config[TRIAL_ID_KEY],
+            # A fresh trial process costs ~4.4 s here (start-up, importing torch and
+            # timm); reusing the actor brings a trial's fixed overhead to ~0.2 s. Not
+            # for TorchTrainer trials: Tune reuses an actor only if the stopped trial's
+            # thread ends within TUNE_FUNCTION_THREAD_TIMEOUT_S (2 s), and Ray Train's
+            # teardown often takes longer; Tune then aborts the next trial outright
+            # (no retry, no callback). Their actor is a thin driver anyway.
+            reuse_actors=cfg.scaling.num_workers == 0,
+        ),
+        run_config=tune.RunConfig(
+            # One experiment per driver: Tune's own files (tuner.pkl, experiment state)
+            # then have one writer each, and a continued trial's checkpoints never
+            # collide with those an earlier driver wrote (Tune numbers them from 0).
+            name=tune_experiment(driver.k),
+            storage_path=store.fs_path(),
+            storage_filesystem=store.filesystem,
+            checkpoint_config=keep_best_and_latest(tune.CheckpointConfig),
+            # A crashed trial restarts, and continues from its latest checkpoint.
+            failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
+            callbacks=[recorder, ProgressCallback(cfg.optim.epochs, cfg.search.max_failures, print_fn),
+                       Heartbeat(driver), *callbacks],
+            verbose=0,
+        ),
+    )
+    tuner.fit()
+    if not searcher.live:
+        return True
+    # Tune ends running trials without a callback when time_budget_s runs out, or when
+    # it stops on Ctrl-C; then they stay RUNNING in the study and a resume continues them.
+    if plan.time_budget_s is not None and time.time() - started >= plan.time_budget_s:
+        recorder.stop_unfinished(TIME_BUDGET_REASON)
+        return True
+    return False

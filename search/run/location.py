@@ -1,0 +1,91 @@
+"""Which run a ``tunecv run`` works on, and whether this process may take it over.
+
+A search runs in ``output_dir/<name>-<time>``. ``tunecv run --config`` continues the
+newest run of that name whose search never finished and whose driver is gone, if its
+config is the same; otherwise it starts a new run. ``--run-dir`` (what ``tunecv
+submit`` passes) names the run: resumed when it exists, created when it does not.
+"""
+
+from __future__ import annotations
+
+import yaml
+
+from search.config import ConfigError, RunConfig, parse_config
+from search.drivers import is_finished, live_driver, read_drivers
+from search.layout import CONFIG, REPORT_MARKDOWN, run_name
+from search.storage import RunStore, not_a_run
+
+
+def locate_run(cfg: RunConfig, run_dir: str | None) -> tuple[RunStore, bool]:
+    """Where this search's run lives, and whether it is an earlier run to resume.
+
+    Raises:
+        ConfigError: ``run_dir`` exists but holds no run.
+    """
+    if run_dir is not None:
+        store = RunStore.at(run_dir)
+        if store.exists(CONFIG):
+            return store, True
+        if store.is_local and store.exists() and store.list_names():
+            raise ConfigError(f"--run-dir '{run_dir}' exists but is not a tunecv run directory; pick another.")
+        return store, False
+    root = RunStore.at(cfg.output_dir)
+    prefix = f"{cfg.name}-"
+    for name in reversed(root.list_names()):  # names end in the start time: newest first
+        run = root.child(name)
+        if name.startswith(prefix) and run.exists(CONFIG):
+            drivers = read_drivers(run)
+            if not is_finished(drivers) and live_driver(drivers) is None:
+                return run, True
+    name = run_name(cfg.name)
+    store, suffix = root.child(name), 1
+    while store.exists():  # two runs started in the same second must not share a directory
+        store, suffix = root.child(f"{name}-{suffix}"), suffix + 1
+    return store, False
+
+
+def stored_config(location: str) -> RunConfig:
+    """The config a run was started with (its ``config.yaml``), from a path or a URI."""
+    store = RunStore.at(location)
+    if not store.exists(CONFIG):
+        raise not_a_run(location)
+    return parse_config(yaml.safe_load(store.read_text(CONFIG)), source=f"'{store.uri(CONFIG)}'")
+
+
+def check_resumable(store: RunStore, cfg: RunConfig) -> None:
+    """Refuse to take over a finished run, a run another driver still searches, or a run
+    that was started with other settings (its trials would not be comparable).
+
+    Raises:
+        ConfigError: Saying which, and what to do instead.
+    """
+    drivers = read_drivers(store)
+    if is_finished(drivers):
+        raise ConfigError(
+            f"run '{store}' is finished; its report is {store.uri(REPORT_MARKDOWN)}. Start a new run "
+            "(run the same config again without --run-dir/--resume, or --set name=...)."
+        )
+    live = live_driver(drivers)
+    if live is not None:
+        raise ConfigError(
+            f"run '{store}' is still being searched by pid {live.pid} on {live.hostname}; stop that "
+            "driver first (a driver on another host counts as dead once its heartbeat is a minute old)."
+        )
+    diffs = _differences(stored_config(store.location).model_dump(mode="json"), cfg.model_dump(mode="json"))
+    if diffs:
+        raise ConfigError(
+            f"run '{store}' was started with another config; resuming would mix trials that are "
+            f"not comparable. Differences: {', '.join(diffs)}. Resume it with `tunecv run --resume "
+            f"{store}` (its own config), or start a new run with another name (--set name=...)."
+        )
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key} ({va!r} -> {vb!r})")
+    return out

@@ -1,0 +1,78 @@
+"""What the driver prints while it searches, and the heartbeat that says it is alive.
+
+``ProgressCallback`` prints one line per trial event. ``Heartbeat`` rewrites this
+driver's ``drivers/<k>.json`` every ``HEARTBEAT_S``, so a reader (and a would-be
+resumer on another host) knows it is alive.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ray import tune
+
+from search.drivers import HEARTBEAT_S, DriverRecord
+from search.run.recorder import error_reason
+from search.run.trial import searched_params
+from search.study import TRIAL_ID_KEY
+from trainables.metrics import RANKING_METRIC
+
+
+class Heartbeat(tune.Callback):
+    def __init__(self, driver: DriverRecord) -> None:
+        self.driver = driver
+        self.last = time.time()
+
+    def __getstate__(self) -> dict:
+        return {}  # Tune pickles callbacks into tuner.pkl, which tunecv never restores
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        if time.time() - self.last >= HEARTBEAT_S:
+            self.last = time.time()
+            self.driver.beat()
+
+
+class ProgressCallback(tune.Callback):
+    """One line per epoch, retry and end of every trial."""
+
+    def __init__(self, max_epochs: int, max_failures: int, print_fn=print) -> None:
+        self.max_epochs = max_epochs
+        self.max_failures = max_failures
+        self.print = print_fn
+        self.best: dict[str, float] = {}
+
+    def __getstate__(self) -> dict:
+        # Tune pickles its callbacks into tuner.pkl; under `ray job submit` Ray has
+        # replaced builtins.print by then, and the captured one cannot pickle.
+        return {**self.__dict__, "print": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, print=state["print"] or print)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        trial_id = trial.config[TRIAL_ID_KEY]
+        score = result.get(RANKING_METRIC, float("nan"))
+        self.best[trial_id] = max(score, self.best.get(trial_id, float("-inf")))
+        params = ", ".join(f"{k}={_short(v)}" for k, v in sorted(searched_params(trial.config).items()))
+        self.print(
+            f"[{trial_id}] epoch {result.get('epoch')}/{self.max_epochs} "
+            f"{RANKING_METRIC} {score:.4f} (best {self.best[trial_id]:.4f})  {params}"
+        )
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        self.print(
+            f"[{trial.config[TRIAL_ID_KEY]}] crashed; retry {trial.num_failures}/"
+            f"{self.max_failures} continues from its last checkpoint"
+        )
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        epochs = trial.last_result.get("epoch", 0)
+        ended = "completed" if epochs >= self.max_epochs else "stopped early"
+        self.print(f"[{trial.config[TRIAL_ID_KEY]}] {ended} after {epochs} epoch(s)")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.print(f"[{trial.config[TRIAL_ID_KEY]}] failed: {error_reason(trial)}")
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

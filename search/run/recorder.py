@@ -1,0 +1,116 @@
+"""The driver's record of each trial in the study: every epoch, every retry, how it ended.
+
+``TrialRecorder`` is a Tune callback, so it sees what a ``Searcher`` does not: the
+trial object with its error text, and the retries Tune makes. Everything a trial
+produces reaches it as Tune results; it writes them into the study, which makes the
+driver the only writer of the run's record:
+
+- each result becomes the epoch's intermediate value (macro-F1) and an ``epoch_NNNN``
+  attribute with the other scalars and the checkpoint Ray wrote for it;
+- a retry appends the crash's reason to ``failures``;
+- a trial that ran all ``optim.epochs`` is COMPLETE with its best epoch's macro-F1,
+  one that ASHA stopped is PRUNED (Optuna then weighs its intermediate values as its
+  own pruners' trials), and one whose retries ran out is FAIL with its ``reason``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from ray import tune
+
+from search.layout import join, trial_dir
+from search.run.searcher import StudySearcher
+from search.storage import RunStore
+from search.study import CHECKPOINT, FAILURES, REASON, TIMESTAMP, TRIAL_ID_KEY, epoch_key, recorded_epochs
+from trainables.metrics import RANKING_METRIC
+from trainables.reporting import EPOCH_KEYS
+from trainables.workers import RESUMED_FROM_EPOCH
+
+_RESULT_KEYS = (*EPOCH_KEYS, RESUMED_FROM_EPOCH, "hostname", "pid")  # Tune adds hostname and pid
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Interrupt|Exit)\b[^:]*: ")
+TIME_BUDGET_REASON = "stopped when search.time_budget_s ran out"
+
+
+def error_reason(trial) -> str:
+    """The last exception line of the trial's error file, in at most 500 characters."""
+    path = trial.error_file
+    text = Path(path).read_text(errors="replace") if path and Path(path).is_file() else ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    found = next((line for line in reversed(lines) if _EXCEPTION_LINE.match(line)), None)
+    reason = found or (lines[-1] if lines else "the trial process died (see Ray's logs)")
+    reason = re.sub(r"^ray\.exceptions\.RayTaskError\((\w+)\)", r"\1", reason)
+    return re.sub(r"^(\w+\.)+(?=\w+: )", "", reason)[:500]  # trainables.layouts.DataError -> DataError
+
+
+class TrialRecorder(tune.Callback):
+    """Writes every trial event of this driver into the study (see the module docstring)."""
+
+    def __init__(self, searcher: StudySearcher, store: RunStore, driver: int, max_epochs: int) -> None:
+        self.searcher = searcher
+        self.store = store
+        self.driver = driver
+        self.max_epochs = max_epochs
+
+    def __getstate__(self) -> dict:
+        return {}  # Tune pickles callbacks into tuner.pkl, which tunecv never restores
+
+    def _trial(self, trial) -> optuna.Trial:
+        return self.searcher.live[trial.config[TRIAL_ID_KEY]]
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        ot_trial = self._trial(trial)
+        epoch = int(result["epoch"])
+        ot_trial.report(float(result[RANKING_METRIC]), step=epoch)
+        record: dict[str, Any] = {k: result[k] for k in _RESULT_KEYS if k in result}
+        record[TIMESTAMP] = time.time()
+        record[CHECKPOINT] = self._checkpoint(trial.config[TRIAL_ID_KEY], result)
+        ot_trial.set_user_attr(epoch_key(epoch), record)
+        self.searcher.handle.flush()
+
+    def _checkpoint(self, run_id: str, result: dict) -> str | None:
+        """Where this epoch's checkpoint went, relative to the run."""
+        if result.get("checkpoint_dir_name"):  # Tune's own checkpoint (in-process trials)
+            return join(trial_dir(self.driver, run_id), result["checkpoint_dir_name"])
+        if result.get("checkpoint_path"):  # Ray Train's, forwarded by TuneReportCallback
+            root = self.store.fs_path().rstrip("/") + "/"
+            path = str(result["checkpoint_path"])
+            return path[len(root):] if path.startswith(root) else path
+        return None
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        ot_trial = self._trial(trial)
+        ot_trial.set_user_attr(FAILURES, [*ot_trial.user_attrs.get(FAILURES, []), error_reason(trial)])
+        self.searcher.handle.flush()
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.finish(trial.config[TRIAL_ID_KEY])
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.finish(trial.config[TRIAL_ID_KEY], reason=error_reason(trial), failed=True)
+
+    def finish(self, run_id: str, reason: str | None = None, failed: bool = False) -> None:
+        """Tell the study how trial ``run_id`` ended: COMPLETE, PRUNED or FAIL."""
+        ot_trial = self.searcher.live.pop(run_id)
+        epochs = recorded_epochs(ot_trial)
+        if not failed and not epochs:
+            failed, reason = True, reason or "ended without reporting an epoch"
+        if reason:
+            ot_trial.set_user_attr(REASON, reason)
+        study = self.searcher.handle.study
+        if failed:
+            study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+        elif epochs[-1]["epoch"] >= self.max_epochs:
+            study.tell(ot_trial, max(e[RANKING_METRIC] for e in epochs))  # the checkpoint export uses
+        else:
+            study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+        self.searcher.handle.flush()
+
+    def stop_unfinished(self, reason: str) -> None:
+        """Settle the trials Tune stopped without a callback (the time budget ran out)."""
+        for run_id in list(self.searcher.live):
+            self.finish(run_id, reason=reason)

@@ -1,0 +1,155 @@
+"""Resuming a search whose driver died: what is done, what continues, what is left.
+
+A search resumes from its run location alone: the study, the checkpoints it points
+to and the drivers' state files. Nothing is unpickled (Tune's ``Tuner.restore`` would
+unpickle ``tuner.pkl``, and it restores Tune's trial ids, which differ per driver;
+tunecv keys everything by its own run-level ids, which the study keeps).
+``plan_resume`` settles every trial the dead driver left RUNNING in the study:
+
+- it ran all its epochs (only the driver's tell was lost): COMPLETE;
+- ASHA, rebuilt from every recorded epoch in arrival order, would have stopped it at
+  its last kept epoch: PRUNED;
+- otherwise it continues: a new Optuna trial with the same parameters, id and
+  recorded epochs is queued (Optuna's ``RetryFailedTrialCallback`` pattern), starting
+  from the newest checkpoint of it that Ray still keeps, and the old one becomes FAIL.
+
+Finished trials are never touched, the total stays ``search.num_samples``, and the
+time earlier drivers spent counts against ``search.time_budget_s``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from ray.tune.schedulers import TrialScheduler
+
+from search.config import RunConfig
+from search.layout import join
+from search.run.scheduler import RunIdASHA
+from search.storage import RunStore
+from search.study import (
+    CHECKPOINT,
+    EPOCH_PREFIX,
+    FAILURES,
+    RESUME_FROM_KEY,
+    TIMESTAMP,
+    TRIAL_ID_KEY,
+    StudyHandle,
+    epoch_key,
+    recorded_epochs,
+    run_trial_id,
+)
+from trainables.checkpoint import META_FILE, TRAIN_STATE_DIR, WEIGHTS_FILE
+from trainables.metrics import RANKING_METRIC
+
+_RESUMABLE = (WEIGHTS_FILE, META_FILE, f"{TRAIN_STATE_DIR}/state.json", f"{TRAIN_STATE_DIR}/optimizer.safetensors")
+INTERRUPTED_REASON = "interrupted: its driver stopped"
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What the next driver of a run still has to do."""
+
+    finished: tuple[str, ...]  # trial ids that will not run again
+    continuing: tuple[str, ...]  # interrupted trials, queued to continue under their id
+    num_samples: int  # trials still to run: the continuing ones plus new ones
+    time_budget_s: float | None  # what is left of search.time_budget_s (<= 0: spent)
+
+
+def _resume_point(store: RunStore, epochs: list[dict]) -> int:
+    """The newest recorded epoch whose checkpoint Ray still keeps, whole; 0 for none."""
+    for record in reversed(epochs):
+        rel = record.get(CHECKPOINT)
+        if rel and all(store.exists(join(rel, name)) for name in _RESUMABLE):
+            return int(record["epoch"])
+    return 0
+
+
+def plan_resume(handle: StudyHandle, store: RunStore, cfg: RunConfig, scheduler: RunIdASHA | None,
+                spent_s: float) -> ResumePlan:
+    """Settle the trials a dead driver left running, refill ASHA's rungs, say what is left.
+
+    Args:
+        handle: The run's study, opened for writing by this (the new) driver.
+        store: The run.
+        cfg: Its config.
+        scheduler: ASHA, to be refilled; None for FIFO.
+        spent_s: Search time earlier drivers spent.
+    """
+    study = handle.study
+    latest = _latest_by_id(study)
+    kept = {i: _kept_epochs(store, t) for i, t in latest.items()}
+    decisions = scheduler.replay(_arrivals(kept)) if scheduler else {}
+    for trial_id, trial in latest.items():
+        if trial.state == TrialState.RUNNING:
+            _settle(study, trial, kept[trial_id], decisions.get(trial_id), cfg.optim.epochs)
+    handle.flush()
+    states = {i: t.state for i, t in _latest_by_id(study).items()}
+    finished = tuple(sorted(i for i, s in states.items() if s not in (TrialState.WAITING, TrialState.RUNNING)))
+    continuing = tuple(sorted(i for i, s in states.items() if s == TrialState.WAITING))
+    budget = cfg.search.time_budget_s
+    left = cfg.search.num_samples - len(finished)
+    if budget is not None:
+        budget -= spent_s
+        if budget <= 0:
+            left = 0  # the budget is spent: nothing more starts, the report is rebuilt
+    return ResumePlan(finished, continuing, max(0, left), budget)
+
+
+def _latest_by_id(study: optuna.Study) -> dict[str, FrozenTrial]:
+    """Each run-level id's latest Optuna trial (numbers ascend, so the last one wins).
+    Warm starts still queued from the first driver have no id yet: they are new trials."""
+    return {run_trial_id(t): t for t in study.get_trials(deepcopy=False)
+            if t.state != TrialState.WAITING or TRIAL_ID_KEY in t.user_attrs}
+
+
+def _kept_epochs(store: RunStore, trial: FrozenTrial) -> list[dict]:
+    """The trial's epochs that survive a resume: all of a finished trial's; a running
+    trial's up to its resume point (later ones will be trained again)."""
+    epochs = recorded_epochs(trial)
+    if trial.state != TrialState.RUNNING:
+        return epochs
+    point = _resume_point(store, epochs)
+    return [e for e in epochs if e["epoch"] <= point]
+
+
+def _arrivals(kept: dict[str, list[dict]]) -> list[tuple[str, int, float]]:
+    """Every kept epoch as (trial id, epoch, macro-F1), in the order the results arrived."""
+    events = [(e[TIMESTAMP], i, e["epoch"], e[RANKING_METRIC]) for i, epochs in kept.items() for e in epochs]
+    return [(i, epoch, value) for _, i, epoch, value in sorted(events)]
+
+
+def _settle(study: optuna.Study, trial: FrozenTrial, kept: list[dict], decision: str | None,
+            max_epochs: int) -> None:
+    epochs = recorded_epochs(trial)
+    if epochs and epochs[-1]["epoch"] >= max_epochs:
+        study.tell(trial.number, max(e[RANKING_METRIC] for e in epochs))  # only the tell was lost
+        return
+    if kept and decision == TrialScheduler.STOP:
+        study.tell(trial.number, state=TrialState.PRUNED)  # ASHA would have stopped it there
+        return
+    trial_id = run_trial_id(trial)
+    queued = any(t.state == TrialState.WAITING and run_trial_id(t) == trial_id and t.number > trial.number
+                 for t in study.get_trials(deepcopy=False))
+    if not queued:  # an earlier resume may have queued it and died before the tell below
+        study.add_trial(_continuation(trial, kept))
+    study.tell(trial.number, state=TrialState.FAIL)
+
+
+def _continuation(trial: FrozenTrial, kept: list[dict]) -> FrozenTrial:
+    """A WAITING copy of ``trial`` that continues from its last kept epoch."""
+    attrs = {k: v for k, v in trial.user_attrs.items() if not k.startswith(EPOCH_PREFIX)}
+    attrs[FAILURES] = [*attrs.get(FAILURES, []), INTERRUPTED_REASON]
+    attrs.pop(RESUME_FROM_KEY, None)
+    if kept:
+        attrs[RESUME_FROM_KEY] = kept[-1][CHECKPOINT]
+    attrs.update({epoch_key(e["epoch"]): e for e in kept})
+    return optuna.trial.create_trial(
+        state=TrialState.WAITING,
+        params=trial.params,
+        distributions=trial.distributions,
+        user_attrs=attrs,
+        intermediate_values={e["epoch"]: e[RANKING_METRIC] for e in kept},
+    )

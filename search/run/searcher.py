@@ -1,0 +1,84 @@
+"""The searcher: Optuna's sampler asking the run's study for each new trial.
+
+Ray's ``OptunaSearch`` keeps its Optuna trials in a private table, names trials after
+Tune's own ids (new for every driver), and tells Optuna COMPLETE for trials ASHA
+stopped. ``StudySearcher`` is a plain ``ray.tune.search.Searcher`` over Optuna's public
+ask-and-tell API instead: each trial is asked from the run's study, runs under its
+run-level id (``t0007``: the Optuna trial number, or the id a continuation inherits),
+and is told by ``TrialRecorder`` (``search/run/recorder.py``), which also sees errors
+and retries. The study holds all of the searcher's state: ``save`` writes nothing, and
+a resumed search reopens the study.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import optuna
+from ray.tune.search import Searcher
+
+from search.space.model import SearchSpace
+from search.study import RESUME_FROM_KEY, TRIAL_ID_KEY, StudyHandle, run_trial_id
+from trainables.metrics import RANKING_METRIC
+
+
+class StudySearcher(Searcher):
+    """Asks the study for each trial Tune starts; keeps the live Optuna trials for the recorder."""
+
+    def __init__(self, handle: StudyHandle, space: SearchSpace) -> None:
+        super().__init__(metric=RANKING_METRIC, mode="max")
+        self.handle = handle
+        self.space = space
+        self.live: dict[str, optuna.Trial] = {}  # run-level id -> the Optuna trial it runs as
+
+    def __getstate__(self) -> dict:
+        # Tune pickles its searcher into tuner.pkl; tunecv never restores from that file
+        # (a resume reopens the study), so the open study stays out of it.
+        return {}
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # the space and the metric are fixed at construction
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        """Ask the study (queued trials first: warm starts, continuations) for a trial."""
+        trial = self.handle.study.ask()
+        self.space.define_by_run(trial)  # a queued trial's parameters are fixed already
+        run_id = run_trial_id(trial)
+        if TRIAL_ID_KEY not in trial.user_attrs:
+            trial.set_user_attr(TRIAL_ID_KEY, run_id)
+        self.live[run_id] = trial
+        # The stored study must know this id before any checkpoint of it exists, or a
+        # resume after a crash could hand the number to another trial.
+        self.handle.flush()
+        config = {**trial.params, TRIAL_ID_KEY: run_id}
+        if trial.user_attrs.get(RESUME_FROM_KEY):
+            config[RESUME_FROM_KEY] = trial.user_attrs[RESUME_FROM_KEY]
+        return config
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        """Nothing: ``TrialRecorder`` tells the study, with the error text Tune has there."""
+
+    def save(self, checkpoint_path: str) -> None:
+        """Nothing to save: the study is the searcher's state."""
+
+    def restore(self, checkpoint_path: str) -> None:
+        raise NotImplementedError("a tunecv search resumes from its study, not from Tune's searcher state")
+
+
+def create_sampler(cfg, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """TPE (seeded, multivariate, grouped, constant liar) or random.
+
+    Args:
+        cfg: The run config (``search.searcher``, ``search.seed``).
+        seed_offset: How many trials the study already holds: a resumed search moves the
+            seed on, or a random sampler would replay its first points.
+    """
+    seed = cfg.search.seed + seed_offset
+    if cfg.search.searcher == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    # multivariate+group model the joint, conditional space; constant_liar keeps
+    # concurrent trials from all sampling the same promising point.
+    with warnings.catch_warnings():  # group= is "experimental" but documented for this use
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)

@@ -1,0 +1,145 @@
+"""The run's Optuna study: where it is kept, and what tunecv keeps in it.
+
+The study is the record of the search. Its trials hold the parameters, the state
+(RUNNING, COMPLETE, PRUNED when ASHA stopped the trial, FAIL) and, as intermediate
+values, the macro-F1 of every epoch; tunecv adds user attributes:
+
+- ``tunecv_trial_id``: the run-level trial id (``t0007``), stable across drivers. A
+  trial that a dead driver left running continues under a new Optuna trial with the
+  same id (Optuna's own retry pattern: the old one becomes FAIL, the new one inherits
+  its epochs), so the latest Optuna trial of an id is the one that counts;
+- ``epoch_0007``: that epoch's scalar metrics, when they arrived, and the checkpoint Ray
+  wrote for it (relative to the run); per-class metrics are in the checkpoint itself;
+- ``reason`` (why it failed, or why it stopped), ``failures`` (why earlier attempts
+  crashed), ``resumed_from_epoch``, ``num_params``, ``trainable_params``, and the
+  ``hostname`` and ``pid`` it last ran on;
+- ``tunecv_resume_from``: on a continuation, the checkpoint it starts from.
+
+Only the live driver writes the study. By default it is an Optuna journal in the run:
+on a filesystem, Optuna's ``JournalFileBackend`` appends to it; in an object store,
+which has no appends, ``StoreJournal`` keeps the log in memory and uploads it whole.
+Optuna's journal format is the same either way, so ``optuna-dashboard`` opens a
+downloaded copy. ``search.storage`` may name a database instead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages.journal import BaseJournalBackend
+
+from search.layout import JOURNAL
+from search.storage import RunStore
+
+TRIAL_ID_KEY = "tunecv_trial_id"  # user attribute, and the key in every Tune trial config
+RESUME_FROM_KEY = "tunecv_resume_from"  # user attribute of a continuation, and a Tune config key
+EPOCH_PREFIX = "epoch_"
+CHECKPOINT = "checkpoint"  # in an epoch's record: its checkpoint directory, relative to the run
+TIMESTAMP = "timestamp"
+REASON, FAILURES = "reason", "failures"
+
+
+def epoch_key(epoch: int) -> str:
+    return f"{EPOCH_PREFIX}{epoch:04d}"
+
+
+def run_trial_id(trial: optuna.trial.FrozenTrial | optuna.Trial) -> str:
+    """The run-level id of an Optuna trial (live or frozen)."""
+    return trial.user_attrs.get(TRIAL_ID_KEY) or f"t{trial.number:04d}"
+
+
+def recorded_epochs(trial: optuna.trial.FrozenTrial) -> list[dict[str, Any]]:
+    """The trial's per-epoch records, in epoch order."""
+    keys = sorted(k for k in trial.user_attrs if k.startswith(EPOCH_PREFIX))
+    return [trial.user_attrs[k] for k in keys]
+
+
+class StoreJournal(BaseJournalBackend):
+    """Optuna's journal, kept in memory and written to a run store as one whole object.
+
+    Object stores have no appends and no locks; the driver is the journal's only
+    writer, so it holds the log and uploads all of it (``flush``) after every change it
+    makes: each ask, each epoch, each end. A resume after a crash then knows every epoch
+    whose checkpoint Ray may already have replaced. The upload grows with the study (a
+    32-trial, 15-epoch search ends near 300 KB); for studies of thousands of trials name
+    a database in ``search.storage`` instead. Readers load it read-only; a local journal
+    that is being appended to may end in a partial line, which is left out.
+    """
+
+    def __init__(self, store: RunStore, rel: str = JOURNAL, writable: bool = True) -> None:
+        self.store, self.rel, self.writable = store, rel, writable
+        data = store.read_bytes(rel) if store.exists(rel) else b""
+        complete = data[: data.rfind(b"\n") + 1]
+        self._encoded = bytearray(complete)
+        self._logs = [json.loads(line) for line in complete.splitlines() if line.strip()]
+        self._dirty = False
+
+    def read_logs(self, log_number_from: int):
+        return self._logs[log_number_from:]
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        if not self.writable:
+            raise RuntimeError(f"the study in {self.store.uri(self.rel)} was opened read-only.")
+        for log in logs:
+            line = json.dumps(log, separators=(",", ":"))
+            self._logs.append(json.loads(line))  # a copy, as a file backend would return
+            self._encoded += line.encode("utf-8") + b"\n"
+        self._dirty = True
+
+    def flush(self) -> None:
+        """Upload the whole journal if it changed since the last upload."""
+        if self._dirty:
+            self.store.write_bytes(self.rel, bytes(self._encoded))
+            self._dirty = False
+
+
+@dataclass
+class StudyHandle:
+    """An opened study and how to make its writes durable."""
+
+    study: optuna.Study
+    journal: StoreJournal | None = None  # set for object-store journals, which need flushing
+
+    def flush(self) -> None:
+        """Make every write so far durable (a filesystem journal already is)."""
+        if self.journal is not None:
+            self.journal.flush()
+
+
+def _storage(store: RunStore, storage_url: str | None, writable: bool):
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    if storage_url is not None:
+        return optuna.storages.RDBStorage(storage_url), None
+    if writable and store.is_local:
+        # A crashed driver can leave the backend's lock behind; the caller made sure no
+        # other driver is alive, so it is stale (Optuna would wait 30 s before breaking it).
+        Path(store.fs_path()).mkdir(parents=True, exist_ok=True)
+        Path(store.fs_path(f"{JOURNAL}.lock")).unlink(missing_ok=True)
+        return JournalStorage(JournalFileBackend(store.fs_path(JOURNAL))), None
+    journal = StoreJournal(store, writable=writable)
+    return JournalStorage(journal), journal
+
+
+def open_study(store: RunStore, storage_url: str | None, sampler=None) -> StudyHandle:
+    """The run's study for its driver (created on the first run, loaded on a resume)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the driver prints its own lines
+    storage, journal = _storage(store, storage_url, writable=True)
+    study = optuna.create_study(
+        storage=storage, study_name=store.name, direction="maximize", sampler=sampler, load_if_exists=True,
+    )
+    return StudyHandle(study, journal)
+
+
+def read_trials(store: RunStore, storage_url: str | None) -> list[optuna.trial.FrozenTrial]:
+    """Every Optuna trial of the run, read-only (empty before the first driver made the study)."""
+    storage, _ = _storage(store, storage_url, writable=False)
+    try:
+        study = optuna.load_study(study_name=store.name, storage=storage)
+    except KeyError:  # the study does not exist yet
+        return []
+    return study.get_trials(deepcopy=False)
