@@ -1,7 +1,7 @@
 """CPU latency of PyTorch eager against ONNX Runtime for one exported model, side by side.
 
 A benchmark, not a test: it exports a checkpoint (or, by default, a freshly created,
-randomly initialised resnet10t at 64 px with 10 classes) with ``search.export.export_onnx``
+randomly initialised resnet10t at 64 px with 10 classes) with ``search.export.onnx.export_onnx``
 and times both runtimes at batch 1 and 32 with the same thread count
 (``torch.get_num_threads()`` or ``--threads``, ONNX Runtime's ``intra_op_num_threads`` set
 equal). Each timed run alternates eager and ONNX Runtime, so both see the same machine load;
@@ -9,7 +9,7 @@ on a busy machine torch's OpenMP threads wait on each other, so eager suffers fa
 ONNX Runtime (measured here: resnet10t batch 1, 2 threads, one core taken: 384 ms vs 4.5 ms
 at 1 thread), and the table warns when the load average says the CPUs were not free.
 It writes ``bench/results/export_latency.json`` and prints a table. It does not verify
-accuracy; ``search.export.export_checkpoint`` does that.
+accuracy; ``search.export.onnx.export_checkpoint`` does that.
 
     .venv/bin/python bench/export_latency.py [--checkpoint DIR] [--runs 50] [--threads N]
 """
@@ -107,7 +107,7 @@ def _machine(threads: int) -> dict:
 
 def run(checkpoint: Path | None, runs: int, warmup: int, out: Path) -> dict:
     """Export, time both runtimes at every batch size, write and return the results."""
-    from search.export import DEFAULT_OPSET, create_session, export_onnx
+    from search.export.onnx import DEFAULT_OPSET, create_session, export_onnx
 
     threads = torch.get_num_threads()
     machine = _machine(threads)

@@ -26,11 +26,11 @@ METHODS = {
 }
 
 
-def best_curve(run_dir: Path) -> list[float]:
+def best_curve(store) -> list[float]:
     """Best macro-F1 after each epoch spent, across all trials, in finishing order."""
-    from search.records import read_epochs, read_records
+    from search.results.trials import load_run
 
-    epochs = [e for r in read_records(run_dir) for e in read_epochs(run_dir, r.trial_id)]
+    epochs = [e for t in load_run(store).trials for e in t.epochs]
     curve, best = [], 0.0
     for epoch in sorted(epochs, key=lambda e: e["timestamp"]):
         best = max(best, epoch["macro_f1"])
@@ -41,7 +41,7 @@ def best_curve(run_dir: Path) -> list[float]:
 def run_one(method: str, seed: int, out: Path) -> list[float]:
     import ray
 
-    from search.driver import run_search
+    from search.run.driver import run_search
 
     searcher, scheduler, samples = METHODS[method]
     cfg = load_demo_config([

@@ -19,6 +19,8 @@ from pathlib import Path
 from bench._common import digits_root, load_demo_config, machine, write_result
 from ray import tune
 
+from search.study import TRIAL_ID_KEY
+
 TARGET_S = 2.0
 
 
@@ -28,17 +30,17 @@ class TrialClock(tune.Callback):
         self.end: dict[str, float] = {}
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.start[trial.trial_id] = time.perf_counter()
+        self.start[trial.config[TRIAL_ID_KEY]] = time.perf_counter()
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.end[trial.trial_id] = time.perf_counter()
+        self.end[trial.config[TRIAL_ID_KEY]] = time.perf_counter()
 
 
 def main() -> None:
     import ray
 
-    from search.driver import run_search
-    from search.records import read_epochs
+    from search.results.trials import load_run
+    from search.run.driver import run_search
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--trials", type=int, default=6)
@@ -52,12 +54,13 @@ def main() -> None:
     clock = TrialClock()
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        run_dir = run_search(cfg, print_fn=lambda *_: None, callbacks=[clock])
+        store = run_search(cfg, print_fn=lambda *_: None, callbacks=[clock])
     finally:
         ray.shutdown()
+    epochs = {t.trial_id: t.epochs for t in load_run(store).trials}
     trials = []
     for trial_id, end in clock.end.items():
-        compute = sum(e["epoch_time_s"] for e in read_epochs(run_dir, trial_id))
+        compute = sum(e["epoch_time_s"] for e in epochs[trial_id])
         wall = end - clock.start[trial_id]
         trials.append({"trial_id": trial_id, "wall_s": wall, "compute_s": compute, "overhead_s": wall - compute})
     median = statistics.median(t["overhead_s"] for t in trials)

@@ -1,9 +1,8 @@
 """The ``tunecv`` command line: argument parsing only, no logic of its own.
 
 Subcommands: ``run`` (the search; resumes an unfinished run), ``submit`` (the search as
-a Ray job), ``report`` and ``export`` (on a run directory), ``evaluate`` (a
-checkpoint, on N workers), ``train`` (one configuration), ``data digits`` / ``data synthetic`` (write the bundled demo data or a
-synthetic set as an image folder).
+a Ray job), ``report`` and ``export`` (read a run), ``evaluate`` (a checkpoint, on N
+workers), ``train`` (one configuration), ``data digits|synthetic`` (demo image folders).
 """
 
 from __future__ import annotations
@@ -25,12 +24,12 @@ def _train(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from search.config import ConfigError, load_config
     from search.run.driver import run_search
-    from search.run.location import stored_config
+    from search.storage import RunStore, read_config
 
     if args.resume:
         if args.config or args.set or args.space or args.run_dir:
             raise ConfigError("--resume RUN_DIR takes the run's own config; drop --config/--set/--space/--run-dir.")
-        run_search(stored_config(args.resume), run_dir=args.resume)
+        run_search(read_config(RunStore.at(args.resume)), run_dir=args.resume)
         return 0
     if not args.config:
         raise ConfigError("tunecv run needs --config FILE (or --resume RUN_DIR).")
@@ -50,23 +49,23 @@ def _submit(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from search.layout import REPORT_MARKDOWN
-    from search.results.report import build_report, format_table, write_report_files
+    from search.results.report import build_report, format_table
     from search.results.trials import load_run
-    from search.storage import open_run
+    from search.storage import RunStore
 
-    report = build_report(load_run(open_run(args.run_dir)))
+    report = build_report(load_run(RunStore.at(args.run_dir)))
     print(format_table(report.rows))
     if args.out:
-        write_report_files(report, Path(args.out))
+        report.write_to(RunStore.at(args.out))
         print(f"report: {Path(args.out) / REPORT_MARKDOWN}")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     from search.results.winner import export_trial
-    from search.storage import open_run
+    from search.storage import RunStore
 
-    store = open_run(args.run_dir)
+    store = RunStore.at(args.run_dir)
     out = Path(args.out or f"export-{store.name}" + (f"-{args.trial}" if args.trial else ""))
     result = export_trial(store, out, args.trial)
     print(f"exported {result.onnx_path} (ONNX macro-F1 {result.onnx_macro_f1:.4f})")
@@ -97,15 +96,19 @@ def _data_digits(args: argparse.Namespace) -> int:
 def _data_synthetic(args: argparse.Namespace) -> int:
     from trainables.demo_data import write_synthetic
 
-    counts = write_synthetic(
-        Path(args.out),
-        num_classes=args.num_classes,
-        images_per_class=args.images_per_class,
-        image_size=args.image_size,
-        seed=args.seed,
-    )
+    counts = write_synthetic(Path(args.out), num_classes=args.num_classes, image_size=args.image_size,
+                             images_per_class=args.images_per_class, seed=args.seed)
     print(f"wrote {sum(counts.values())} synthetic images in {len(counts)} classes to {args.out}")
     return 0
+
+
+def _search_args(parser: argparse.ArgumentParser, config_required: bool) -> None:
+    """The arguments ``run`` and ``submit`` share: the run file, overrides, the run directory."""
+    parser.add_argument("--config", required=config_required, help="run YAML file (relative, for submit)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value, e.g. --set optim.epochs=3 (repeatable)")
+    parser.add_argument("--run-dir", help="run directory, path or URI (default: OUTPUT_DIR/NAME-TIME); "
+                                          "resumed if it holds a run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,20 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="search, rank on macro-F1, export the winner",
         description="Search. An unfinished run of the same name and config is resumed.",
     )
-    run.add_argument("--config", help="run YAML file")
+    _search_args(run, config_required=False)
     run.add_argument("--space", help="search space: a name in spaces/, a YAML path, or 'auto'")
-    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    run.add_argument("--run-dir", help="run directory (default: OUTPUT_DIR/NAME-TIME); resumed if it exists")
     run.add_argument("--resume", metavar="RUN_DIR", help="resume this run with its own config")
     run.set_defaults(func=_run)
 
     submit = sub.add_parser("submit", help="submit a search to a Ray cluster as a job")
-    submit.add_argument("--config", required=True, help="run YAML file, relative to this directory")
+    _search_args(submit, config_required=True)
     submit.add_argument("--address", default="http://127.0.0.1:8265",
                         help="the cluster's dashboard, e.g. through `ray dashboard` or kubectl port-forward")
     submit.add_argument("--runtime-env", default="cluster/runtime_env.yaml")
-    submit.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    submit.add_argument("--run-dir", help="run directory on shared storage (default: OUTPUT_DIR/NAME-TIME)")
     submit.add_argument("--wait", action="store_true", help="wait for the job and print its log tail")
     submit.set_defaults(func=_submit)
 

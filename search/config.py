@@ -76,20 +76,16 @@ class RunConfig(TrialConfig):
     search: SearchConfig = Field(default_factory=SearchConfig)
 
     @model_validator(mode="after")
-    def _grace_within_epochs(self) -> RunConfig:
+    def _across_sections(self) -> RunConfig:
+        """Checks that span sections: each is a problem only in combination."""
+        problems = []
         if self.search.scheduler == "asha" and self.search.asha.grace_period > self.optim.epochs:
-            raise ValueError(
-                f"search.asha.grace_period ({self.search.asha.grace_period}) exceeds optim.epochs "
-                f"({self.optim.epochs}); ASHA could never stop a trial. Lower grace_period."
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _fp16_needs_gpu(self) -> RunConfig:
+            problems.append(f"search.asha.grace_period ({self.search.asha.grace_period}) exceeds optim.epochs "
+                            f"({self.optim.epochs}); ASHA could never stop a trial. Lower grace_period.")
         if self.optim.precision == "fp16" and not self.scaling.use_gpu:
-            raise ValueError(
-                "optim.precision fp16 needs scaling.use_gpu: true; on the CPU use bf16 or fp32."
-            )
+            problems.append("optim.precision fp16 needs scaling.use_gpu: true; on the CPU use bf16 or fp32.")
+        if problems:
+            raise ValueError(" ".join(problems))
         return self
 
     def trial(self) -> TrialConfig:

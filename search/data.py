@@ -1,8 +1,6 @@
-"""A run's data, scanned once: the fixed split every trial uses, and what it tells the user.
-
-Owns the step from ``cfg.data`` to the run's ``split.parquet`` (written by the driver
-before any trial, read by every trial and the export) and its printed summary: counts
-per class and split, and every skipped file with its reason.
+"""A run's data, scanned once: the fixed split every trial and the export use, written
+by the driver before any trial, and its printed summary (counts per class and split,
+each skipped file with its reason).
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
-"""The drivers of a run: who is searching it, since when, and the time each one spent.
-
-Each process that runs a search on a run is its next driver: the first ``tunecv run``
-is driver 1, each resume after a crash the next one. Driver k alone writes
-``drivers/<k>.json`` (at start, every ``HEARTBEAT_S`` seconds, and at its end), so a run
-never has a state file with two writers. From these files a reader knows whether the
-run is finished, searched right now, or was interrupted and can be resumed, and how
-much of ``search.time_budget_s`` earlier drivers used.
+"""The drivers of a run: the first ``tunecv run`` is driver 1, each resume the next.
+Driver k alone writes ``drivers/<k>.json`` (at start, every ``HEARTBEAT_S``, at its end),
+from which a reader knows whether the run is finished, searched right now or
+resumable, and how much of ``search.time_budget_s`` earlier drivers spent.
 """
 
 from __future__ import annotations

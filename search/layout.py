@@ -1,22 +1,6 @@
-"""Every path in a run location, and the one process that writes it.
-
-A run lives at ``output_dir/<name>-<YYYYmmdd-HHMMSS>``: a local directory, a filesystem
-shared by every node, or an object-store prefix (``s3://``, ``gs://``). All paths here
-are relative to it, with ``/`` separators, so the same names serve every storage.
-
-| path | writer | when |
-|---|---|---|
-| ``config.yaml``, ``space.yaml``, ``split.parquet``, ``split.json`` | the first driver | once, before any trial |
-| ``optuna.journal`` | the live driver (Optuna's journal storage) | on every ask, report and tell |
-| ``drivers/<k>.json`` | driver k (the k-th driver of the run) | at start, every 10 s, at its end |
-| ``tune/<k>/`` | Ray Tune, for driver k | Tune's own experiment state |
-| ``tune/<k>/<trial>/checkpoint_<n>/`` | Ray, from the trial's rank 0 | once per epoch; Ray deletes all but the best and the latest |
-| ``tune/<k>/<trial>/train/checkpoint_<time>/`` | Ray Train (multi-worker trials) | as above |
-| ``report.parquet``, ``report.md``, ``export/`` | the driver that finishes the search | once, at the end |
-
-Nothing else writes into a run: ``tunecv report`` and ``tunecv export`` read it and
-write elsewhere. A checkpoint directory is never modified after Ray wrote it; the study
-records which checkpoint each epoch went to (``search/study.py``).
+"""Every path in a run location, relative to it with ``/`` separators, so the same names
+serve a local directory, a shared filesystem and an object-store prefix. The README's
+"Run directory" table names the one writer of each; this module only names them.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
-"""Starting or joining Ray: the one place tunecv calls ``ray.init``.
-
-Under ``ray job submit`` (and on any machine with ``RAY_ADDRESS`` set) ``ray.init()``
-joins that cluster; otherwise it starts a local Ray with Ray's defaults, which keep
-the dashboard on 127.0.0.1 and token authentication on. A caller that already
-initialised Ray (a test with ``ray.init(num_cpus=2)``, a notebook) keeps its session.
+"""Starting or joining Ray, the one place tunecv calls ``ray.init``: it joins
+``RAY_ADDRESS`` (``ray job submit``) or starts a local Ray with Ray's defaults (dashboard
+on 127.0.0.1, token authentication on), and quiets Tune's output where the search
+prints its own.
 """
 
 from __future__ import annotations

@@ -1,17 +1,9 @@
 """Reading and writing a run location through ``pyarrow.fs``, and the check that every
-node of the cluster can reach it.
-
-A run lives in a local directory, on a filesystem mounted at the same path on every
-node (NFS, EFS, Filestore, a ReadWriteMany volume), or in an object store (``s3://``,
-``gs://``, anything ``pyarrow.fs.FileSystem.from_uri`` opens). ``RunStore`` is the one
-way tunecv's own code touches it, whichever it is: files are written whole (a local
-file is written under a temporary name and renamed; an object is one upload), so a
-reader never meets half a file. Ray reaches the same location through its own
-``RunConfig(storage_path=..., storage_filesystem=...)``.
-
-Ray checks that the driver can write its storage, but not that every node can: a
-local path on a multi-node cluster would scatter results over nodes. So before any
-data is scanned the driver writes a token and reads it back from every node.
+node reaches it. ``RunStore`` is the one way tunecv's own code touches a run, local or
+``s3://``/``gs://``: files are written whole (a local file under a temporary name, then
+renamed; an object in one upload), so a reader never meets half a file. Ray checks
+only that the driver can write its storage, so before any data is scanned the driver
+also writes a token that every node must read back.
 """
 
 from __future__ import annotations
@@ -19,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
@@ -77,11 +68,11 @@ class RunStore:
 
     def fs_path(self, rel: str = "") -> str:
         """``rel``'s path on ``filesystem`` (what Ray's ``storage_path`` takes with it)."""
-        return join(self._resolved[1], rel) if rel else self._resolved[1]
+        return join(self._resolved[1], rel)
 
     def uri(self, rel: str = "") -> str:
         """``rel`` as a location string another process can open (path or URI)."""
-        return join(self.location, rel) if rel else self.location
+        return join(self.location, rel)
 
     def child(self, name: str) -> RunStore:
         return RunStore(self.uri(name))
@@ -136,28 +127,17 @@ class RunStore:
         return sorted(info.base_name for info in self.filesystem.get_file_info(selector))
 
     @contextlib.contextmanager
-    def local_dir(self, rel: str, only: Sequence[str] | None = None) -> Iterator[Path]:
-        """``rel`` as a directory on this machine, for code that needs real files.
-
-        A local store yields the directory itself. An object store downloads ``only``
-        these files of it (or all of it) into a temporary directory, deleted on exit.
-        """
+    def local_files(self, rel: str, names: Sequence[str]) -> Iterator[Path]:
+        """Directory ``rel`` on this machine with (at least) the files ``names``: a local
+        store's own directory, or a temporary download of just those files, deleted on exit."""
         if self.is_local:
             yield Path(self.fs_path(rel))
             return
-        import pyarrow.fs as pafs
-
-        tmp = Path(tempfile.mkdtemp(prefix="tunecv-"))
-        try:
-            if only is None:
-                pafs.copy_files(self.fs_path(rel), str(tmp), source_filesystem=self.filesystem,
-                                destination_filesystem=pafs.LocalFileSystem())
-            for name in only or ():
-                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-                (tmp / name).write_bytes(self.read_bytes(join(rel, name)))
-            yield tmp
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix="tunecv-") as tmp:
+            for name in names:
+                (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+                (Path(tmp) / name).write_bytes(self.read_bytes(join(rel, name)))
+            yield Path(tmp)
 
     def upload_dir(self, local: Path, rel: str) -> None:
         """Write every file under ``local`` to ``rel``, each one whole."""
@@ -169,16 +149,22 @@ def not_a_run(location: str | Path) -> ConfigError:
     return ConfigError(f"'{location}' is not a tunecv run directory (no {CONFIG} in it).")
 
 
-def open_run(location: str | Path) -> RunStore:
-    """An existing run, for reading.
+def read_config(store: RunStore, check_paths: bool = True):
+    """The ``RunConfig`` a run was started with (its ``config.yaml``).
+
+    ``check_paths=False`` for readers, which need no data or weights on this machine.
 
     Raises:
-        ConfigError: ``location`` holds no run.
+        ConfigError: ``store`` holds no run, or its config no longer validates.
     """
-    store = RunStore.at(location)
+    import yaml
+
+    from search.config import parse_config
+
     if not store.exists(CONFIG):
-        raise not_a_run(location)
-    return store
+        raise not_a_run(store)
+    return parse_config(yaml.safe_load(store.read_text(CONFIG)), source=f"'{store.uri(CONFIG)}'",
+                        check_paths=check_paths)
 
 
 _PROBE_TIMEOUT_S = 120.0

@@ -1,25 +1,12 @@
-"""The run's Optuna study: where it is kept, and what tunecv keeps in it.
-
-The study is the record of the search. Its trials hold the parameters, the state
-(RUNNING, COMPLETE, PRUNED when ASHA stopped the trial, FAIL) and, as intermediate
-values, the macro-F1 of every epoch; tunecv adds user attributes:
-
-- ``tunecv_trial_id``: the run-level trial id (``t0007``), stable across drivers. A
-  trial that a dead driver left running continues under a new Optuna trial with the
-  same id (Optuna's own retry pattern: the old one becomes FAIL, the new one inherits
-  its epochs), so the latest Optuna trial of an id is the one that counts;
-- ``epoch_0007``: that epoch's scalar metrics, when they arrived, and the checkpoint Ray
-  wrote for it (relative to the run); per-class metrics are in the checkpoint itself;
-- ``reason`` (why it failed, or why it stopped), ``failures`` (why earlier attempts
-  crashed), ``resumed_from_epoch``, ``num_params``, ``trainable_params``, and the
-  ``hostname`` and ``pid`` it last ran on;
-- ``tunecv_resume_from``: on a continuation, the checkpoint it starts from.
-
-Only the live driver writes the study. By default it is an Optuna journal in the run:
-on a filesystem, Optuna's ``JournalFileBackend`` appends to it; in an object store,
-which has no appends, ``StoreJournal`` keeps the log in memory and uploads it whole.
-Optuna's journal format is the same either way, so ``optuna-dashboard`` opens a
-downloaded copy. ``search.storage`` may name a database instead.
+"""The run's Optuna study: where it is kept, and what tunecv keeps in it. It is the
+record of the search: parameters, state (COMPLETE, PRUNED when ASHA stopped the trial,
+FAIL), each epoch's macro-F1 as an intermediate value, and user attributes: the
+run-level ``tunecv_trial_id`` (stable across drivers: a continued trial is a new
+Optuna trial with the same id), ``epoch_NNNN`` (the epoch's scalars and the checkpoint
+Ray wrote for it), ``reason``, ``failures`` and, on a continuation,
+``tunecv_resume_from``. Only the live driver writes it: on a filesystem through
+Optuna's ``JournalFileBackend``, in an object store through ``StoreJournal``, which
+uploads the same journal format whole; ``search.storage`` may name a database.
 """
 
 from __future__ import annotations
@@ -50,6 +37,16 @@ def epoch_key(epoch: int) -> str:
 def run_trial_id(trial: optuna.trial.FrozenTrial | optuna.Trial) -> str:
     """The run-level id of an Optuna trial (live or frozen)."""
     return trial.user_attrs.get(TRIAL_ID_KEY) or f"t{trial.number:04d}"
+
+
+def attempts_by_id(trials: list[optuna.trial.FrozenTrial]) -> dict[str, list[optuna.trial.FrozenTrial]]:
+    """Optuna trials grouped by run-level id, oldest first: the last is the one that counts.
+    Queued warm starts have no id until asked: they are not trials of the run yet."""
+    grouped: dict[str, list[optuna.trial.FrozenTrial]] = {}
+    for trial in trials:
+        if trial.state != optuna.trial.TrialState.WAITING or TRIAL_ID_KEY in trial.user_attrs:
+            grouped.setdefault(run_trial_id(trial), []).append(trial)
+    return grouped
 
 
 def recorded_epochs(trial: optuna.trial.FrozenTrial) -> list[dict[str, Any]]:
@@ -125,13 +122,11 @@ def _storage(store: RunStore, storage_url: str | None, writable: bool):
     return JournalStorage(journal), journal
 
 
-def open_study(store: RunStore, storage_url: str | None, sampler=None) -> StudyHandle:
+def open_study(store: RunStore, storage_url: str | None) -> StudyHandle:
     """The run's study for its driver (created on the first run, loaded on a resume)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the driver prints its own lines
     storage, journal = _storage(store, storage_url, writable=True)
-    study = optuna.create_study(
-        storage=storage, study_name=store.name, direction="maximize", sampler=sampler, load_if_exists=True,
-    )
+    study = optuna.create_study(storage=storage, study_name=store.name, direction="maximize", load_if_exists=True)
     return StudyHandle(study, journal)
 
 

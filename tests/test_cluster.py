@@ -210,9 +210,14 @@ def test_submit_refuses_without_a_token(head):
     assert "401" in done.stderr or "nauthorized" in done.stderr or "uthentication" in done.stderr
 
 
+# tests/stress/killed_driver.py sets this to run the test many times against one head.
+STRESS_REPEAT = int(os.environ.get("TUNECV_STRESS_REPEAT", "1"))
+
+
+@pytest.mark.parametrize("attempt", range(STRESS_REPEAT))
 @pytest.mark.parametrize("storage", ["shared_fs", "s3"])
-def test_killed_driver_resumes_without_rerunning_or_duplicating(head, synthetic_root, s3_bucket, storage):
-    name = f"resume-{storage.replace('_', '')}"
+def test_killed_driver_resumes_without_rerunning_or_duplicating(head, synthetic_root, s3_bucket, storage, attempt):
+    name = f"resume-{storage.replace('_', '')}-{attempt}"
     config = _write_config(
         head, synthetic_root, name, output_dir=f"{s3_bucket}/{name}" if storage == "s3" else None,
         num_samples=5, max_concurrent_trials=2, asha={"grace_period": 1, "reduction_factor": 2},

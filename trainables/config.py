@@ -105,12 +105,9 @@ class LossConfig(_Frozen):
     @field_validator("type")
     @classmethod
     def _known_loss(cls, name: str) -> str:
-        from trainables.losses import LOSSES  # the registry imports torch; parse-time only
+        from trainables.losses import check_loss_name  # the registry imports torch: only when parsing
 
-        if name not in LOSSES:
-            close = difflib.get_close_matches(name, list(LOSSES), n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ValueError(f"unknown loss '{name}'; expected one of {list(LOSSES)}.{hint}")
+        check_loss_name(name)
         return name
 
     @field_validator("alpha")

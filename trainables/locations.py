@@ -1,9 +1,6 @@
-"""Where a file lives: a local path or an object-store URI, opened through ``pyarrow.fs``.
-
-Trials, workers and the driver pass locations to each other as plain strings (they
-cross process and node boundaries); this module turns one into the pyarrow filesystem
-and path that read or write it. ``s3://``, ``gs://`` and anything else
-``pyarrow.fs.FileSystem.from_uri`` opens are URIs; everything else is a local path.
+"""Where a file lives: a local path, or an object-store URI (anything
+``pyarrow.fs.FileSystem.from_uri`` opens), passed between processes as a plain string
+and opened through ``pyarrow.fs``.
 """
 
 from __future__ import annotations

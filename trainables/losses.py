@@ -1,13 +1,11 @@
-"""Training losses: the one registry that config validation, search spaces and the report read.
-
-Owns ``LOSSES`` (name -> how to build it, which of its ``LossConfig`` fields a search may
-tune, how the report labels it) and the 'balanced' class weights derived from training
-labels. Validation loss is not chosen here: the loop always reports plain cross-entropy,
-so trials that train with different losses stay comparable in the report.
+"""Training losses: ``LOSSES`` is the one registry (name -> how to build it and which
+``LossConfig`` fields belong to it) that config validation, spaces and the report read.
+Validation loss is always plain cross-entropy, so trials stay comparable.
 """
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -95,6 +93,14 @@ LOSSES: dict[str, LossSpec] = {
 }
 
 
+def check_loss_name(name: str) -> None:
+    """Raise ``ValueError`` naming the registered losses (and the closest) unless ``name`` is one."""
+    if name not in LOSSES:
+        close = difflib.get_close_matches(name, list(LOSSES), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"unknown loss '{name}'; expected one of {list(LOSSES)}.{hint}")
+
+
 def create_loss(cfg: LossConfig, class_counts: Sequence[int]) -> nn.Module:
     """Build the training loss named by ``cfg.type``.
 
@@ -108,8 +114,7 @@ def create_loss(cfg: LossConfig, class_counts: Sequence[int]) -> nn.Module:
     Raises:
         ValueError: Focal ``alpha`` of the wrong length, or an unknown type.
     """
-    if cfg.type not in LOSSES:
-        raise ValueError(f"unknown loss type '{cfg.type}'; expected one of {list(LOSSES)}.")
+    check_loss_name(cfg.type)
     return LOSSES[cfg.type].build(cfg, class_counts)
 
 

@@ -9,7 +9,7 @@ set (all ranks) and hands them here.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -49,9 +49,6 @@ class EvalMetrics:
         if self.top5_accuracy is not None:
             out["top5_accuracy"] = self.top5_accuracy
         return out
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def compute_metrics(

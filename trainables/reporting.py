@@ -1,11 +1,7 @@
-"""The one small interface through which a trial hands over each epoch.
-
-The loop calls ``Reporter.report(result, checkpoint_dir)`` once per epoch on every rank;
-what happens next belongs to the caller. In a search the epoch goes to Ray (the search
-plugs in a reporter that calls ``ray.tune.report``; TorchTrainer workers use
-``RayTrainReporter``), and Ray persists the checkpoint directory into the run's storage.
-``LocalRunReporter`` serves ``tunecv train`` on one machine without Ray. The checkpoint
-directory is temporary: a reporter that wants it must copy or upload it before returning.
+"""The one small interface through which a trial hands over each epoch: the loop calls
+``Reporter.report(result, checkpoint_dir)`` on every rank. ``RayReporter`` passes it to
+Ray (Tune's or Ray Train's ``report``), which uploads the checkpoint; ``LocalRunReporter``
+serves ``tunecv train`` without Ray. The checkpoint directory is temporary.
 """
 
 from __future__ import annotations

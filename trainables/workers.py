@@ -1,8 +1,6 @@
-"""Entry points of Ray Train workers: the same loop, with Ray's runtime and reporter.
-
-``TorchTrainer`` pickles these functions by reference, so they live in an importable
-module and receive only JSON-able data: the trial config as a dict and locations (local
-paths or object-store URIs) that every node can open through ``pyarrow.fs``.
+"""Entry points of Ray Train workers: the same loop with Ray's runtime and reporter.
+``TorchTrainer`` pickles them by reference, so they take only JSON-able data: the trial
+config as a dict, and locations every node opens.
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
-"""``tunecv evaluate``: a saved checkpoint's metrics on a split, on one worker or many.
-
-Owns running ``trainables.workers.evaluate_loop_per_worker`` in a ``TorchTrainer``:
-each worker evaluates its contiguous shard of the validation set and the metrics are
-computed over all of it, so any number of workers, on any nodes, gives the numbers one
-process gives. Used to check a multi-node cluster, and to re-score a checkpoint.
-Checkpoint and split are read through ``pyarrow.fs`` (paths every node reads, or URIs);
-nothing is written into the run they come from.
+"""``tunecv evaluate``: a checkpoint's metrics on a split, on one Ray Train worker or
+many, each evaluating a contiguous shard, so any number of workers on any nodes gives
+the numbers one process gives. Inputs are read through ``pyarrow.fs``; nothing is
+written into the run they come from.
 """
 
 from __future__ import annotations
@@ -37,28 +33,19 @@ def evaluate_checkpoint(
         The metrics (macro-F1, accuracy, ...), ``world_size`` and the Ray ``nodes`` of
         the ranks.
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from search.ray_session import connect_ray
+    from search.run.runners import torch_trainer
     from search.storage import RunStore
+    from trainables.config import ScalingConfig
     from trainables.workers import evaluate_loop_per_worker
 
     connect_ray()
     temporary = None if storage else tempfile.mkdtemp(prefix="tunecv-evaluate-")
-    store = RunStore.at(storage or temporary)
-    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    trainer = TorchTrainer(
-        evaluate_loop_per_worker,
-        train_loop_config={
-            "checkpoint": str(RunStore.at(checkpoint)), "split": str(RunStore.at(split)), "batch_size": batch_size,
-        },
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=f"evaluate-{num_workers}w", storage_path=store.fs_path(), storage_filesystem=store.filesystem,
-        ),
-    )
+    scaling = ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker)
+    loop_config = {"checkpoint": str(RunStore.at(checkpoint)), "split": str(RunStore.at(split)),
+                   "batch_size": batch_size}
+    trainer = torch_trainer(evaluate_loop_per_worker, loop_config, scaling, RunStore.at(storage or temporary),
+                            f"evaluate-{num_workers}w")
     try:
         return dict(trainer.fit().metrics)
     finally:

@@ -1,11 +1,7 @@
-"""``tunecv train``: one configuration, outside any search, on this machine's disk.
-
-Owns the run directory of a single training job: the resolved config, the scanned
-split (``split.parquet``), per-epoch metrics and the best and latest checkpoints. The
-loop runs in this process for ``scaling.num_workers: 0`` (``LocalRunReporter`` keeps
-``metrics.jsonl``, ``best/`` and ``last/``), or in a Ray Train ``TorchTrainer`` worker
-group (DDP) otherwise, where Ray Train keeps the checkpoints in ``train/`` and the best
-one is copied to ``best/`` at the end. The loop itself lives in ``trainables/``.
+"""``tunecv train``: one configuration on this machine's disk, no search. In-process
+(``scaling.num_workers: 0``) ``LocalRunReporter`` keeps ``metrics.jsonl``, ``best/`` and
+``last/``; with workers, Ray Train keeps its checkpoints in ``train/`` and the best is
+copied to ``best/`` at the end.
 """
 
 from __future__ import annotations

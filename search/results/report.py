@@ -1,11 +1,7 @@
-"""The ranked trial report: Parquet for tools, Markdown for people, a table for the console.
-
-Owns turning a ``RunView`` into report rows, ``report.parquet``, ``report.md`` and the
-table printed at the end of a run. The driver that finishes a search writes the two
-files into the run; ``tunecv report`` builds the same report at any time, also while
-the search runs, prints it and writes the files only where ``--out`` says (the run's
-files keep one writer). Every trial is listed: completed, stopped early by ASHA,
-failed (with its reason), running, interrupted.
+"""The ranked trial report: ``report.parquet`` for tools, ``report.md`` for people, a
+table for the console. The driver that finishes a search writes the files into the
+run; ``tunecv report`` builds the same report at any time and writes it only where
+``--out`` says, so the run's files keep one writer.
 """
 
 from __future__ import annotations
@@ -14,7 +10,6 @@ import io
 import math
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from search.layout import REPORT_MARKDOWN, REPORT_PARQUET
@@ -41,12 +36,11 @@ class Report:
         pq.write_table(pa.Table.from_pylist(self.rows), sink)
         return sink.getvalue()
 
-    def files(self) -> dict[str, bytes]:
-        """File name -> content (no Parquet before the first trial exists)."""
-        files = {REPORT_MARKDOWN: self.markdown.encode("utf-8")}
+    def write_to(self, store: RunStore) -> None:
+        """``report.md`` and, once a trial exists, ``report.parquet``, each written whole."""
+        store.write_text(REPORT_MARKDOWN, self.markdown)
         if self.rows:
-            files[REPORT_PARQUET] = self.parquet_bytes()
-        return files
+            store.write_bytes(REPORT_PARQUET, self.parquet_bytes())
 
 
 def report_row(rank_: int, trial: TrialView) -> dict[str, Any]:
@@ -170,15 +164,8 @@ def format_markdown(run: RunView, ranked: list[TrialView], rows: list[dict[str, 
 def write_run_report(store: RunStore, print_fn=print) -> Report:
     """The driver's report at the end of a search: written into the run and printed."""
     report = build_report(load_run(store))
-    for name, data in report.files().items():
-        store.write_bytes(name, data)
+    report.write_to(store)
     print_fn(format_table(report.rows))
     print_fn(f"report: {store.uri(REPORT_MARKDOWN)}")
     return report
 
-
-def write_report_files(report: Report, out_dir: Path) -> None:
-    """``tunecv report --out DIR``: the report's files, outside the run."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, data in report.files().items():
-        (out_dir / name).write_bytes(data)

@@ -1,38 +1,31 @@
-"""A run's trials as a reader sees them, derived from the study and the checkpoints.
-
-Owns the read side of the run's record: each run-level trial id becomes one
-``TrialView`` with its typed config, status, epochs and attempts, whatever drivers ran
-it. Nothing is stored twice: status comes from the Optuna state of the id's latest
-trial (and whether a driver is alive), epochs from its ``epoch_NNNN`` attributes,
-per-class metrics from the checkpoint Ray kept for the best epoch. It reads through
-``RunStore`` only, so the same code serves a local run and a bucket, during or after
-the search.
+"""A run's trials as a reader sees them, derived and never stored twice: status from the
+Optuna state of each run-level id's latest trial (and whether a driver is alive),
+epochs from its ``epoch_NNNN`` attributes, per-class metrics from the checkpoint Ray
+kept. It reads through ``RunStore``, so it serves a local run or a bucket, during the
+search or after it.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from search.config import RunConfig, parse_config
+from search.config import RunConfig
 from search.drivers import live_driver, read_drivers
-from search.layout import CONFIG, SPACE, join
+from search.layout import SPACE, join
 from search.run.trial import searched_params, trial_config
 from search.space.catalog import parse_space
-from search.storage import RunStore
+from search.storage import RunStore, read_config
 from search.study import (
     CHECKPOINT,
     FAILURES,
     REASON,
     TIMESTAMP,
-    TRIAL_ID_KEY,
+    attempts_by_id,
     read_trials,
     recorded_epochs,
-    run_trial_id,
 )
 from trainables.checkpoint import METRICS_FILE
 from trainables.config import TrialConfig
@@ -63,16 +56,7 @@ class TrialView:
     @property
     def best_epoch(self) -> dict[str, Any] | None:
         """The epoch with the best macro-F1; the first one wins a tie (it got there sooner)."""
-        best = None
-        for epoch in self.epochs:
-            if best is None or epoch[RANKING_METRIC] > best[RANKING_METRIC]:
-                best = epoch
-        return best
-
-    @property
-    def macro_f1(self) -> float:
-        best = self.best_epoch
-        return best[RANKING_METRIC] if best else math.nan
+        return max(self.epochs, key=lambda e: e[RANKING_METRIC], default=None)
 
     @property
     def num_params(self) -> int | None:
@@ -100,18 +84,14 @@ class RunView:
 
 def load_run(store: RunStore) -> RunView:
     """Read the run's config, space, drivers and study into views (no weights are read)."""
-    config = parse_config(yaml.safe_load(store.read_text(CONFIG)), source=store.uri(CONFIG), check_paths=False)
+    config = read_config(store, check_paths=False)
     searching = live_driver(read_drivers(store)) is not None
     if not store.exists(SPACE):  # the first driver is still scanning the data
         return RunView(store, config, (), searching)
     space = parse_space(store.read_text(SPACE), store.uri(SPACE), check_depths=False)
-    by_id: dict[str, list[FrozenTrial]] = {}
-    for trial in read_trials(store, config.search.storage):
-        if trial.state != TrialState.WAITING or TRIAL_ID_KEY in trial.user_attrs:
-            by_id.setdefault(run_trial_id(trial), []).append(trial)
     base = config.trial().model_dump(mode="json")
     views = []
-    for trial_id, attempts in by_id.items():
+    for trial_id, attempts in attempts_by_id(read_trials(store, config.search.storage)).items():
         latest = attempts[-1]
         params = searched_params(latest.params)
         views.append(TrialView(

@@ -1,10 +1,7 @@
-"""Exporting a run's winner (or a chosen trial): from the ranking to a verified ONNX bundle.
-
-Owns picking the trial (the top-ranked one whose best checkpoint Ray still keeps,
-unless one is named), fetching only that checkpoint's weights and metadata, and
-handing them with the run's split to ``search/export/onnx.py``, which owns the
-conversion and its verification. The driver that finishes a search exports into the
-run's ``export/``; ``tunecv export`` writes wherever ``--out`` says.
+"""Exporting the winner (or a named trial): the top-ranked trial whose best checkpoint Ray
+still keeps, its weights and metadata fetched alone, handed with the run's split to
+``search/export/onnx.py``. The finishing driver exports into ``export/``; ``tunecv
+export`` writes where ``--out`` says.
 """
 
 from __future__ import annotations
@@ -53,7 +50,7 @@ def export_trial(store: RunStore, out_dir: Path, trial_id: str | None = None):
 
     _, rel = _best_checkpoint(store, trial_id)
     split = read_split(store.uri(SPLIT))
-    with store.local_dir(rel, only=(WEIGHTS_FILE, META_FILE)) as checkpoint:
+    with store.local_files(rel, (WEIGHTS_FILE, META_FILE)) as checkpoint:
         return export_checkpoint(checkpoint, split, out_dir)
 
 

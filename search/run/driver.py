@@ -1,12 +1,8 @@
-"""``tunecv run``: the search, from a validated config to a ranked report and an export.
-
-Owns the order of things: validate the space (before any compute), find or create the
-run, join Ray and check every node reaches the run location, scan the data once (a new
-run) or settle what a dead driver left (a resume), then Ray Tune with the study's
-sampler (``StudySearcher``) and ASHA over epochs, each trial running
-``search/run/trial.py``. Ray keeps the checkpoints, under ``RunConfig(storage_path,
-storage_filesystem)`` at the run location; this driver alone writes the study, its own
-``drivers/<k>.json`` and, once the search is over, the report and the export.
+"""``tunecv run``: validate the space (before any compute), find or create the run, join
+Ray and probe the storage, scan the data (a new run) or settle what a dead driver
+left (a resume), search with Tune (``StudySearcher``, ASHA, ``search/run/trial.py``),
+then write the report and the export. Ray keeps the checkpoints at the run location;
+this driver alone writes the study, its ``drivers/<k>.json``, the report and export.
 """
 
 from __future__ import annotations

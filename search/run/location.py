@@ -1,19 +1,14 @@
-"""Which run a ``tunecv run`` works on, and whether this process may take it over.
-
-A search runs in ``output_dir/<name>-<time>``. ``tunecv run --config`` continues the
-newest run of that name whose search never finished and whose driver is gone, if its
-config is the same; otherwise it starts a new run. ``--run-dir`` (what ``tunecv
-submit`` passes) names the run: resumed when it exists, created when it does not.
+"""Which run a ``tunecv run`` works on, and whether it may take it over: ``--run-dir``
+when given (resumed if it holds a run), else the newest unfinished ``<name>-*`` under
+``output_dir`` whose driver is gone and whose config is the same, else a new run.
 """
 
 from __future__ import annotations
 
-import yaml
-
-from search.config import ConfigError, RunConfig, parse_config
+from search.config import ConfigError, RunConfig
 from search.drivers import is_finished, live_driver, read_drivers
 from search.layout import CONFIG, REPORT_MARKDOWN, run_name
-from search.storage import RunStore, not_a_run
+from search.storage import RunStore, read_config
 
 
 def locate_run(cfg: RunConfig, run_dir: str | None) -> tuple[RunStore, bool]:
@@ -44,14 +39,6 @@ def locate_run(cfg: RunConfig, run_dir: str | None) -> tuple[RunStore, bool]:
     return store, False
 
 
-def stored_config(location: str) -> RunConfig:
-    """The config a run was started with (its ``config.yaml``), from a path or a URI."""
-    store = RunStore.at(location)
-    if not store.exists(CONFIG):
-        raise not_a_run(location)
-    return parse_config(yaml.safe_load(store.read_text(CONFIG)), source=f"'{store.uri(CONFIG)}'")
-
-
 def check_resumable(store: RunStore, cfg: RunConfig) -> None:
     """Refuse to take over a finished run, a run another driver still searches, or a run
     that was started with other settings (its trials would not be comparable).
@@ -71,7 +58,7 @@ def check_resumable(store: RunStore, cfg: RunConfig) -> None:
             f"run '{store}' is still being searched by pid {live.pid} on {live.hostname}; stop that "
             "driver first (a driver on another host counts as dead once its heartbeat is a minute old)."
         )
-    diffs = _differences(stored_config(store.location).model_dump(mode="json"), cfg.model_dump(mode="json"))
+    diffs = _differences(read_config(store).model_dump(mode="json"), cfg.model_dump(mode="json"))
     if diffs:
         raise ConfigError(
             f"run '{store}' was started with another config; resuming would mix trials that are "

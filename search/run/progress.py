@@ -1,8 +1,5 @@
-"""What the driver prints while it searches, and the heartbeat that says it is alive.
-
-``ProgressCallback`` prints one line per trial event. ``Heartbeat`` rewrites this
-driver's ``drivers/<k>.json`` every ``HEARTBEAT_S``, so a reader (and a would-be
-resumer on another host) knows it is alive.
+"""What the driver prints while it searches (one line per trial event), and the
+heartbeat that rewrites its ``drivers/<k>.json`` every ``HEARTBEAT_S``.
 """
 
 from __future__ import annotations

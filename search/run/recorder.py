@@ -1,16 +1,9 @@
-"""The driver's record of each trial in the study: every epoch, every retry, how it ended.
-
-``TrialRecorder`` is a Tune callback, so it sees what a ``Searcher`` does not: the
-trial object with its error text, and the retries Tune makes. Everything a trial
-produces reaches it as Tune results; it writes them into the study, which makes the
-driver the only writer of the run's record:
-
-- each result becomes the epoch's intermediate value (macro-F1) and an ``epoch_NNNN``
-  attribute with the other scalars and the checkpoint Ray wrote for it;
-- a retry appends the crash's reason to ``failures``;
-- a trial that ran all ``optim.epochs`` is COMPLETE with its best epoch's macro-F1,
-  one that ASHA stopped is PRUNED (Optuna then weighs its intermediate values as its
-  own pruners' trials), and one whose retries ran out is FAIL with its ``reason``.
+"""The driver's record of each trial in the study: a Tune callback, because it sees what
+a ``Searcher`` does not (the trial's error text, Tune's retries). Each result becomes
+an intermediate value and an ``epoch_NNNN`` attribute with its checkpoint; a retry
+adds to ``failures``; the end is COMPLETE (all epochs, valued at the best epoch),
+PRUNED (ASHA stopped it, so TPE weighs it as Optuna's own pruners' trials) or FAIL
+with its ``reason``.
 """
 
 from __future__ import annotations

@@ -1,20 +1,9 @@
-"""Resuming a search whose driver died: what is done, what continues, what is left.
-
-A search resumes from its run location alone: the study, the checkpoints it points
-to and the drivers' state files. Nothing is unpickled (Tune's ``Tuner.restore`` would
-unpickle ``tuner.pkl``, and it restores Tune's trial ids, which differ per driver;
-tunecv keys everything by its own run-level ids, which the study keeps).
-``plan_resume`` settles every trial the dead driver left RUNNING in the study:
-
-- it ran all its epochs (only the driver's tell was lost): COMPLETE;
-- ASHA, rebuilt from every recorded epoch in arrival order, would have stopped it at
-  its last kept epoch: PRUNED;
-- otherwise it continues: a new Optuna trial with the same parameters, id and
-  recorded epochs is queued (Optuna's ``RetryFailedTrialCallback`` pattern), starting
-  from the newest checkpoint of it that Ray still keeps, and the old one becomes FAIL.
-
-Finished trials are never touched, the total stays ``search.num_samples``, and the
-time earlier drivers spent counts against ``search.time_budget_s``.
+"""Resuming a search whose driver died, from the run alone and without unpickling
+anything. ``plan_resume`` settles each trial the dead driver left RUNNING in the study:
+COMPLETE if all its epochs ran, PRUNED if ASHA (rebuilt from the recorded epochs in
+arrival order) would have stopped it, else continued: a WAITING copy with the same
+parameters, id and kept epochs starts from the newest checkpoint Ray still keeps
+(Optuna's ``RetryFailedTrialCallback`` pattern) and the old trial becomes FAIL.
 """
 
 from __future__ import annotations
@@ -35,8 +24,8 @@ from search.study import (
     FAILURES,
     RESUME_FROM_KEY,
     TIMESTAMP,
-    TRIAL_ID_KEY,
     StudyHandle,
+    attempts_by_id,
     epoch_key,
     recorded_epochs,
     run_trial_id,
@@ -99,10 +88,7 @@ def plan_resume(handle: StudyHandle, store: RunStore, cfg: RunConfig, scheduler:
 
 
 def _latest_by_id(study: optuna.Study) -> dict[str, FrozenTrial]:
-    """Each run-level id's latest Optuna trial (numbers ascend, so the last one wins).
-    Warm starts still queued from the first driver have no id yet: they are new trials."""
-    return {run_trial_id(t): t for t in study.get_trials(deepcopy=False)
-            if t.state != TrialState.WAITING or TRIAL_ID_KEY in t.user_attrs}
+    return {i: attempts[-1] for i, attempts in attempts_by_id(study.get_trials(deepcopy=False)).items()}
 
 
 def _kept_epochs(store: RunStore, trial: FrozenTrial) -> list[dict]:

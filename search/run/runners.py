@@ -1,20 +1,9 @@
-"""How a trial trains: in its Tune actor, or through a Ray Train ``TorchTrainer``.
-
-``TrialRunner`` is the one interface; ``create_runner`` picks the implementation from
-``scaling.num_workers``:
-
-- ``InProcessRunner`` (0 workers) runs the loop in the Tune actor and reports each
-  epoch with ``ray.tune.report``: no worker group, about 1.5 s of overhead instead of 20.
-  Tune uploads each epoch's checkpoint into the trial's directory and, when it retries
-  a crashed trial, hands the latest back through ``ray.tune.get_checkpoint()``.
-- ``TorchTrainerRunner`` (N >= 1 workers, DDP) drives a ``TorchTrainer`` whose workers
-  report with ``ray.train.report``. Ray Train uploads each checkpoint once, into the
-  same trial directory; ``TuneReportCallback`` forwards the metrics and the checkpoint's
-  path to Tune without copying it again. A retried trial restarts the same Ray Train
-  run, which hands its workers the latest checkpoint.
-
-Either way a trial continued by a later driver starts from ``resume_from``: a
-checkpoint that an earlier driver's run kept. Nothing here writes a file itself.
+"""How a trial trains, behind one interface: ``InProcessRunner`` (``scaling.num_workers:
+0``) runs the loop in the Tune actor and reports with ``ray.tune.report``, about 1.5 s
+of overhead instead of 20; ``TorchTrainerRunner`` drives a ``TorchTrainer`` whose
+workers report with ``ray.train.report`` and whose checkpoints ``TuneReportCallback``
+passes on by path, so each is uploaded once. A retry continues from Ray's own
+checkpoint; a trial a later driver continues starts from ``resume_from``.
 """
 
 from __future__ import annotations
@@ -24,7 +13,7 @@ from typing import Any
 
 from search.layout import TRAIN_SUBDIR
 from search.storage import RunStore
-from trainables.config import TrialConfig
+from trainables.config import ScalingConfig, TrialConfig
 from trainables.metrics import RANKING_METRIC
 
 
@@ -79,35 +68,35 @@ def create_runner(cfg: TrialConfig, split: str, trial_store: RunStore) -> TrialR
 def create_torch_trainer(
     cfg: TrialConfig, split: str, storage: RunStore, resume_from: str | None = None, **run_config: Any
 ):
-    """A ``TorchTrainer`` running ``cfg`` with the workers and resources of ``cfg.scaling``.
+    """A ``TorchTrainer`` training ``cfg`` on the workers of ``cfg.scaling``.
 
     Ray Train's run is ``storage/train``; it keeps the best checkpoint by macro-F1 and
-    the latest. Running the same trainer again (a retried trial) resumes that run.
-
-    Args:
-        cfg: The trial config.
-        split: The run's split file (a location every node reads).
-        storage: Where Ray Train's run goes.
-        resume_from: A checkpoint location to start from when the run has none.
-        **run_config: Extra ``ray.train.RunConfig`` fields (callbacks).
+    the latest. Running the same trainer again (a retried trial) resumes that run;
+    ``resume_from`` (a checkpoint location) is where a run with no checkpoint starts.
     """
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from trainables.workers import train_loop_per_worker
 
-    s = cfg.scaling
-    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     loop_config = {"trial": cfg.model_dump(mode="json"), "split": split, "resume_from": resume_from}
+    checkpoints = keep_best_and_latest(ray.train.CheckpointConfig)
+    return torch_trainer(train_loop_per_worker, loop_config, cfg.scaling, storage, TRAIN_SUBDIR,
+                         checkpoint_config=checkpoints, **run_config)
+
+
+def torch_trainer(loop, loop_config: dict, scaling: ScalingConfig, storage: RunStore, name: str, **run_config: Any):
+    """A ``TorchTrainer`` of ``loop`` with ``scaling``'s workers and resources, its run at ``storage/name``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
     return TorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=TRAIN_SUBDIR, storage_path=storage.fs_path(), storage_filesystem=storage.filesystem,
-            checkpoint_config=keep_best_and_latest(ray.train.CheckpointConfig), **run_config,
-        ),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage.fs_path(),
+                                       storage_filesystem=storage.filesystem, **run_config),
     )
 
 

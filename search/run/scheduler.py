@@ -1,11 +1,8 @@
-"""ASHA over epochs, keyed by run-level trial id, with rungs that a resumed search refills.
-
-Tune does not persist a scheduler's state, so a search whose driver died would restart
-ASHA with empty rungs and judge the remaining trials against nothing. ``RunIdASHA``
-keys every trial by its run-level id (the same across drivers) and ``replay`` feeds it
-the epochs the study recorded, in the order they arrived, through the scheduler's own
-public ``on_trial_add``/``on_trial_result``: its cutoffs after a resume are the ones the
-interrupted driver would have used.
+"""ASHA over epochs, keyed by run-level trial id, with rungs a resumed search refills.
+Tune does not persist a scheduler's state; ``RunIdASHA.replay`` feeds the recorded
+epochs back, in arrival order, through the scheduler's public ``on_trial_add`` and
+``on_trial_result``, so cutoffs after a resume are the ones the dead driver would
+have used.
 """
 
 from __future__ import annotations
@@ -28,9 +25,9 @@ class _RunId:
     def __getattr__(self, name: str):
         return getattr(self._trial, name)
 
-
-def _keyed(trial) -> _RunId:
-    return _RunId(trial.config[TRIAL_ID_KEY], trial)
+    @staticmethod
+    def of(trial) -> _RunId:
+        return _RunId(trial.config[TRIAL_ID_KEY], trial)
 
 
 class RunIdASHA(ASHAScheduler):
@@ -48,18 +45,18 @@ class RunIdASHA(ASHAScheduler):
         self.max_epochs = max_t
 
     def on_trial_add(self, tune_controller, trial) -> None:
-        super().on_trial_add(tune_controller, _keyed(trial))
+        super().on_trial_add(tune_controller, _RunId.of(trial))
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if result.get(EPOCH, 0) >= self.max_epochs:
             return TrialScheduler.CONTINUE
-        return super().on_trial_result(tune_controller, _keyed(trial), result)
+        return super().on_trial_result(tune_controller, _RunId.of(trial), result)
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
-        super().on_trial_complete(tune_controller, _keyed(trial), result)
+        super().on_trial_complete(tune_controller, _RunId.of(trial), result)
 
     def on_trial_remove(self, tune_controller, trial) -> None:
-        super().on_trial_remove(tune_controller, _keyed(trial))
+        super().on_trial_remove(tune_controller, _RunId.of(trial))
 
     def replay(self, history: list[tuple[str, int, float]]) -> dict[str, str]:
         """Feed earlier drivers' results back, in the order they arrived.

@@ -1,13 +1,8 @@
-"""The searcher: Optuna's sampler asking the run's study for each new trial.
-
-Ray's ``OptunaSearch`` keeps its Optuna trials in a private table, names trials after
-Tune's own ids (new for every driver), and tells Optuna COMPLETE for trials ASHA
-stopped. ``StudySearcher`` is a plain ``ray.tune.search.Searcher`` over Optuna's public
-ask-and-tell API instead: each trial is asked from the run's study, runs under its
-run-level id (``t0007``: the Optuna trial number, or the id a continuation inherits),
-and is told by ``TrialRecorder`` (``search/run/recorder.py``), which also sees errors
-and retries. The study holds all of the searcher's state: ``save`` writes nothing, and
-a resumed search reopens the study.
+"""The searcher: a plain ``ray.tune.search.Searcher`` over Optuna's public ask-and-tell
+API. Ray's ``OptunaSearch`` keys its Optuna trials by Tune's per-driver ids in a private
+table and tells Optuna COMPLETE for trials ASHA stopped; ``StudySearcher`` asks the
+run's study for each trial, names it by its run-level id, and leaves the telling to
+``TrialRecorder``, which also sees errors and retries. The study is its whole state.
 """
 
 from __future__ import annotations

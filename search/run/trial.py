@@ -1,10 +1,7 @@
-"""The Tune trainable: one search trial = the searcher's parameters -> a config -> a runner.
-
-Owns turning the searcher's flat parameters into a ``TrialConfig`` (the run's fixed
-settings with the space's overrides on top) and handing it to a ``TrialRunner``. The
-trial writes no file of its own: its epochs reach the driver as Tune results, and its
-checkpoints reach the run's storage through Ray. An exception propagates unchanged, so
-Tune retries the trial or, when its retries are spent, the driver records the failure.
+"""The Tune trainable: the searcher's flat parameters -> a ``TrialConfig`` (the run's
+fixed settings with the space's overrides on top) -> a ``TrialRunner``. The trial
+writes no file of its own; its exceptions propagate unchanged, so Tune retries it or
+the driver records the failure.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ and the driver enqueues ``warm_start_points()`` first.
 
 from __future__ import annotations
 
-import difflib
 import functools
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Optional, Union
 
@@ -21,7 +20,7 @@ from pydantic import PlainValidator, ValidationInfo, create_model, field_validat
 
 from trainables.config import AugmentConfig, LossConfig, OptimConfig
 from trainables.config import check_backbone_name
-from trainables.losses import LOSSES
+from trainables.losses import LOSSES, check_loss_name
 
 if TYPE_CHECKING:
     import optuna
@@ -199,11 +198,10 @@ class SearchSpace(_Frozen):
             raise ValueError(f"losses: empty; list at least one of {list(LOSSES)}, e.g. `ce: {{}}`.")
         problems = []
         for name, choice in losses.items():
-            if name not in LOSSES:
-                close = difflib.get_close_matches(name, list(LOSSES), n=1)
-                hint = f" Did you mean '{close[0]}'?" if close else ""
-                problems.append(f"losses.{name}: unknown loss; expected one of "
-                                f"{list(LOSSES)}.{hint}")
+            try:
+                check_loss_name(name)
+            except ValueError as err:
+                problems.append(f"losses.{name}: {err}")
                 continue
             for param in choice.searched():
                 if param not in LOSSES[name].params:
