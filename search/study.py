@@ -62,8 +62,8 @@ class StoreJournal(BaseJournalBackend):
     writer, so it holds the log and uploads all of it (``flush``) after every change it
     makes: each ask, each epoch, each end. A resume after a crash then knows every epoch
     whose checkpoint Ray may already have replaced. The upload grows with the study (a
-    32-trial, 15-epoch search ends near 300 KB); for studies of thousands of trials name
-    a database in ``search.storage`` instead. Readers load it read-only; a local journal
+    6-trial test search of 3 epochs wrote 22 KB: some 1 KB per trial epoch); for
+    studies of thousands of trials name a database in ``search.storage`` instead. Readers load it read-only; a local journal
     that is being appended to may end in a partial line, which is left out.
     """
 

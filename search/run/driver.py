@@ -77,43 +77,56 @@ def run_search(
             config or a live driver, or the cluster's nodes cannot all see the run
             location; all before any training (an invalid space even before data or Ray).
     """
-    space = None
+    explicit = None  # (space, its file, a note), checked before anything else runs
     if cfg.search.space != "auto":
         space_path, note = resolve_space_name(cfg.search.space)
-        space = check_space(cfg, space_path.read_text(), str(space_path))
+        explicit = (check_space(cfg, space_path.read_text(), str(space_path)), space_path, note)
     store, resuming = locate_run(cfg, run_dir)
     if resuming:
         check_resumable(store, cfg)
     connect_ray()
     check_shared_storage(RunStore.at(store.location.rsplit("/", 1)[0]))
+    earlier = read_drivers(store)
+    print_fn(f"{'resuming run directory' if resuming else 'run directory'}: {store}")
+    if not resuming:
+        store.write_text(CONFIG, dump_config(cfg))
+    # From here on the run has a live driver: no other `tunecv run` takes it over.
+    driver = DriverRecord(store, earlier[-1].k + 1 if earlier else 1)
     if resuming:
-        print_fn(f"resuming run directory: {store}")
         space = check_space(cfg, store.read_text(SPACE), store.uri(SPACE))
     else:
-        print_fn(f"run directory: {store}")
-        store.write_text(CONFIG, dump_config(cfg))
-        split = prepare_data(cfg, store.uri(SPLIT), print_fn)
-        if space is None:
-            space_path, note = resolve_space_name("auto", num_train_images=len(split.train))
-            space = check_space(cfg, space_path.read_text(), str(space_path))
-        print_fn(note)
-        store.write_text(SPACE, space_path.read_text())
-    _search(cfg, space, store, resuming, print_fn, callbacks)
+        space = _set_up(cfg, store, driver, explicit, print_fn)
+    _search(cfg, space, store, driver, spent_s(earlier) if resuming else None, print_fn, callbacks)
     return store
 
 
-def _search(cfg: RunConfig, space: SearchSpace, store: RunStore, resuming: bool, print_fn, callbacks) -> None:
+def _set_up(cfg: RunConfig, store: RunStore, driver: DriverRecord, explicit, print_fn) -> SearchSpace:
+    """Scan the data into the run's split and settle the space (``--space auto`` needs the
+    training-set size); ``space.yaml`` is written last, so a run without it never started."""
+    try:
+        split = prepare_data(cfg, store.uri(SPLIT), print_fn)
+        space, space_path, note = explicit or (None, *resolve_space_name("auto", len(split.train)))
+        space = space or check_space(cfg, space_path.read_text(), str(space_path))
+    except BaseException:
+        driver.finish(INTERRUPTED)
+        raise
+    print_fn(note)
+    store.write_text(SPACE, space_path.read_text())
+    return space
+
+
+def _search(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverRecord, spent_before: float | None,
+            print_fn, callbacks) -> None:
+    """Tune, then report and export; ``spent_before`` is None for a new run."""
     from search.results.report import write_run_report
     from search.results.winner import export_winner
 
-    earlier = read_drivers(store)
-    driver = DriverRecord(store, earlier[-1].k + 1 if earlier else 1)
     handle = open_study(store, cfg.search.storage)
     scheduler = create_scheduler(cfg)
     try:
         handle.study.sampler = create_sampler(cfg, seed_offset=len(handle.study.trials))
-        if resuming:
-            plan = plan_resume(handle, store, cfg, scheduler, spent_s(earlier))
+        if spent_before is not None:
+            plan = plan_resume(handle, store, cfg, scheduler, spent_before)
             print_fn(
                 f"{len(plan.finished)} trial(s) finished before; {len(plan.continuing)} continue under "
                 f"their own id, from their last checkpoint if Ray kept one "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from search.config import ConfigError, RunConfig
 from search.drivers import is_finished, live_driver, read_drivers
-from search.layout import CONFIG, REPORT_MARKDOWN, run_name
+from search.layout import CONFIG, REPORT_MARKDOWN, SPACE, run_name
 from search.storage import RunStore, read_config
 
 
@@ -28,7 +28,7 @@ def locate_run(cfg: RunConfig, run_dir: str | None) -> tuple[RunStore, bool]:
     prefix = f"{cfg.name}-"
     for name in reversed(root.list_names()):  # names end in the start time: newest first
         run = root.child(name)
-        if name.startswith(prefix) and run.exists(CONFIG):
+        if name.startswith(prefix) and run.exists(SPACE):  # written last when a run is set up
             drivers = read_drivers(run)
             if not is_finished(drivers) and live_driver(drivers) is None:
                 return run, True
@@ -46,6 +46,11 @@ def check_resumable(store: RunStore, cfg: RunConfig) -> None:
     Raises:
         ConfigError: Saying which, and what to do instead.
     """
+    if not store.exists(SPACE):
+        raise ConfigError(
+            f"run '{store}' never finished its set-up (no {SPACE}: its first driver stopped while "
+            "scanning the data); nothing to resume. Start a new run (another --run-dir, or none)."
+        )
     drivers = read_drivers(store)
     if is_finished(drivers):
         raise ConfigError(

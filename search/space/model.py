@@ -181,12 +181,9 @@ class SearchSpace(_Frozen):
                              "`resnet50: {unfreeze_depth: [all]}`.")
         problems = []
         for name, choice in backbones.items():
-            try:
-                check_backbone_name(name)
-            except ValueError as err:
-                problems.append(f"backbones.{name}: {err} Fix the name or remove the entry.")
-                continue
-            if (info.context or {}).get("check_depths", True):
+            if unknown := _unknown(check_backbone_name, name):
+                problems.append(f"backbones.{name}: {unknown} Fix the name or remove the entry.")
+            elif (info.context or {}).get("check_depths", True):
                 problems += _depth_problems(name, choice.unfreeze_depth)
         _raise_if(problems)
         return backbones
@@ -198,10 +195,8 @@ class SearchSpace(_Frozen):
             raise ValueError(f"losses: empty; list at least one of {list(LOSSES)}, e.g. `ce: {{}}`.")
         problems = []
         for name, choice in losses.items():
-            try:
-                check_loss_name(name)
-            except ValueError as err:
-                problems.append(f"losses.{name}: {err}")
+            if unknown := _unknown(check_loss_name, name):
+                problems.append(f"losses.{name}: {unknown}")
                 continue
             for param in choice.searched():
                 if param not in LOSSES[name].params:
@@ -326,6 +321,15 @@ class SearchSpace(_Frozen):
         point is complete, so ``to_overrides`` accepts it as it is.
         """
         return [recipe.point() for recipe in self.warm_start]
+
+
+def _unknown(check, name: str) -> str | None:
+    """What ``check`` (a registry's name check) says is wrong with ``name``; None if it is known."""
+    try:
+        check(name)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def _raise_if(problems: list[str]) -> None:
