@@ -1,0 +1,150 @@
+"""The run's own records without Ray: which run a driver takes, the drivers' state, the
+study in an object-store journal, and a failed trial's reason."""
+
+import os
+import socket
+import time
+
+import optuna
+import pytest
+
+from search.config import ConfigError, parse_config
+from search.drivers import FINISHED, INTERRUPTED, RUNNING, DriverRecord, DriverState, live_driver, read_drivers
+from search.layout import CONFIG, SPACE
+from search.run.location import check_resumable, locate_run
+from search.storage import RunStore
+from search.study import TRIAL_ID_KEY, StoreJournal
+from tests.conftest import small_run_config
+
+
+def _cfg(tmp_path, **raw):
+    (tmp_path / "data").mkdir(exist_ok=True)
+    return parse_config(small_run_config(tmp_path / "data", tmp_path / "runs", **raw))
+
+
+def _run(tmp_path, cfg, name, *, space=True, driver_status=None, pid=None):
+    """A run directory as a driver leaves it; ``pid`` None means a process that is gone."""
+    from search.config import dump_config
+
+    store = RunStore.at(tmp_path / "runs" / name)
+    store.write_text(CONFIG, dump_config(cfg))
+    if space:
+        store.write_text(SPACE, "backbones: {}\n")
+    if driver_status:
+        record = DriverRecord(store, 1)
+        if driver_status != RUNNING:
+            record.finish(driver_status)
+        if pid is None:  # the driver's process is gone: its state names a pid nobody has
+            store.write_json("drivers/001.json", {**record.state.__dict__, "pid": _dead_pid()})
+    return store
+
+
+def _dead_pid() -> int:
+    pid = 4_000_000
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        pid += 1
+
+
+def test_the_newest_unfinished_run_with_a_dead_driver_is_resumed(tmp_path):
+    cfg = _cfg(tmp_path)
+    _run(tmp_path, cfg, "t-20261101-000000", driver_status=RUNNING)
+    newest = _run(tmp_path, cfg, "t-20261102-000000", driver_status=RUNNING)
+    store, resuming = locate_run(cfg, None)
+    assert resuming and store == newest
+    check_resumable(store, cfg)  # same config, driver gone: allowed
+
+
+@pytest.mark.parametrize("case", ["finished", "live driver", "set-up never finished", "other name"])
+def test_runs_that_must_not_be_taken_over_give_a_new_run(tmp_path, case):
+    cfg = _cfg(tmp_path)
+    if case == "finished":
+        existing = _run(tmp_path, cfg, "t-20261101-000000", driver_status=FINISHED)
+    elif case == "live driver":
+        existing = _run(tmp_path, cfg, "t-20261101-000000", driver_status=RUNNING, pid=os.getpid())
+    elif case == "set-up never finished":  # its driver died while scanning the data
+        existing = _run(tmp_path, cfg, "t-20261101-000000", space=False, driver_status=INTERRUPTED)
+    else:
+        existing = _run(tmp_path, cfg, "other-20261101-000000", driver_status=INTERRUPTED)
+    store, resuming = locate_run(cfg, None)
+    assert not resuming and store != existing and store.name.startswith("t-")
+    if case != "other name":  # named explicitly, it is refused with the reason
+        with pytest.raises(ConfigError, match={"finished": "is finished", "live driver": "still being searched",
+                                                "set-up never finished": "never finished its set-up"}[case]):
+            check_resumable(existing, cfg)
+
+
+def test_resuming_with_another_config_names_the_differences(tmp_path):
+    cfg = _cfg(tmp_path)
+    store = _run(tmp_path, cfg, "t-20261101-000000", driver_status=INTERRUPTED)
+    other = _cfg(tmp_path, optim={"epochs": 5})
+    with pytest.raises(ConfigError, match=r"optim.epochs \(2 -> 5\)"):
+        check_resumable(store, other)
+
+
+def test_a_driver_on_another_host_is_alive_until_its_heartbeat_is_a_minute_old():
+    now = time.time()
+    state = DriverState(k=1, status=RUNNING, pid=1, hostname=socket.gethostname() + "-elsewhere",
+                        started=now - 100, heartbeat=now - 30, spent_s=70)
+    assert live_driver([state]) is state
+    stale = DriverState(**{**state.__dict__, "heartbeat": now - 61})
+    assert live_driver([stale]) is None
+
+
+def test_each_driver_writes_its_own_state_file(tmp_path):
+    store = RunStore.at(tmp_path / "run")
+    first = DriverRecord(store, 1)
+    first.finish(INTERRUPTED)
+    second = DriverRecord(store, 2)
+    second.beat()
+    assert [d.k for d in read_drivers(store)] == [1, 2]
+    assert [d.status for d in read_drivers(store)] == [INTERRUPTED, RUNNING]
+    assert sorted(p.name for p in (tmp_path / "run" / "drivers").iterdir()) == ["001.json", "002.json"]
+
+
+def test_the_object_store_journal_is_optunas_own_format(tmp_path):
+    """What StoreJournal uploads whole, Optuna's file backend (and optuna-dashboard) reads."""
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    store = RunStore.at(tmp_path / "run")
+    journal = StoreJournal(store)
+    study = optuna.create_study(storage=JournalStorage(journal), study_name="run", direction="maximize")
+    trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)})
+    trial.set_user_attr(TRIAL_ID_KEY, "t0000")
+    trial.report(0.5, step=1)
+    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    assert not (tmp_path / "run" / "optuna.journal").exists()  # nothing is written before flush
+    journal.flush()
+    read = optuna.load_study(study_name="run", storage=JournalStorage(JournalFileBackend(
+        str(tmp_path / "run" / "optuna.journal"))))
+    (frozen,) = read.trials
+    assert frozen.state == optuna.trial.TrialState.PRUNED and frozen.intermediate_values == {1: 0.5}
+    assert frozen.user_attrs[TRIAL_ID_KEY] == "t0000" and frozen.value == 0.5
+    # A reader of a journal that is being appended to ignores a partial last line.
+    with (tmp_path / "run" / "optuna.journal").open("ab") as f:
+        f.write(b'{"op_code": 5, "trial_id"')
+    reader = StoreJournal(store, writable=False)
+    assert len(list(reader.read_logs(0))) == len((tmp_path / "run" / "optuna.journal").read_bytes().splitlines()) - 1
+    with pytest.raises(RuntimeError, match="read-only"):
+        reader.append_logs([{"op_code": 0}])
+
+
+def test_a_failed_trials_reason_is_the_last_exception_line_of_its_error_file(tmp_path):
+    from search.run.recorder import error_reason
+
+    class Trial:
+        error_file = str(tmp_path / "error.txt")
+
+    (tmp_path / "error.txt").write_text(
+        "Failure # 1 (occurred at 2026-11-30_05-10-19)\n"
+        "ray::ImplicitFunc.train() (pid=1, ip=127.0.0.1)\n"
+        '  File "trainables/loaders.py", line 101, in create_train_loader\n'
+        "    raise ValueError(\n"
+        "trainables.layouts.DataError: optim.batch_size 1000 is larger than the 128 training images\n"
+    )
+    assert error_reason(Trial()) == "DataError: optim.batch_size 1000 is larger than the 128 training images"
+    Trial.error_file = str(tmp_path / "missing.txt")
+    assert "died" in error_reason(Trial())
