@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=_export)
 
     evaluate = sub.add_parser("evaluate", help="a checkpoint's metrics on a split's validation images")
-    evaluate.add_argument("checkpoint", help="checkpoint directory (path or URI), e.g. RUN/tune/001/t0003/checkpoint_000002")
+    evaluate.add_argument("checkpoint", help="checkpoint directory (path or URI), "
+                                             "e.g. RUN/tune/001/t0003/checkpoint_000002")
     evaluate.add_argument("--split", required=True, help="split file (path or URI), e.g. RUN/split.parquet")
     evaluate.add_argument("--storage", help="where Ray Train keeps the evaluation run (default: a temporary directory)")
     evaluate.add_argument("--workers", type=int, default=1, help="Ray Train workers (shards)")

@@ -79,10 +79,6 @@ class DriverRecord:
         )
         self._write()
 
-    @property
-    def k(self) -> int:
-        return self.state.k
-
     def beat(self) -> None:
         now = time.time()
         self.state = replace(self.state, heartbeat=now, spent_s=now - self.state.started)

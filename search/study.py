@@ -58,13 +58,13 @@ def recorded_epochs(trial: optuna.trial.FrozenTrial) -> list[dict[str, Any]]:
 class StoreJournal(BaseJournalBackend):
     """Optuna's journal, kept in memory and written to a run store as one whole object.
 
-    Object stores have no appends and no locks; the driver is the journal's only
-    writer, so it holds the log and uploads all of it (``flush``) after every change it
-    makes: each ask, each epoch, each end. A resume after a crash then knows every epoch
-    whose checkpoint Ray may already have replaced. The upload grows with the study (a
-    6-trial test search of 3 epochs wrote 22 KB: some 1 KB per trial epoch); for
-    studies of thousands of trials name a database in ``search.storage`` instead. Readers load it read-only; a local journal
-    that is being appended to may end in a partial line, which is left out.
+    Object stores have no appends and no locks; the driver is the journal's only writer,
+    so it holds the log and uploads all of it (``flush``) after every change it makes:
+    each ask, each epoch, each end. A resume after a crash then knows every epoch whose
+    checkpoint Ray may already have replaced. The upload grows with the study (a 6-trial
+    test search of 3 epochs wrote 22 KB: some 1 KB per trial epoch); for thousands of
+    trials name a database in ``search.storage`` instead. Readers load it read-only; a
+    local journal that is being appended to may end in a partial line, left out here.
     """
 
     def __init__(self, store: RunStore, rel: str = JOURNAL, writable: bool = True) -> None:

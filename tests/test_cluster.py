@@ -284,7 +284,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(head, synthetic_
     for milestone, recorded in rungs.items():
         expected = {t.trial_id: next(e["macro_f1"] for e in t.epochs if e["epoch"] >= int(milestone))
                     for t in trials.values() if t.epochs and t.epochs[-1]["epoch"] >= int(milestone)}
-        assert recorded == pytest.approx(expected), (milestone, recorded, expected, {t.trial_id: t.epochs for t in trials.values()})
+        assert recorded == pytest.approx(expected), (milestone, recorded, expected)
 
 
 def test_crashed_trial_retries_from_its_last_checkpoint(head, synthetic_root):

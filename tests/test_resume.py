@@ -12,15 +12,16 @@ from search.study import (
     CHECKPOINT, FAILURES, REASON, RESUME_FROM_KEY, TIMESTAMP, TRIAL_ID_KEY, epoch_key, open_study, run_trial_id,
 )
 from tests.conftest import small_run_config
+from trainables.checkpoint import RESUMABLE_FILES
 
 State = optuna.trial.TrialState
 DIST = {"lr_head": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
-CHECKPOINT_FILES = ("model.safetensors", "meta.json", "train_state/state.json", "train_state/optimizer.safetensors")
 
 
 def _cfg(tmp_path, num_samples=8, **search):
     (tmp_path / "data").mkdir(exist_ok=True)
-    raw = small_run_config(tmp_path / "data", tmp_path, optim={"epochs": 3}, search={"num_samples": num_samples, **search})
+    raw = small_run_config(tmp_path / "data", tmp_path, optim={"epochs": 3},
+                           search={"num_samples": num_samples, **search})
     return parse_config(raw)
 
 
@@ -43,9 +44,10 @@ def _trial(store, study, epochs, *, scores=None, checkpoints=(), tell=None):
         score = (scores or {}).get(epoch, 0.1 * epoch)
         rel = f"tune/001/{trial_id}/checkpoint_{epoch - 1:06d}"
         trial.report(score, step=epoch)
-        trial.set_user_attr(epoch_key(epoch), {"epoch": epoch, "macro_f1": score, TIMESTAMP: next(_clock), CHECKPOINT: rel})
+        record = {"epoch": epoch, "macro_f1": score, TIMESTAMP: next(_clock), CHECKPOINT: rel}
+        trial.set_user_attr(epoch_key(epoch), record)
         if epoch in checkpoints:
-            for name in CHECKPOINT_FILES:
+            for name in RESUMABLE_FILES:
                 store.write_text(f"{rel}/{name}", "{}")
     if tell is State.FAIL:
         trial.set_user_attr(REASON, "ValueError: boom")

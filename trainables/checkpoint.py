@@ -1,13 +1,12 @@
-"""Checkpoints as safetensors weights plus a JSON sidecar; loading never unpickles.
+"""Checkpoints as safetensors weights plus JSON sidecars; loading never unpickles.
 
 A checkpoint directory holds ``model.safetensors`` (tensors only, safe to open from
 anywhere), ``meta.json`` (class names, preprocessing spec, the trial config, epoch and
 metric scalars) and ``metrics.json`` (that epoch's per-class metrics and confusion
-matrix, which the report reads for its top trials). A resumable checkpoint adds ``train_state/``: the optimizer's tensors as
-safetensors, and its hyperparameters, the LR schedule's position, the GradScaler and
-the epoch as JSON, so a trial that crashed continues where it stopped. This module owns
-that format and rebuilding a model from it. It does not decide when to checkpoint: the
-loop does.
+matrix). A resumable one adds ``train_state/``: the optimizer's tensors as safetensors,
+and its hyperparameters, the LR schedule's position, the GradScaler and the epoch as
+JSON, so a trial that crashed continues where it stopped. This module owns that format
+and rebuilding a model from it; the loop decides when to checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +24,10 @@ METRICS_FILE = "metrics.json"
 TRAIN_STATE_DIR = "train_state"
 _OPTIMIZER_TENSORS = "optimizer.safetensors"
 _STATE_JSON = "state.json"
+# What a checkpoint needs to resume training: a reader checks these before relying on it.
+RESUMABLE_FILES = (
+    WEIGHTS_FILE, META_FILE, f"{TRAIN_STATE_DIR}/{_STATE_JSON}", f"{TRAIN_STATE_DIR}/{_OPTIMIZER_TENSORS}",
+)
 FORMAT_VERSION = 1
 
 

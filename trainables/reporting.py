@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,10 +54,7 @@ class EpochResult:
 
 
 # Every key of ``EpochResult.scalars()``: what a search keeps of each reported epoch.
-EPOCH_KEYS = (
-    "epoch", "train_loss", "train_images_per_s", "epoch_time_s", "lr_head", "lr_base",
-    "num_params", "trainable_params", *METRIC_KEYS,
-)
+EPOCH_KEYS = (*(f.name for f in fields(EpochResult) if f.name != "metrics"), *METRIC_KEYS)
 
 
 class Reporter(Protocol):

@@ -10,25 +10,13 @@ from pathlib import Path
 
 from search.config import ConfigError, RunConfig, dump_config
 from search.data import prepare_data
-from search.layout import CONFIG, SPLIT, run_name
+from search.layout import CONFIG, SPLIT
+from search.run.location import new_run
 from search.storage import RunStore
 from trainables.datasets import DataSplit
 from trainables.locations import is_uri
 from trainables.metrics import RANKING_METRIC
 from trainables.reporting import BEST_DIR
-
-
-def new_run_dir(cfg: RunConfig) -> Path:
-    """``output_dir/name-YYYYmmdd-HHMMSS``, not yet taken, created with the resolved config."""
-    name = run_name(cfg.name)
-    run_dir = (Path(cfg.output_dir) / name).resolve()
-    suffix = 1
-    while run_dir.exists():  # two runs in the same second must not share a directory
-        run_dir = run_dir.with_name(f"{name}-{suffix}")
-        suffix += 1
-    run_dir.mkdir(parents=True)
-    (run_dir / CONFIG).write_text(dump_config(cfg))
-    return run_dir
 
 
 def train(cfg: RunConfig, print_fn=print) -> Path:
@@ -43,7 +31,9 @@ def train(cfg: RunConfig, print_fn=print) -> Path:
             f"output_dir '{cfg.output_dir}': tunecv train writes a local run directory; give a "
             "path (object-store URIs are for tunecv run)."
         )
-    run_dir = new_run_dir(cfg)
+    store = new_run(cfg)
+    store.write_text(CONFIG, dump_config(cfg))
+    run_dir = Path(store.location)
     print_fn(f"run directory: {run_dir}")
     split = prepare_data(cfg, str(run_dir / SPLIT), print_fn)
     if cfg.scaling.num_workers == 0:

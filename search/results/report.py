@@ -24,23 +24,19 @@ TOP_DETAILED = 3
 
 @dataclass(frozen=True)
 class Report:
-    title: str
     rows: list[dict[str, Any]]  # one per trial, in rank order
     markdown: str
 
-    def parquet_bytes(self) -> bytes:
+    def write_to(self, store: RunStore) -> None:
+        """``report.md`` and, once a trial exists, ``report.parquet``, each written whole."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        sink = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(self.rows), sink)
-        return sink.getvalue()
-
-    def write_to(self, store: RunStore) -> None:
-        """``report.md`` and, once a trial exists, ``report.parquet``, each written whole."""
         store.write_text(REPORT_MARKDOWN, self.markdown)
         if self.rows:
-            store.write_bytes(REPORT_PARQUET, self.parquet_bytes())
+            sink = io.BytesIO()
+            pq.write_table(pa.Table.from_pylist(self.rows), sink)
+            store.write_bytes(REPORT_PARQUET, sink.getvalue())
 
 
 def report_row(rank_: int, trial: TrialView) -> dict[str, Any]:
@@ -77,7 +73,7 @@ def build_report(run: RunView) -> Report:
     """Rank the run's trials and render the report (reads the top trials' per-class metrics)."""
     ranked = rank(run.trials)
     rows = [report_row(i, t) for i, t in enumerate(ranked, start=1)]
-    return Report(run.store.name, rows, format_markdown(run, ranked, rows))
+    return Report(rows, format_markdown(run, ranked, rows))
 
 
 _CONSOLE_COLUMNS = (

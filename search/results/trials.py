@@ -74,12 +74,11 @@ class TrialView:
 
 @dataclass(frozen=True)
 class RunView:
-    """A run as it stands: its config, its trials, and whether a driver is on it."""
+    """A run as it stands: its config and its trials."""
 
     store: RunStore
     config: RunConfig
     trials: tuple[TrialView, ...]
-    searching: bool  # a live driver works on the run right now
 
 
 def load_run(store: RunStore) -> RunView:
@@ -87,7 +86,7 @@ def load_run(store: RunStore) -> RunView:
     config = read_config(store, check_paths=False)
     searching = live_driver(read_drivers(store)) is not None
     if not store.exists(SPACE):  # the first driver is still scanning the data
-        return RunView(store, config, (), searching)
+        return RunView(store, config, ())
     space = parse_space(store.read_text(SPACE), store.uri(SPACE), check_depths=False)
     base = config.trial().model_dump(mode="json")
     views = []
@@ -104,7 +103,7 @@ def load_run(store: RunStore) -> RunView:
             epochs=tuple(recorded_epochs(latest)),
             wall_time_s=sum(_wall_time(t) for t in attempts),
         ))
-    return RunView(store, config, tuple(views), searching)
+    return RunView(store, config, tuple(views))
 
 
 def _status(latest: FrozenTrial, searching: bool) -> str:

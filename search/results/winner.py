@@ -55,13 +55,10 @@ def export_trial(store: RunStore, out_dir: Path, trial_id: str | None = None):
 
 
 def export_winner(store: RunStore, print_fn=print):
-    """The driver's export at the end of a search, into the run's ``export/``."""
-    if store.is_local:
-        result = export_trial(store, Path(store.fs_path(EXPORT)))
-    else:
-        with tempfile.TemporaryDirectory(prefix="tunecv-export-") as tmp:
-            result = export_trial(store, Path(tmp) / EXPORT)
-            store.upload_dir(Path(tmp) / EXPORT, EXPORT)
+    """The driver's export at the end of a search, into the run's ``export/`` (each file whole)."""
+    with tempfile.TemporaryDirectory(prefix="tunecv-export-") as tmp:
+        result = export_trial(store, Path(tmp) / EXPORT)
+        store.upload_dir(Path(tmp) / EXPORT, EXPORT)
     print_fn(
         f"exported {store.uri(EXPORT)}: ONNX macro-F1 {result.onnx_macro_f1:.4f} (reported "
         f"{result.reported_macro_f1:.4f}), argmax agreement {result.argmax_agreement:.4f}, "

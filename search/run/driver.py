@@ -157,10 +157,10 @@ def _search(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverR
 def _tune(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverRecord, handle: StudyHandle,
           scheduler, plan: ResumePlan, print_fn, callbacks) -> bool:
     """Run Tune until ``plan``'s trials are done; False when it was interrupted instead."""
-    context = TrialContext(store, driver.k, cfg.trial().model_dump(mode="json"), space)
+    context = TrialContext(store, driver.state.k, cfg.trial().model_dump(mode="json"), space)
     trainable = tune.with_resources(tune.with_parameters(run_search_trial, context=context), _trial_resources(cfg))
     searcher = StudySearcher(handle, space)
-    recorder = TrialRecorder(searcher, store, driver.k, cfg.optim.epochs)
+    recorder = TrialRecorder(searcher, store, driver.state.k, cfg.optim.epochs)
     started = time.time()
     tuner = tune.Tuner(
         trainable,
@@ -183,7 +183,7 @@ def _tune(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverRec
             # One experiment per driver: Tune's own files (tuner.pkl, experiment state)
             # then have one writer each, and a continued trial's checkpoints never
             # collide with those an earlier driver wrote (Tune numbers them from 0).
-            name=tune_experiment(driver.k),
+            name=tune_experiment(driver.state.k),
             storage_path=store.fs_path(),
             storage_filesystem=store.filesystem,
             checkpoint_config=keep_best_and_latest(tune.CheckpointConfig),

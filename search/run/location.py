@@ -32,11 +32,16 @@ def locate_run(cfg: RunConfig, run_dir: str | None) -> tuple[RunStore, bool]:
             drivers = read_drivers(run)
             if not is_finished(drivers) and live_driver(drivers) is None:
                 return run, True
-    name = run_name(cfg.name)
+    return new_run(cfg), False
+
+
+def new_run(cfg: RunConfig) -> RunStore:
+    """``output_dir/<name>-YYYYmmdd-HHMMSS``, not yet taken."""
+    root, name = RunStore.at(cfg.output_dir), run_name(cfg.name)
     store, suffix = root.child(name), 1
     while store.exists():  # two runs started in the same second must not share a directory
         store, suffix = root.child(f"{name}-{suffix}"), suffix + 1
-    return store, False
+    return store
 
 
 def check_resumable(store: RunStore, cfg: RunConfig) -> None:

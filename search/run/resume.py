@@ -30,10 +30,9 @@ from search.study import (
     recorded_epochs,
     run_trial_id,
 )
-from trainables.checkpoint import META_FILE, TRAIN_STATE_DIR, WEIGHTS_FILE
+from trainables.checkpoint import RESUMABLE_FILES
 from trainables.metrics import RANKING_METRIC
 
-_RESUMABLE = (WEIGHTS_FILE, META_FILE, f"{TRAIN_STATE_DIR}/state.json", f"{TRAIN_STATE_DIR}/optimizer.safetensors")
 INTERRUPTED_REASON = "interrupted: its driver stopped"
 
 
@@ -45,15 +44,6 @@ class ResumePlan:
     continuing: tuple[str, ...]  # interrupted trials, queued to continue under their id
     num_samples: int  # trials still to run: the continuing ones plus new ones
     time_budget_s: float | None  # what is left of search.time_budget_s (<= 0: spent)
-
-
-def _resume_point(store: RunStore, epochs: list[dict]) -> int:
-    """The newest recorded epoch whose checkpoint Ray still keeps, whole; 0 for none."""
-    for record in reversed(epochs):
-        rel = record.get(CHECKPOINT)
-        if rel and all(store.exists(join(rel, name)) for name in _RESUMABLE):
-            return int(record["epoch"])
-    return 0
 
 
 def plan_resume(handle: StudyHandle, store: RunStore, cfg: RunConfig, scheduler: RunIdASHA | None,
@@ -93,12 +83,16 @@ def _latest_by_id(study: optuna.Study) -> dict[str, FrozenTrial]:
 
 def _kept_epochs(store: RunStore, trial: FrozenTrial) -> list[dict]:
     """The trial's epochs that survive a resume: all of a finished trial's; a running
-    trial's up to its resume point (later ones will be trained again)."""
+    trial's up to the newest one whose checkpoint Ray still keeps whole (it continues
+    from there; later epochs are trained again)."""
     epochs = recorded_epochs(trial)
     if trial.state != TrialState.RUNNING:
         return epochs
-    point = _resume_point(store, epochs)
-    return [e for e in epochs if e["epoch"] <= point]
+    for end in range(len(epochs), 0, -1):
+        rel = epochs[end - 1].get(CHECKPOINT)
+        if rel and all(store.exists(join(rel, name)) for name in RESUMABLE_FILES):
+            return epochs[:end]
+    return []
 
 
 def _arrivals(kept: dict[str, list[dict]]) -> list[tuple[str, int, float]]:

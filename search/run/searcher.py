@@ -32,9 +32,6 @@ class StudySearcher(Searcher):
         # (a resume reopens the study), so the open study stays out of it.
         return {}
 
-    def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        return True  # the space and the metric are fixed at construction
-
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         """Ask the study (queued trials first: warm starts, continuations) for a trial."""
         trial = self.handle.study.ask()
@@ -55,10 +52,7 @@ class StudySearcher(Searcher):
         """Nothing: ``TrialRecorder`` tells the study, with the error text Tune has there."""
 
     def save(self, checkpoint_path: str) -> None:
-        """Nothing to save: the study is the searcher's state."""
-
-    def restore(self, checkpoint_path: str) -> None:
-        raise NotImplementedError("a tunecv search resumes from its study, not from Tune's searcher state")
+        """Nothing to save: the study is the searcher's state (a resume reopens it)."""
 
 
 def create_sampler(cfg, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
