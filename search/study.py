@@ -40,12 +40,16 @@ def run_trial_id(trial: optuna.trial.FrozenTrial | optuna.Trial) -> str:
 
 
 def attempts_by_id(trials: list[optuna.trial.FrozenTrial]) -> dict[str, list[optuna.trial.FrozenTrial]]:
-    """Optuna trials grouped by run-level id, oldest first: the last is the one that counts.
-    Queued warm starts have no id until asked: they are not trials of the run yet."""
+    """The run's Optuna trials grouped by run-level id, oldest first: the last one counts.
+
+    Only a trial with an id is the run's: ``StudySearcher.suggest`` sets it after the
+    last parameter, so a queued warm start, or a trial whose parameters are being
+    suggested right now (or were, when a driver died), is left out.
+    """
     grouped: dict[str, list[optuna.trial.FrozenTrial]] = {}
     for trial in trials:
-        if trial.state != optuna.trial.TrialState.WAITING or TRIAL_ID_KEY in trial.user_attrs:
-            grouped.setdefault(run_trial_id(trial), []).append(trial)
+        if TRIAL_ID_KEY in trial.user_attrs:
+            grouped.setdefault(trial.user_attrs[TRIAL_ID_KEY], []).append(trial)
     return grouped
 
 

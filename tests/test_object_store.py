@@ -1,8 +1,7 @@
-"""A search whose run lives in an object store (S3 protocol, moto's server on loopback).
-
-Ray writes the checkpoints into the bucket, the driver writes the study and its own
-files as whole objects, and everything a user reads afterwards (the report, the
-export) comes from the bucket alone, during the search as well as after it.
+"""A search whose run lives in an object store (S3 protocol, moto's server on loopback)
+or on a filesystem: Ray writes the checkpoints there, the driver writes the study and
+its own files whole, and everything a user reads (the report, the export) comes from
+the run location alone, during the search as well as after it.
 """
 
 import json
@@ -50,20 +49,22 @@ class _ReportPoller(threading.Thread):
             time.sleep(0.5)
 
 
-def test_search_keeps_its_whole_run_in_the_bucket_and_reports_from_it_throughout(
-    s3_bucket, synthetic_root, tmp_path, capsys
+@pytest.mark.parametrize("storage", ["s3", "local"])
+def test_search_keeps_its_whole_run_in_storage_and_reports_from_it_throughout(
+    s3_bucket, synthetic_root, tmp_path, capsys, storage
 ):
     import ray
 
     from search.run.driver import run_search
 
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    output_dir = f"{s3_bucket}/runs" if storage == "s3" else str(tmp_path / "runs")
     cfg = parse_config(small_run_config(
-        synthetic_root, f"{s3_bucket}/runs", name="s3run",
+        synthetic_root, output_dir, name="polled",
         search={"space": str(tmp_path / "space.yaml"), "num_samples": 3, "max_concurrent_trials": 2,
                 "asha": {"grace_period": 1}},
     ))
-    run_uri = f"{s3_bucket}/runs/s3run-polled"
+    run_uri = f"{output_dir}/polled-run"
     poller = _ReportPoller(run_uri)
     ray.init(num_cpus=2, include_dashboard=False)
     try:

@@ -3,6 +3,7 @@ driver can leave its trials when it dies."""
 
 import optuna
 import pytest
+import yaml
 
 from search.config import parse_config
 from search.run.resume import INTERRUPTED_REASON, plan_resume
@@ -115,3 +116,25 @@ def test_a_spent_time_budget_starts_nothing(run, tmp_path):
     store, handle = run
     plan = plan_resume(handle, store, _cfg(tmp_path, time_budget_s=100), scheduler=None, spent_s=120.0)
     assert plan.num_samples == 0 and plan.time_budget_s == pytest.approx(-20.0)
+
+
+def test_a_trial_the_dead_driver_was_still_asking_for_is_not_a_trial_of_the_run(run, tmp_path):
+    """The searcher sets a trial's id after its last parameter; a driver that dies in
+    between leaves a RUNNING trial with some parameters and no id. It never ran: the
+    resume closes it, counts it nowhere, and readers never see it (even mid-ask)."""
+    from search.config import dump_config
+    from search.layout import SPACE
+    from search.results.trials import load_run
+
+    store, handle = run
+    cfg = _cfg(tmp_path, num_samples=3)
+    store.write_text("config.yaml", dump_config(cfg))
+    space = {"backbones": {"test_resnet": {"unfreeze_depth": ["all"]}}, "lr_head": {"low": 1e-4, "high": 1e-1},
+             "lr_base": {"ratio": {"low": 1, "high": 1}}, "losses": {"ce": {}}}
+    store.write_text(SPACE, yaml.safe_dump(space))
+    asked = handle.study.ask()
+    asked.suggest_categorical("backbone", ["test_resnet"])  # ...and the driver dies here
+    assert load_run(store).trials == ()  # a reader in the middle of the ask sees nothing yet
+    plan = plan_resume(handle, store, cfg, scheduler=None, spent_s=0.0)
+    assert plan.finished == () and plan.continuing == () and plan.num_samples == 3
+    assert handle.study.trials[0].state == State.FAIL

@@ -24,6 +24,7 @@ from search.study import (
     FAILURES,
     RESUME_FROM_KEY,
     TIMESTAMP,
+    TRIAL_ID_KEY,
     StudyHandle,
     attempts_by_id,
     epoch_key,
@@ -58,6 +59,9 @@ def plan_resume(handle: StudyHandle, store: RunStore, cfg: RunConfig, scheduler:
         spent_s: Search time earlier drivers spent.
     """
     study = handle.study
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if TRIAL_ID_KEY not in trial.user_attrs:  # the driver died asking for it: it never ran
+            study.tell(trial.number, state=TrialState.FAIL)
     latest = _latest_by_id(study)
     kept = {i: _kept_epochs(store, t) for i, t in latest.items()}
     decisions = scheduler.replay(_arrivals(kept)) if scheduler else {}
@@ -111,8 +115,8 @@ def _settle(study: optuna.Study, trial: FrozenTrial, kept: list[dict], decision:
         study.tell(trial.number, state=TrialState.PRUNED)  # ASHA would have stopped it there
         return
     trial_id = run_trial_id(trial)
-    queued = any(t.state == TrialState.WAITING and run_trial_id(t) == trial_id and t.number > trial.number
-                 for t in study.get_trials(deepcopy=False))
+    queued = any(t.state == TrialState.WAITING and t.user_attrs.get(TRIAL_ID_KEY) == trial_id
+                 and t.number > trial.number for t in study.get_trials(deepcopy=False))
     if not queued:  # an earlier resume may have queued it and died before the tell below
         study.add_trial(_continuation(trial, kept))
     study.tell(trial.number, state=TrialState.FAIL)

@@ -37,7 +37,7 @@ class StudySearcher(Searcher):
         trial = self.handle.study.ask()
         self.space.define_by_run(trial)  # a queued trial's parameters are fixed already
         run_id = run_trial_id(trial)
-        if TRIAL_ID_KEY not in trial.user_attrs:
+        if TRIAL_ID_KEY not in trial.user_attrs:  # last: until it is set, readers skip the trial
             trial.set_user_attr(TRIAL_ID_KEY, run_id)
         self.live[run_id] = trial
         # The stored study must know this id before any checkpoint of it exists, or a
