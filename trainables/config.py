@@ -13,9 +13,9 @@ from __future__ import annotations
 import difflib
 import functools
 from pathlib import Path
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
@@ -37,17 +37,11 @@ class DataConfig(_Frozen):
 class ModelConfig(_Frozen):
     """Which timm backbone, how it is initialised, and how much of it trains."""
 
-    backbone: str = "resnet10t"
+    backbone: Annotated[str, AfterValidator(lambda name: check_backbone_name(name) or name)] = "resnet10t"
     pretrained: bool = True
     weights_file: Path | None = None  # local .safetensors/.pth; else the hub
     unfreeze_depth: Union[int, Literal["all"]] = "all"
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
-
-    @field_validator("backbone")
-    @classmethod
-    def _known_backbone(cls, name: str) -> str:
-        check_backbone_name(name)
-        return name
 
     @field_validator("unfreeze_depth")
     @classmethod
@@ -97,18 +91,10 @@ class OptimConfig(_Frozen):
 class LossConfig(_Frozen):
     """The training loss. Validation loss is always plain cross-entropy (comparable)."""
 
-    type: str = "ce"
+    type: Annotated[str, AfterValidator(lambda name: _check_loss_name(name) or name)] = "ce"
     smoothing: float = Field(0.1, ge=0.0, lt=1.0)  # label_smoothing only
     gamma: float = Field(2.0, ge=0.0, le=10.0)  # focal only
     alpha: Union[Literal["balanced"], list[float], None] = None  # focal per-class weights
-
-    @field_validator("type")
-    @classmethod
-    def _known_loss(cls, name: str) -> str:
-        from trainables.losses import check_loss_name  # the registry imports torch: only when parsing
-
-        check_loss_name(name)
-        return name
 
     @field_validator("alpha")
     @classmethod
@@ -146,6 +132,12 @@ class TrialConfig(_Frozen):
     loss: LossConfig = Field(default_factory=LossConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+
+
+def _check_loss_name(name: str) -> None:
+    from trainables.losses import check_loss_name  # the registry imports torch: only when parsing
+
+    check_loss_name(name)
 
 
 @functools.cache
