@@ -78,7 +78,7 @@ def build_report(run: RunView) -> Report:
 
 _CONSOLE_COLUMNS = (
     ("rank", 4), ("trial_id", 8), ("status", 13), ("backbone", 22), ("unfreeze_depth", 5),
-    ("loss", 32), ("lr_head", 9), ("lr_base", 9), (RANKING_METRIC, 8), ("val_loss", 8),
+    ("loss", 34), ("lr_head", 9), ("lr_base", 9), (RANKING_METRIC, 8), ("val_loss", 8),
     ("epochs_run", 6), ("wall_time_s", 7),
 )
 _HEADERS = {"unfreeze_depth": "depth", "epochs_run": "epochs", "wall_time_s": "time_s"}
