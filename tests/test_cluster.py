@@ -33,6 +33,7 @@ pytestmark = pytest.mark.slow
 # One family, a learning-rate range and two losses: every trial is a few seconds.
 SPACE = {
     "description": "cluster test space",
+    "needs_pretrained": False,
     "backbones": {"test_resnet": {"unfreeze_depth": ["all"]}},
     "lr_head": {"low": 1.0e-3, "high": 1.0e-2},
     "lr_base": {"ratio": {"low": 0.5, "high": 1.0}},

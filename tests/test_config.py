@@ -70,6 +70,11 @@ def test_negative_unfreeze_depth(tmp_path):
     assert "model.unfreeze_depth" in _error(_raw(tmp_path, model={"unfreeze_depth": -1}))
 
 
+def test_a_frozen_group_without_pretrained_weights_is_refused_with_the_fix(tmp_path):
+    msg = _error(_raw(tmp_path, model={"backbone": "resnet18", "pretrained": False, "unfreeze_depth": 2}))
+    assert "unfreeze_depth 2 freezes groups of 'resnet18'" in msg and "unfreeze_depth: all" in msg
+
+
 def test_weights_file_without_pretrained(tmp_path):
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"x")

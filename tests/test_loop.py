@@ -68,13 +68,14 @@ def test_checkpoint_reloads_to_the_reported_metrics(synthetic_root, tmp_path):
 
 
 def test_frozen_backbone_weights_do_not_move(synthetic_root, tmp_path):
+    """Head-only fine-tuning of weights tunecv wrote itself (frozen random weights are refused)."""
     import timm
+    from safetensors.torch import save_model
 
-    cfg, run_dir, _ = _train(
-        synthetic_root, tmp_path, optim={"epochs": 1, "seed": 5}, model={"unfreeze_depth": 0}
-    )
-    torch.manual_seed(5)  # the loop seeds with optim.seed before creating the model
     initial = timm.create_model("test_resnet", pretrained=False, num_classes=4)
+    save_model(initial, str(tmp_path / "test_resnet.safetensors"))
+    model = {"pretrained": True, "weights_file": str(tmp_path / "test_resnet.safetensors"), "unfreeze_depth": 0}
+    cfg, run_dir, _ = _train(synthetic_root, tmp_path, optim={"epochs": 1, "seed": 5}, model=model)
     trained, _ = load_model(run_dir / "last")
     assert torch.equal(initial.layer1[0].conv1.weight, trained.layer1[0].conv1.weight)
     assert torch.equal(initial.bn1.running_mean, trained.bn1.running_mean)  # frozen BN in eval

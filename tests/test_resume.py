@@ -129,7 +129,8 @@ def test_a_trial_the_dead_driver_was_still_asking_for_is_not_a_trial_of_the_run(
     store, handle = run
     cfg = _cfg(tmp_path, num_samples=3)
     store.write_text("config.yaml", dump_config(cfg))
-    space = {"backbones": {"test_resnet": {"unfreeze_depth": ["all"]}}, "lr_head": {"low": 1e-4, "high": 1e-1},
+    space = {"needs_pretrained": False, "backbones": {"test_resnet": {"unfreeze_depth": ["all"]}},
+             "lr_head": {"low": 1e-4, "high": 1e-1},
              "lr_base": {"ratio": {"low": 1, "high": 1}}, "losses": {"ce": {}}}
     store.write_text(SPACE, yaml.safe_dump(space))
     asked = handle.study.ask()

@@ -23,8 +23,9 @@ from tests.conftest import small_run_config
 # the rest.
 SPACE = {
     "description": "test space",
+    "needs_pretrained": False,
     "backbones": {
-        "test_resnet": {"unfreeze_depth": ["all", 2]},
+        "test_resnet": {"unfreeze_depth": ["all"]},
         "test_efficientnet": {"unfreeze_depth": ["all"]},
         "test_vit": {"unfreeze_depth": ["all"]},
     },

@@ -25,6 +25,7 @@ def small_space(**changes) -> dict:
     """A raw space using every feature; ``changes`` replace top-level keys (None removes)."""
     raw = {
         "description": "test space",
+        "needs_pretrained": True,  # it freezes groups
         "backbones": {
             "resnet10t": {"unfreeze_depth": [2, "all"]},
             "mobilenetv3_small_050": {"unfreeze_depth": [0, 8]},
@@ -55,9 +56,9 @@ def write_space(tmp_path: Path, raw: dict) -> Path:
     return path
 
 
-def trial_config(overrides: dict, data_root: Path) -> TrialConfig:
+def trial_config(overrides: dict, data_root: Path, pretrained: bool = True) -> TrialConfig:
     """The overrides merged section by section into a minimal run's trial settings."""
-    merged = {"data": {"root": str(data_root)}, "model": {"pretrained": False}}
+    merged = {"data": {"root": str(data_root)}, "model": {"pretrained": pretrained}}
     for section, fields in overrides.items():
         merged[section] = {**merged.get(section, {}), **fields}
     return TrialConfig.model_validate(merged)
@@ -86,7 +87,7 @@ def test_shipped_space_validates_and_its_warm_start_builds_a_trial_config(name, 
     study.optimize(lambda trial: space.define_by_run(trial) or 0.0, n_trials=1)
     params = study.trials[0].params
     assert params == points[0]
-    cfg = trial_config(space.to_overrides(params), tmp_path)
+    cfg = trial_config(space.to_overrides(params), tmp_path, pretrained=space.needs_pretrained)
     assert cfg.model.backbone == points[0]["backbone"]
     assert cfg.loss.type == points[0]["loss"]
 
@@ -187,14 +188,19 @@ def test_warm_start_points_are_enqueued_exactly():
     assert overrides["loss"] == {"type": "label_smoothing", "smoothing": 0.15}
 
 
-def test_ray_optuna_search_suggests_the_warm_start_first():
-    from ray.tune.search.optuna import OptunaSearch  # the driver's exact wiring, no Ray cluster
+def test_the_searcher_suggests_the_warm_start_first_under_its_run_level_id():
+    from search.run.searcher import StudySearcher  # the driver's exact wiring, no Ray cluster
+    from search.study import TRIAL_ID_KEY, StudyHandle
+    from search.run.trial import searched_params
 
     space = load_space(SPACES_DIR / "demo.yaml")
-    searcher = OptunaSearch(space=space.define_by_run, metric="macro_f1", mode="max",
-                            points_to_evaluate=space.warm_start_points(),
-                            sampler=optuna.samplers.TPESampler(seed=0))
-    first, second = searcher.suggest("trial_0"), searcher.suggest("trial_1")
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    for point in space.warm_start_points():
+        study.enqueue_trial(point)
+    searcher = StudySearcher(StudyHandle(study), space)
+    first, second = searcher.suggest("tune_a"), searcher.suggest("tune_b")
+    assert (first[TRIAL_ID_KEY], second[TRIAL_ID_KEY]) == ("t0000", "t0001")
+    first, second = searched_params(first), searched_params(second)
     assert first == space.warm_start_points()[0]
     assert space.to_overrides(first)["optim"] == {"lr_head": 3.0e-3, "lr_base": 3.0e-3}
     assert space.to_overrides(second)["model"]["backbone"] in space.backbone_names()
@@ -318,3 +324,41 @@ def test_resolve_errors_say_what_is_available(tmp_path):
         resolve_space_name("auto")
     with pytest.raises(SpaceError, match="no such file"):
         resolve_space_name(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("images", [10, 999, 5_000, 50_000, 500_000])
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_auto_without_pretrained_weights_never_proposes_a_frozen_random_backbone(images, tmp_path):
+    path, message = resolve_space_name("auto", num_train_images=images, pretrained=False)
+    assert path.stem.startswith("scratch_") and "no pretrained weights" in message
+    space = load_space(path)
+    assert not space.needs_pretrained
+    assert all(choice.unfreeze_depth == ("all",) for choice in space.backbones.values())
+    # ...and every configuration it can suggest is a valid from-scratch trial.
+    study = optuna.create_study(sampler=tpe_sampler(), direction="maximize")
+    study.optimize(lambda trial: space.define_by_run(trial) or 0.0, n_trials=8)
+    for trial in study.trials:
+        cfg = trial_config(space.to_overrides(trial.params), tmp_path, pretrained=False)
+        assert cfg.model.unfreeze_depth == "all"
+
+
+def test_a_space_without_pretrained_weights_may_not_freeze_a_group(tmp_path):
+    raw = small_space(needs_pretrained=False)
+    with pytest.raises(SpaceError) as info:
+        load_space(write_space(tmp_path, raw))
+    assert "backbones.resnet10t.unfreeze_depth: [2, 'all'] freezes groups of random weights" in str(info.value)
+    assert "backbones.mobilenetv3_small_050.unfreeze_depth" in str(info.value)
+    with pytest.raises(SpaceError, match="needs_pretrained: required: true if the space fine-tunes"):
+        load_space(write_space(tmp_path, small_space(needs_pretrained=None)))
+
+
+def test_a_fine_tuning_space_is_refused_for_a_run_without_pretrained_weights(tmp_path):
+    from search.config import ConfigError, parse_config
+    from search.run.driver import check_space
+    from tests.conftest import small_run_config
+
+    cfg = parse_config(small_run_config(tmp_path, tmp_path / "runs"))  # pretrained: false
+    text = (SPACES_DIR / "tier_lt1k.yaml").read_text()
+    with pytest.raises(ConfigError, match="model.pretrained is false.*--space auto"):
+        check_space(cfg, text, "tier_lt1k")
+    assert check_space(cfg, (SPACES_DIR / "scratch_lt10k.yaml").read_text(), "scratch_lt10k").backbones

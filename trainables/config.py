@@ -54,6 +54,16 @@ class ModelConfig(_Frozen):
         return depth
 
     @model_validator(mode="after")
+    def _frozen_needs_pretrained(self) -> ModelConfig:
+        if not self.pretrained and self.unfreeze_depth != "all":
+            raise ValueError(
+                f"unfreeze_depth {self.unfreeze_depth} freezes groups of '{self.backbone}', but pretrained is "
+                "false: frozen random weights never learn (depth 0 predicts one class). Set unfreeze_depth: "
+                "all to train from scratch, or pretrained: true (with weights_file) to fine-tune."
+            )
+        return self
+
+    @model_validator(mode="after")
     def _weights_need_pretrained(self) -> ModelConfig:
         if self.weights_file is not None and not self.pretrained:
             raise ValueError(

@@ -32,8 +32,15 @@ from search.study import TRIAL_ID_KEY, StudyHandle, open_study
 
 
 def check_space(cfg: RunConfig, text: str, source: str) -> SearchSpace:
-    """Parse a space and build every warm-start recipe's config: all before Ray starts."""
+    """Parse a space, check it fits the run's weights, build every warm-start recipe's
+    config: all before Ray starts."""
     space = parse_space(text, source)
+    if space.needs_pretrained and not cfg.model.pretrained:
+        raise ConfigError(
+            f"space '{source}' fine-tunes pretrained weights (needs_pretrained: true), but model.pretrained is "
+            "false: its frozen groups would keep random weights. Use --space auto (it picks a from-scratch "
+            "space then), a space with needs_pretrained: false, or set model.pretrained: true with weights."
+        )
     base = cfg.trial().model_dump(mode="json")
     for i, point in enumerate(space.warm_start_points()):
         try:
@@ -105,7 +112,8 @@ def _set_up(cfg: RunConfig, store: RunStore, driver: DriverRecord, explicit, pri
     training-set size); ``space.yaml`` is written last, so a run without it never started."""
     try:
         split = prepare_data(cfg, store.uri(SPLIT), print_fn)
-        space, space_path, note = explicit or (None, *resolve_space_name("auto", len(split.train)))
+        space, space_path, note = explicit or (
+            None, *resolve_space_name("auto", len(split.train), pretrained=cfg.model.pretrained))
         space = space or check_space(cfg, space_path.read_text(), str(space_path))
     except BaseException:
         driver.finish(INTERRUPTED)

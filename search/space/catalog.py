@@ -27,16 +27,22 @@ from search.space.model import (
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "spaces"
 
-# (exclusive upper bound on training images, or None for no bound; space name).
+# (exclusive upper bound on training images, or None for no bound; space name), for
+# pretrained weights (the reference guide's tiers) and for training from random init.
 TIERS: tuple[tuple[int | None, str], ...] = (
     (1_000, "tier_lt1k"), (10_000, "tier_1k_10k"), (100_000, "tier_10k_100k"), (None, "tier_gt100k"),
 )
-_TIER_REASONS = {  # the reference guide's decision framework, one line per tier
+SCRATCH_TIERS: tuple[tuple[int | None, str], ...] = ((10_000, "scratch_lt10k"), (None, "scratch_ge10k"))
+_TIER_REASONS = {  # one line per tier: the reference guide's decision framework, then from scratch
     "tier_lt1k": "under 1K images: EfficientNet-B0 / ResNet-50, frozen or shallow-unfrozen "
     "backbone, heavy augmentation",
     "tier_1k_10k": "1K-10K images: EfficientNet-B2/B3 or ResNet-50, fine-tune the top layers",
     "tier_10k_100k": "10K-100K images: ConvNeXt-Small or ViT-Base, full or deep fine-tuning",
     "tier_gt100k": "over 100K images: ViT-Large or Swin-Large, full fine-tuning",
+    "scratch_lt10k": "no pretrained weights, under 10K images: small CNNs that train from random init, "
+    "every group trained",
+    "scratch_ge10k": "no pretrained weights, 10K images or more: mid-size CNNs from random init, every group "
+    "trained",
 }
 
 def available_spaces() -> list[str]:
@@ -44,12 +50,16 @@ def available_spaces() -> list[str]:
     return sorted(path.stem for path in SPACES_DIR.glob("*.yaml"))
 
 
-def resolve_space_name(name_or_path: str, num_train_images: int | None = None) -> tuple[Path, str]:
+def resolve_space_name(
+    name_or_path: str, num_train_images: int | None = None, pretrained: bool = True
+) -> tuple[Path, str]:
     """Find the file for ``--space``: a shipped name, a ``.yaml`` path, or ``auto``.
 
     Args:
         name_or_path: ``"demo"``, ``"tier_1k_10k"``, ``"auto"`` or a path to a YAML file.
         num_train_images: Training-set size; needed only for ``"auto"``.
+        pretrained: Whether the run has pretrained weights (``model.pretrained``); ``auto``
+            picks a from-scratch tier without them.
 
     Returns:
         The file, and one line saying which space was picked and why.
@@ -62,7 +72,8 @@ def resolve_space_name(name_or_path: str, num_train_images: int | None = None) -
             raise SpaceError(f"--space auto picks a tier by the number of training images, got "
                              f"{num_train_images!r}; pass the count, or name a space such as "
                              f"'tier_1k_10k'.")
-        name = next(name for bound, name in TIERS if bound is None or num_train_images < bound)
+        tiers = TIERS if pretrained else SCRATCH_TIERS
+        name = next(name for bound, name in tiers if bound is None or num_train_images < bound)
         why = f"{num_train_images:,} training images -> {name} ({_TIER_REASONS[name]})"
         return SPACES_DIR / f"{name}.yaml", f"--space auto: {why}"
     if name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path:
@@ -144,6 +155,9 @@ def _error_message(error: dict) -> str:
         close = difflib.get_close_matches(str(error["loc"][-1]), _KNOWN_KEYS, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"unknown key; remove it or fix its spelling{hint}."
+    if kind == "missing" and tuple(error["loc"]) == ("needs_pretrained",):
+        return ("required: true if the space fine-tunes pretrained weights (its depths may freeze groups), "
+                "false if it trains from random init (every depth 'all').")
     if kind in _FRIENDLY:
         return _FRIENDLY[kind]
     message = error["msg"].removeprefix("Value error, ")

@@ -164,6 +164,9 @@ class SearchSpace(_Frozen):
     """A parsed, validated search space (one YAML file in ``spaces/``)."""
 
     description: str = ""
+    # Whether the space fine-tunes pretrained weights (it may freeze groups) or trains
+    # from random init (every group trains: a frozen random group only adds noise).
+    needs_pretrained: bool
     backbones: dict[str, BackboneChoice]
     lr_head: LogRange
     lr_base: LrBase
@@ -209,6 +212,11 @@ class SearchSpace(_Frozen):
     @model_validator(mode="after")
     def _cross_checks(self) -> SearchSpace:
         problems = self._trial_limit_problems()
+        if not self.needs_pretrained:
+            problems += [f"backbones.{name}.unfreeze_depth: {list(choice.unfreeze_depth)} freezes groups of "
+                         f"random weights (needs_pretrained: false), which then never learn; use [all], or set "
+                         f"needs_pretrained: true for a space that fine-tunes pretrained weights."
+                         for name, choice in self.backbones.items() if set(choice.unfreeze_depth) != {"all"}]
         for i, recipe in enumerate(self.warm_start):
             problems += self._recipe_problems(recipe, f"warm_start[{i}]")
         _raise_if(problems)
