@@ -19,7 +19,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from search.config import ConfigError
+import yaml
+
+from search.config import ConfigError, RunConfig, parse_config
 from search.layout import CONFIG, join
 from trainables.locations import is_uri, resolve_location
 
@@ -145,11 +147,7 @@ class RunStore:
             self.write_bytes(join(rel, path.relative_to(local).as_posix()), path.read_bytes())
 
 
-def not_a_run(location: str | Path) -> ConfigError:
-    return ConfigError(f"'{location}' is not a tunecv run directory (no {CONFIG} in it).")
-
-
-def read_config(store: RunStore, check_paths: bool = True):
+def read_config(store: RunStore, check_paths: bool = True) -> RunConfig:
     """The ``RunConfig`` a run was started with (its ``config.yaml``).
 
     ``check_paths=False`` for readers, which need no data or weights on this machine.
@@ -157,12 +155,8 @@ def read_config(store: RunStore, check_paths: bool = True):
     Raises:
         ConfigError: ``store`` holds no run, or its config no longer validates.
     """
-    import yaml
-
-    from search.config import parse_config
-
     if not store.exists(CONFIG):
-        raise not_a_run(store)
+        raise ConfigError(f"'{store}' is not a tunecv run directory (no {CONFIG} in it).")
     return parse_config(yaml.safe_load(store.read_text(CONFIG)), source=f"'{store.uri(CONFIG)}'",
                         check_paths=check_paths)
 

@@ -348,7 +348,7 @@ def test_a_space_without_pretrained_weights_may_not_freeze_a_group(tmp_path):
         load_space(write_space(tmp_path, raw))
     assert "backbones.resnet10t.unfreeze_depth: [2, 'all'] freezes groups of random weights" in str(info.value)
     assert "backbones.mobilenetv3_small_050.unfreeze_depth" in str(info.value)
-    with pytest.raises(SpaceError, match="needs_pretrained: required: true if the space fine-tunes"):
+    with pytest.raises(SpaceError, match="needs_pretrained: required but missing"):
         load_space(write_space(tmp_path, small_space(needs_pretrained=None)))
 
 

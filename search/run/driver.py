@@ -36,11 +36,9 @@ def check_space(cfg: RunConfig, text: str, source: str) -> SearchSpace:
     config: all before Ray starts."""
     space = parse_space(text, source)
     if space.needs_pretrained and not cfg.model.pretrained:
-        raise ConfigError(
-            f"space '{source}' fine-tunes pretrained weights (needs_pretrained: true), but model.pretrained is "
-            "false: its frozen groups would keep random weights. Use --space auto (it picks a from-scratch "
-            "space then), a space with needs_pretrained: false, or set model.pretrained: true with weights."
-        )
+        raise ConfigError(f"space '{source}' fine-tunes pretrained weights (needs_pretrained: true), but "
+                          "model.pretrained is false. Use --space auto (a from-scratch space then), a space with "
+                          "needs_pretrained: false, or set model.pretrained: true with weights.")
     base = cfg.trial().model_dump(mode="json")
     for i, point in enumerate(space.warm_start_points()):
         try:

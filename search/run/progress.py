@@ -50,7 +50,8 @@ class ProgressCallback(tune.Callback):
         trial_id = trial.config[TRIAL_ID_KEY]
         score = result.get(RANKING_METRIC, float("nan"))
         self.best[trial_id] = max(score, self.best.get(trial_id, float("-inf")))
-        params = ", ".join(f"{k}={_short(v)}" for k, v in sorted(searched_params(trial.config).items()))
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in sorted(searched_params(trial.config).items()))
         self.print(
             f"[{trial_id}] epoch {result.get('epoch')}/{self.max_epochs} "
             f"{RANKING_METRIC} {score:.4f} (best {self.best[trial_id]:.4f})  {params}"
@@ -70,6 +71,3 @@ class ProgressCallback(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.print(f"[{trial.config[TRIAL_ID_KEY]}] failed: {error_reason(trial)}")
 
-
-def _short(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -83,9 +83,8 @@ class RunIdASHA(ASHAScheduler):
     def rungs(self) -> dict[str, dict[str, float]]:
         """Milestone epoch -> {trial id: macro-F1 recorded there}, for the driver's record.
 
-        Ray 2.60 has no public view of the rungs; this reads ``_brackets[0]._rungs``
-        (one bracket: ASHAScheduler's default, and ours), the module's only private read.
-        Values are stored as recorded: mode "max" keeps their sign.
+        Ray 2.60 has no public view of the rungs: this reads ``_brackets[0]._rungs`` (one
+        bracket, ASHA's default), the only private read; mode "max" keeps the values' sign.
         """
         (bracket,) = self._brackets
         return {str(int(milestone)): dict(recorded) for milestone, recorded in sorted(bracket._rungs)}

@@ -27,20 +27,10 @@ class TrialContext:
     space: SearchSpace
 
 
-def deep_merge(base: dict, overrides: dict) -> dict:
-    """``base`` with ``overrides`` applied recursively (neither is modified)."""
-    out = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def trial_config(base_config: dict[str, Any], overrides: dict[str, Any]) -> TrialConfig:
-    """The fully resolved config of one trial."""
-    return TrialConfig.model_validate(deep_merge(base_config, overrides))
+    """The fully resolved config of one trial: each section's fields, then the space's overrides."""
+    merged = {name: {**fields, **overrides.get(name, {})} for name, fields in base_config.items()}
+    return TrialConfig.model_validate(merged)
 
 
 def searched_params(config: dict[str, Any]) -> dict[str, Any]:

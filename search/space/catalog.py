@@ -39,10 +39,8 @@ _TIER_REASONS = {  # one line per tier: the reference guide's decision framework
     "tier_1k_10k": "1K-10K images: EfficientNet-B2/B3 or ResNet-50, fine-tune the top layers",
     "tier_10k_100k": "10K-100K images: ConvNeXt-Small or ViT-Base, full or deep fine-tuning",
     "tier_gt100k": "over 100K images: ViT-Large or Swin-Large, full fine-tuning",
-    "scratch_lt10k": "no pretrained weights, under 10K images: small CNNs that train from random init, "
-    "every group trained",
-    "scratch_ge10k": "no pretrained weights, 10K images or more: mid-size CNNs from random init, every group "
-    "trained",
+    "scratch_lt10k": "no pretrained weights, under 10K images: small CNNs, every group trained",
+    "scratch_ge10k": "no pretrained weights, 10K images or more: mid-size CNNs, every group trained",
 }
 
 def available_spaces() -> list[str]:
@@ -155,9 +153,6 @@ def _error_message(error: dict) -> str:
         close = difflib.get_close_matches(str(error["loc"][-1]), _KNOWN_KEYS, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"unknown key; remove it or fix its spelling{hint}."
-    if kind == "missing" and tuple(error["loc"]) == ("needs_pretrained",):
-        return ("required: true if the space fine-tunes pretrained weights (its depths may freeze groups), "
-                "false if it trains from random init (every depth 'all').")
     if kind in _FRIENDLY:
         return _FRIENDLY[kind]
     message = error["msg"].removeprefix("Value error, ")
