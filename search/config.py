@@ -137,6 +137,11 @@ def _check_paths(cfg: RunConfig) -> list[str]:
             f"  - model.weights_file: file '{cfg.model.weights_file}' does not exist; "
             "give a local weights file or remove the key"
         )
+    if cfg.model.weights_dir is not None and not cfg.model.weights_dir.is_dir():
+        problems.append(
+            f"  - model.weights_dir: directory '{cfg.model.weights_dir}' does not exist; give the "
+            "directory that holds <timm name>.safetensors for each backbone, or remove the key"
+        )
     return problems
 
 

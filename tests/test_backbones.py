@@ -152,7 +152,7 @@ def test_pretrained_without_file_or_network_never_falls_back_to_random(tmp_path)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "PretrainedWeightsError" in proc.stderr
-    assert "model.weights_file" in proc.stderr
+    assert "model.weights_dir" in proc.stderr
 
 
 def test_unknown_backbone_suggests_close_timm_names():

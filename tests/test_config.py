@@ -80,6 +80,15 @@ def test_weights_file_without_pretrained(tmp_path):
     weights.write_bytes(b"x")
     msg = _error(_raw(tmp_path, model={"pretrained": False, "weights_file": str(weights)}))
     assert "pretrained is false" in msg
+    msg = _error(_raw(tmp_path, model={"pretrained": False, "weights_dir": str(tmp_path)}))
+    assert "weights_dir is set but pretrained is false" in msg
+
+
+def test_one_weights_file_and_a_weights_dir_are_refused_together(tmp_path):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x")
+    msg = _error(_raw(tmp_path, model={"pretrained": True, "weights_file": str(weights), "weights_dir": str(tmp_path)}))
+    assert "weights_file and weights_dir are both set" in msg
 
 
 def test_missing_paths_are_errors(tmp_path):
@@ -87,6 +96,8 @@ def test_missing_paths_are_errors(tmp_path):
     raw["data"]["root"] = str(tmp_path / "missing")
     msg = _error(raw)
     assert "data.root" in msg and "model.weights_file" in msg
+    msg = _error(_raw(tmp_path, model={"pretrained": True, "weights_dir": str(tmp_path / "no_weights")}))
+    assert "model.weights_dir: directory" in msg
 
 
 def test_fp16_on_cpu_is_refused(tmp_path):

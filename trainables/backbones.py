@@ -57,10 +57,19 @@ def create_backbone(cfg: ModelConfig, num_classes: int) -> nn.Module:
         model = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
     elif cfg.weights_file is not None:
         model = _create_from_file(cfg.backbone, Path(cfg.weights_file), kwargs)
+    elif cfg.weights_dir is not None:
+        model = _create_from_file(cfg.backbone, weights_in_dir(Path(cfg.weights_dir), cfg.backbone), kwargs)
     else:
         model = _create_from_hub(cfg.backbone, kwargs)
     apply_unfreeze_depth(model, cfg.unfreeze_depth)
     return model
+
+
+def weights_in_dir(weights_dir: Path, backbone: str) -> Path:
+    """``<weights_dir>/<backbone><suffix>`` for the first suffix present (safetensors first);
+    the ``.safetensors`` name when none is, so an error can say what to put there."""
+    candidates = [weights_dir / f"{backbone}{suffix}" for suffix in WEIGHT_SUFFIXES]
+    return next((path for path in candidates if path.is_file()), candidates[0])
 
 
 def _create_from_file(name: str, path: Path, kwargs: dict) -> nn.Module:
@@ -68,12 +77,12 @@ def _create_from_file(name: str, path: Path, kwargs: dict) -> nn.Module:
 
     if not path.is_file():
         raise PretrainedWeightsError(
-            f"model.weights_file '{path}' does not exist. Point it at a local "
-            f"{'/'.join(WEIGHT_SUFFIXES)} file for '{name}', or set pretrained: false."
+            f"weights file '{path}' for '{name}' does not exist. Put a local "
+            f"{'/'.join(WEIGHT_SUFFIXES)} file for '{name}' there, or set pretrained: false."
         )
     if path.suffix not in WEIGHT_SUFFIXES:
         raise PretrainedWeightsError(
-            f"model.weights_file '{path}' has suffix '{path.suffix}'; expected one of "
+            f"weights file '{path}' has suffix '{path.suffix}'; expected one of "
             f"{WEIGHT_SUFFIXES} (safetensors preferred)."
         )
     # timm's loader reads .safetensors with safetensors and anything else with
@@ -118,7 +127,7 @@ def _create_from_hub(name: str, kwargs: dict) -> nn.Module:
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         # timm would log a warning and keep random init; a search must not do that.
         raise PretrainedWeightsError(
-            f"timm has no pretrained weights for '{name}'. Give model.weights_file, pick "
+            f"timm has no pretrained weights for '{name}'. Give model.weights_dir, pick "
             f"a tagged name (e.g. '{name}.<tag>'), or set pretrained: false."
         )
     try:
@@ -126,8 +135,8 @@ def _create_from_hub(name: str, kwargs: dict) -> nn.Module:
     except Exception as err:  # noqa: BLE001 - hub failures come as many types
         raise PretrainedWeightsError(
             f"could not download pretrained weights for '{name}' ({type(err).__name__}: "
-            f"{err}). Without network access, save the weights locally and set "
-            f"model.weights_file: /path/to/{name}.safetensors, or set pretrained: false."
+            f"{err}). Without network access, save the weights as <dir>/{name}.safetensors "
+            f"and set model.weights_dir: <dir>, or set pretrained: false."
         ) from err
 
 

@@ -39,7 +39,8 @@ class ModelConfig(_Frozen):
 
     backbone: Annotated[str, AfterValidator(lambda name: check_backbone_name(name) or name)] = "resnet10t"
     pretrained: bool = True
-    weights_file: Path | None = None  # local .safetensors/.pth; else the hub
+    weights_file: Path | None = None  # local .safetensors/.pth for this one backbone; else the hub
+    weights_dir: Path | None = None  # <weights_dir>/<timm name>.safetensors for each backbone searched
     unfreeze_depth: Union[int, Literal["all"]] = "all"
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
 
@@ -65,10 +66,16 @@ class ModelConfig(_Frozen):
 
     @model_validator(mode="after")
     def _weights_need_pretrained(self) -> ModelConfig:
-        if self.weights_file is not None and not self.pretrained:
+        given = [key for key in ("weights_file", "weights_dir") if getattr(self, key) is not None]
+        if given and not self.pretrained:
             raise ValueError(
-                "weights_file is set but pretrained is false: the file would be ignored. "
-                "Set pretrained: true to load it, or remove weights_file."
+                f"{given[0]} is set but pretrained is false: the weights would be ignored. "
+                f"Set pretrained: true to load them, or remove {given[0]}."
+            )
+        if len(given) == 2:
+            raise ValueError(
+                "weights_file and weights_dir are both set. Use weights_file for one backbone, or "
+                "weights_dir holding <timm name>.safetensors for each backbone a search may pick."
             )
         return self
 

@@ -29,6 +29,7 @@ from search.space.catalog import parse_space, resolve_space_name
 from search.space.model import SearchSpace
 from search.storage import RunStore, check_shared_storage
 from search.study import TRIAL_ID_KEY, StudyHandle, open_study
+from trainables.backbones import weights_in_dir
 
 
 def check_space(cfg: RunConfig, text: str, source: str) -> SearchSpace:
@@ -39,6 +40,7 @@ def check_space(cfg: RunConfig, text: str, source: str) -> SearchSpace:
         raise ConfigError(f"space '{source}' fine-tunes pretrained weights (needs_pretrained: true), but "
                           "model.pretrained is false. Use --space auto (a from-scratch space then), a space with "
                           "needs_pretrained: false, or set model.pretrained: true with weights.")
+    _check_weights(cfg, space, source)
     base = cfg.trial().model_dump(mode="json")
     for i, point in enumerate(space.warm_start_points()):
         try:
@@ -46,6 +48,22 @@ def check_space(cfg: RunConfig, text: str, source: str) -> SearchSpace:
         except ValueError as err:
             raise ConfigError(f"space '{source}': warm_start[{i}] gives an invalid trial config: {err}") from err
     return space
+
+
+def _check_weights(cfg: RunConfig, space: SearchSpace, source: str) -> None:
+    """Every backbone the space may pick has its local weights, if the run names any."""
+    model, backbones = cfg.model, space.backbone_names()
+    if model.pretrained and model.weights_file is not None and backbones != [model.backbone]:
+        raise ConfigError(f"model.weights_file holds weights for one backbone, but space '{source}' searches "
+                          f"{backbones}. Put <timm name>.safetensors for each in a directory and set "
+                          "model.weights_dir to it instead.")
+    if model.pretrained and model.weights_dir is not None:
+        missing = [f"  - {name}: {path}" for name in backbones
+                   if not (path := weights_in_dir(model.weights_dir, name)).is_file()]
+        if missing:
+            raise ConfigError("\n".join([f"model.weights_dir has no weights for {len(missing)} backbone(s) of "
+                                         f"space '{source}'; put each file there or drop the backbone:",
+                                         *missing]))
 
 
 def _trial_resources(cfg: RunConfig) -> dict[str, float]:
