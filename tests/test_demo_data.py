@@ -10,7 +10,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 
 from trainables.datasets import prepare_split
-from trainables.demo_data import write_digits, write_synthetic
+from trainables.demo_data import write_digits, write_hard_digits, write_synthetic
 
 
 def _files(root):
@@ -49,6 +49,23 @@ def test_digits_is_idempotent(tmp_path):
 def test_digits_rejects_tiny_size(tmp_path):
     with pytest.raises(ValueError, match="image_size must be an integer of at least 8 pixels, got 4"):
         write_digits(tmp_path, image_size=4)
+
+
+def test_hard_digits_are_imbalanced_deterministic_and_harder_than_the_digits(tmp_path):
+    counts = write_hard_digits(tmp_path / "a", image_size=16, seed=3)
+    assert counts == {str(k): int(180 * 0.85**k) if k else 178 for k in range(10)}  # digit 0 has 178 scans
+    write_hard_digits(tmp_path / "b", image_size=16, seed=3)
+    assert [p.read_bytes() for p in _files(tmp_path / "a")] == [p.read_bytes() for p in _files(tmp_path / "b")]
+
+    # A linear model on raw pixels: the clean digits are easy, the hard ones are not.
+    def pixels_cv(root):
+        files = _files(root)
+        x = np.array([np.asarray(_read(p), dtype=np.float32).ravel() / 255.0 for p in files])
+        return cross_val_score(LogisticRegression(max_iter=500), x, [p.parent.name for p in files], cv=3).mean()
+
+    write_digits(tmp_path / "clean", image_size=16)
+    clean, hard = pixels_cv(tmp_path / "clean"), pixels_cv(tmp_path / "a")
+    assert hard < clean - 0.2, (clean, hard)
 
 
 def test_synthetic_is_deterministic_per_seed(tmp_path):
