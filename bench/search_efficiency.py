@@ -10,7 +10,11 @@ curve is the best validation macro-F1 after each epoch spent, in the order epoch
 finished. Per seed it reports how many epochs each method needed to reach random+FIFO's
 best over its whole budget, and the space's warm-start recipe trained alone.
 
-    .venv/bin/python -m bench.search_efficiency [--seeds 0 1 2] [--methods tpe_asha ...] [--grace 2]
+    .venv/bin/python -m bench.search_efficiency [--seeds 0 1 2] [--methods tpe_asha ...] [--grace 2] [--name N]
+
+The committed results: ``search_efficiency_grace2.json`` (all methods, ``--grace 2``)
+and ``search_efficiency_grace4.json`` (``--grace 4 --methods tpe_asha tpe_asha_warm``;
+4 is half of the 8 epochs, tunecv's default since).
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ def best_curve(store) -> list[float]:
     return curve
 
 
-def run_one(method: str, seed: int, out: Path, grace: int) -> list[float]:
+def run_one(method: str, seed: int, out: Path, grace: int | None) -> list[float]:
     import ray
 
     from search.run.driver import run_search
@@ -69,7 +73,8 @@ def run_one(method: str, seed: int, out: Path, grace: int) -> list[float]:
         f"optim.epochs={EPOCHS}", "search.space=scratch_lt10k",
         f"search.searcher={m['searcher']}", f"search.scheduler={m['scheduler']}",
         f"search.num_samples={m['num_samples']}", f"search.seed={seed}", f"optim.seed={seed}",
-        f"search.asha.grace_period={grace}", f"search.warm_start={m.get('warm_start', False)}",
+        f"search.asha.grace_period={'null' if grace is None else grace}",
+        f"search.warm_start={m.get('warm_start', False)}",
         "search.export=false", "search.time_budget_s=null",
     ])
     ray.init(num_cpus=2, include_dashboard=False)
@@ -94,7 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--grace", type=int, default=2, help="ASHA grace period in epochs")
+    parser.add_argument("--grace", type=int, help="ASHA grace period in epochs (default: tunecv's, half of them)")
     parser.add_argument("--name", default="search_efficiency", help="bench/results/<name>.json")
     args = parser.parse_args()
     methods = list(dict.fromkeys([*args.methods, BASELINE]))
@@ -120,7 +125,7 @@ def main() -> None:
         "what": f"best val macro-F1 against epochs spent; epochs each method needs to reach {BASELINE}'s "
                 "full-budget best, as a fraction of its epochs (target for TPE+ASHA: at most 1/3)",
         "setup": f"hard digits 32 px, space scratch_lt10k, {EPOCHS} epochs max, "
-                 f"ASHA grace {args.grace} reduction 2, 2 concurrent trials of 1 CPU",
+                 f"ASHA grace {args.grace or EPOCHS // 2} reduction 2, 2 concurrent trials of 1 CPU",
         "methods": {m: METHODS[m] for m in methods},
         "machine": machine(),
         "runs": runs,

@@ -33,7 +33,10 @@ class AshaConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    grace_period: int = Field(1, ge=1)  # epochs every trial gets before it can be stopped
+    # Epochs every trial gets before it can be stopped; null: half of optim.epochs. From
+    # random init the first epochs rank recipes badly (bench/search_efficiency.py: at
+    # a quarter of 8 epochs ASHA stopped the recipe that scored 0.95 when run in full).
+    grace_period: int | None = Field(None, ge=1)
     reduction_factor: float = Field(2.0, gt=1.0)
 
 
@@ -75,12 +78,17 @@ class RunConfig(TrialConfig):
     output_dir: str = "runs"
     search: SearchConfig = Field(default_factory=SearchConfig)
 
+    @property
+    def asha_grace_period(self) -> int:
+        """``search.asha.grace_period``, or half of ``optim.epochs`` when it is null."""
+        return self.search.asha.grace_period or max(1, self.optim.epochs // 2)
+
     @model_validator(mode="after")
     def _across_sections(self) -> RunConfig:
         """Checks that span sections: each is a problem only in combination."""
         problems = []
-        if self.search.scheduler == "asha" and self.search.asha.grace_period > self.optim.epochs:
-            problems.append(f"search.asha.grace_period ({self.search.asha.grace_period}) exceeds optim.epochs "
+        if self.search.scheduler == "asha" and self.asha_grace_period > self.optim.epochs:
+            problems.append(f"search.asha.grace_period ({self.asha_grace_period}) exceeds optim.epochs "
                             f"({self.optim.epochs}); ASHA could never stop a trial. Lower grace_period.")
         if self.optim.precision == "fp16" and not self.scaling.use_gpu:
             problems.append("optim.precision fp16 needs scaling.use_gpu: true; on the CPU use bf16 or fp32.")

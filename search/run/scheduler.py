@@ -96,6 +96,6 @@ def create_scheduler(cfg) -> RunIdASHA | None:
         return None
     return RunIdASHA(
         max_t=cfg.optim.epochs,
-        grace_period=cfg.search.asha.grace_period,
+        grace_period=cfg.asha_grace_period,
         reduction_factor=cfg.search.asha.reduction_factor,
     )
