@@ -1,10 +1,13 @@
-"""Shared set-up for the search benchmarks: the bundled digits and a base run config."""
+"""Shared set-up for the benchmarks: the bundled digits, a base run config, and result
+files that say which commit they measured."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,8 +41,23 @@ def machine() -> dict:
     }
 
 
-def write_result(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2))
+class BenchError(RuntimeError):
+    """A benchmark could not measure what it claims; it writes no result file."""
+
+
+def commit() -> str:
+    """The commit measured, with ``-dirty`` when tracked files differ from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    sha = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    return f"{sha}-dirty" if git("status", "--porcelain", "--untracked-files=no") else sha
+
+
+def write_result(name: str, payload: dict, results: Path = RESULTS) -> Path:
+    """Write ``results/<name>.json``, stamped with the commit and the time measured."""
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"{name}.json"
+    stamp = {"commit": commit(), "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    path.write_text(json.dumps({**stamp, **payload}, indent=2))
     return path
