@@ -53,22 +53,26 @@ def create_backbone(cfg: ModelConfig, num_classes: int) -> nn.Module:
     import timm
 
     kwargs = {"num_classes": num_classes, "drop_rate": cfg.drop_rate}
+    weights = local_weights(cfg)
     if not cfg.pretrained:
         model = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
-    elif cfg.weights_file is not None:
-        model = _create_from_file(cfg.backbone, Path(cfg.weights_file), kwargs)
-    elif cfg.weights_dir is not None:
-        model = _create_from_file(cfg.backbone, weights_in_dir(Path(cfg.weights_dir), cfg.backbone), kwargs)
+    elif weights is not None:
+        model = _create_from_file(cfg.backbone, weights, kwargs)
     else:
         model = _create_from_hub(cfg.backbone, kwargs)
     apply_unfreeze_depth(model, cfg.unfreeze_depth)
     return model
 
 
-def weights_in_dir(weights_dir: Path, backbone: str) -> Path:
-    """``<weights_dir>/<backbone><suffix>`` for the first suffix present (safetensors first);
-    the ``.safetensors`` name when none is, so an error can say what to put there."""
-    candidates = [weights_dir / f"{backbone}{suffix}" for suffix in WEIGHT_SUFFIXES]
+def local_weights(cfg: ModelConfig) -> Path | None:
+    """The local file ``cfg.backbone`` loads: ``weights_file``, or in ``weights_dir`` the
+    ``<backbone><suffix>`` for the first suffix present (safetensors first, and its name
+    when none is, so an error can say what to put there); None for the hub."""
+    if cfg.weights_file is not None:
+        return Path(cfg.weights_file)
+    if cfg.weights_dir is None:
+        return None
+    candidates = [Path(cfg.weights_dir) / f"{cfg.backbone}{suffix}" for suffix in WEIGHT_SUFFIXES]
     return next((path for path in candidates if path.is_file()), candidates[0])
 
 

@@ -116,9 +116,14 @@ def _status(latest: FrozenTrial, searching: bool) -> str:
 
 def _wall_time(trial: FrozenTrial) -> float:
     """From its ask to its end, or to its last epoch while it runs."""
-    epochs, start = recorded_epochs(trial), trial.datetime_start
-    end = trial.datetime_complete.timestamp() if trial.datetime_complete else epochs[-1][TIMESTAMP] if epochs else 0
-    return max(0.0, end - start.timestamp()) if start else 0.0
+    if trial.datetime_start is None:
+        return 0.0
+    if trial.datetime_complete is not None:
+        end = trial.datetime_complete.timestamp()
+    else:
+        epochs = recorded_epochs(trial)
+        end = epochs[-1][TIMESTAMP] if epochs else 0.0
+    return max(0.0, end - trial.datetime_start.timestamp())
 
 
 def read_epoch_details(store: RunStore, trial: TrialView) -> tuple[dict[str, Any], dict[str, Any]] | None:

@@ -29,7 +29,7 @@ from search.space.catalog import parse_space, resolve_space_name
 from search.space.model import SearchSpace
 from search.storage import RunStore, check_shared_storage
 from search.study import TRIAL_ID_KEY, StudyHandle, open_study
-from trainables.backbones import weights_in_dir
+from trainables.backbones import local_weights
 
 
 def check_space(cfg: RunConfig, text: str, source: str) -> SearchSpace:
@@ -59,7 +59,7 @@ def _check_weights(cfg: RunConfig, space: SearchSpace, source: str) -> None:
                           "model.weights_dir to it instead.")
     if model.pretrained and model.weights_dir is not None:
         missing = [f"  - {name}: {path}" for name in backbones
-                   if not (path := weights_in_dir(model.weights_dir, name)).is_file()]
+                   if not (path := local_weights(model.model_copy(update={"backbone": name}))).is_file()]
         if missing:
             raise ConfigError("\n".join([f"model.weights_dir has no weights for {len(missing)} backbone(s) of "
                                          f"space '{source}'; put each file there or drop the backbone:",
