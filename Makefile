@@ -24,10 +24,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra
 
 bench: $(STAMP) data/digits
-	$(BIN)/python bench/throughput.py
+	$(BIN)/python -m bench.throughput
 	$(BIN)/python -m bench.search_overhead
 	$(BIN)/python -m bench.search_efficiency
-	$(BIN)/python bench/export_latency.py
+	$(BIN)/python -m bench.export_latency
 
 clean:
 	rm -rf runs data/digits

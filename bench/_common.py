@@ -3,6 +3,7 @@ files that say which commit they measured."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -24,6 +25,17 @@ def digits_root(image_size: int) -> Path:
     return root
 
 
+def smoke_root() -> Path:
+    """What smoke runs train on: 4 synthetic classes of 40 images at 16 px (an epoch
+    takes a fraction of a second), written once under data/."""
+    from trainables.demo_data import write_synthetic
+
+    root = REPO / "data" / "smoke_synthetic_16"
+    if not root.is_dir():
+        write_synthetic(root, num_classes=4, images_per_class=40, image_size=16)
+    return root
+
+
 def load_demo_config(overrides: list[str]):
     from search.config import load_config
 
@@ -39,6 +51,22 @@ def machine() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+
+
+@contextlib.contextmanager
+def local_ray():
+    """A 2-CPU local Ray for the benchmark, or the one this process already started (the
+    smoke tests share one between benchmarks: a Ray start is most of a smoke run)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 class BenchError(RuntimeError):

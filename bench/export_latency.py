@@ -8,16 +8,19 @@ equal). Each timed run alternates eager and ONNX Runtime, so both see the same m
 on a busy machine torch's OpenMP threads wait on each other, so eager suffers far more than
 ONNX Runtime (measured here: resnet10t batch 1, 2 threads, one core taken: 384 ms vs 4.5 ms
 at 1 thread), and the table warns when the load average says the CPUs were not free.
-It writes ``bench/results/export_latency.json`` and prints a table. It does not verify
-accuracy; ``search.export.onnx.export_checkpoint`` does that.
+It writes ``bench/results/export_latency.json`` and prints a table. Before it writes, it
+checks what it measured: both batch sizes timed, every time above zero, and the two
+runtimes' logits within ``MAX_LOGIT_DIFF`` (a wrong export would time the wrong model);
+otherwise it raises ``BenchError``. ``search.export.onnx.export_checkpoint`` is what
+verifies accuracy on real data.
 
-    .venv/bin/python bench/export_latency.py [--checkpoint DIR] [--runs 50] [--threads N]
+    .venv/bin/python -m bench.export_latency [--checkpoint DIR] [--runs 50] [--threads N]
+    .venv/bin/python -m bench.export_latency --smoke --results DIR   # 3 runs at 32 px (tests)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -28,13 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench._common import RESULTS, BenchError, write_result
+
 BATCH_SIZES = (1, 32)
 DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, DEFAULT_NUM_CLASSES = "resnet10t", 64, 10
-RESULTS_FILE = Path(__file__).resolve().parent / "results" / "export_latency.json"
+MAX_LOGIT_DIFF = 1e-3  # fp32 export; measured differences are about 1e-7
 
 
-def _load(checkpoint: Path | None) -> tuple[torch.nn.Module, str, int]:
-    """(eval-mode model, backbone name, image size)."""
+def _load(checkpoint: Path | None, image_size: int) -> tuple[torch.nn.Module, str, int]:
+    """(eval-mode model, backbone name, image size); ``image_size`` is for the default model."""
     if checkpoint is not None:
         from trainables.checkpoint import load_model
 
@@ -44,7 +49,7 @@ def _load(checkpoint: Path | None) -> tuple[torch.nn.Module, str, int]:
 
     torch.manual_seed(0)
     model = timm.create_model(DEFAULT_BACKBONE, pretrained=False, num_classes=DEFAULT_NUM_CLASSES)
-    return model.eval(), DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE
+    return model.eval(), DEFAULT_BACKBONE, image_size
 
 
 def _summary_ms(seconds: list[float]) -> dict[str, float]:
@@ -105,20 +110,37 @@ def _machine(threads: int) -> dict:
     }
 
 
-def run(checkpoint: Path | None, runs: int, warmup: int, out: Path) -> dict:
-    """Export, time both runtimes at every batch size, write and return the results."""
+def checked(rows: list[dict]) -> list[dict]:
+    """The rows, once they are known to measure the exported model at every batch size."""
+    problems = []
+    if [row["batch"] for row in rows] != list(BATCH_SIZES):
+        problems.append(f"batch sizes {[row['batch'] for row in rows]}, asked for {list(BATCH_SIZES)}")
+    for row in rows:
+        times = [row[k][stat] for k in ("eager_ms", "onnxruntime_ms") for stat in ("median", "min")]
+        if not all(t > 0 for t in times):
+            problems.append(f"batch {row['batch']}: a time of zero or less ({times})")
+        if not row["max_abs_logit_diff"] <= MAX_LOGIT_DIFF:
+            problems.append(f"batch {row['batch']}: ONNX Runtime's logits differ from eager's by "
+                            f"{row['max_abs_logit_diff']:.2e} (> {MAX_LOGIT_DIFF}): not the same model")
+    if problems:
+        raise BenchError("export_latency measured nothing trustworthy: " + "; ".join(problems))
+    return rows
+
+
+def run(checkpoint: Path | None, runs: int, warmup: int, image_size: int = DEFAULT_IMAGE_SIZE) -> dict:
+    """Export, time both runtimes at every batch size, and return the checked results."""
     from search.export.onnx import DEFAULT_OPSET, create_session, export_onnx
 
     threads = torch.get_num_threads()
     machine = _machine(threads)
-    model, backbone, image_size = _load(checkpoint)
+    model, backbone, image_size = _load(checkpoint, image_size)
     with tempfile.TemporaryDirectory(prefix="tunecv-bench-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         opset = export_onnx(model, onnx_path, image_size=image_size, opset=DEFAULT_OPSET)
         session = create_session(onnx_path, num_threads=threads)
-        rows = [_time_batch(model, session, b, image_size, runs, warmup) for b in BATCH_SIZES]
+        rows = checked([_time_batch(model, session, b, image_size, runs, warmup) for b in BATCH_SIZES])
     machine["load_average_1min_after"] = os.getloadavg()[0]
-    report = {
+    return {
         "model": {
             "backbone": backbone,
             "image_size": image_size,
@@ -130,11 +152,7 @@ def run(checkpoint: Path | None, runs: int, warmup: int, out: Path) -> dict:
         "runs": runs,
         "warmup": warmup,
         "results": rows,
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    return report
 
 
 def format_table(report: dict) -> str:
@@ -165,25 +183,29 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, help="checkpoint dir (default: resnet10t)")
     parser.add_argument("--runs", type=int, default=50, help="timed runs per batch size")
     parser.add_argument("--warmup", type=int, default=10, help="untimed runs first")
     parser.add_argument("--threads", type=int, help="threads for both (default: torch's)")
-    parser.add_argument("--out", type=Path, default=RESULTS_FILE, help="where the JSON goes")
+    parser.add_argument("--smoke", action="store_true", help="3 runs, 1 warm-up, 32 px: checks, not numbers")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where export_latency.json goes")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.runs, args.warmup = 3, 1
     if args.runs < 1 or args.warmup < 0:
         parser.error(f"--runs must be >= 1 and --warmup >= 0, got {args.runs} and {args.warmup}.")
     if args.threads is not None:
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}.")
         torch.set_num_threads(args.threads)
-    report = run(args.checkpoint, args.runs, args.warmup, args.out)
+    report = run(args.checkpoint, args.runs, args.warmup, 32 if args.smoke else DEFAULT_IMAGE_SIZE)
+    path = write_result("export_latency", report, args.results)
     print(format_table(report))
-    print(f"wrote {args.out}")
-    return 0
+    print(f"wrote {path}")
+    return path
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

@@ -9,7 +9,11 @@ resume_errored=True)``. The trainable logs every epoch it trains to a side file,
 re-run epochs are visible. Written to ``bench/results/resume_tuner_restore.json``;
 tunecv's own resume is measured by the killed-driver test (``tests/stress/``).
 
-    .venv/bin/python bench/resume_tuner_restore.py [--runs 3]
+A run that could not measure (the first driver ended before the kill point, or the
+restore printed nothing) raises ``BenchError`` and writes no result.
+
+    .venv/bin/python -m bench.resume_tuner_restore [--runs 3]
+    .venv/bin/python -m bench.resume_tuner_restore --smoke --results DIR   # 1 run, 3 x 2 short epochs (tests)
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-NUM_SAMPLES, EPOCHS, BUDGET_S = 8, 4, 60.0
+BUDGET_S = 60.0
+# (trials, epochs, seconds an epoch): the measurement, and the smoke run's
+FULL, SMOKE = (8, 4, 1.0), (3, 2, 0.3)
 
 
 def toy(config: dict) -> None:
@@ -35,18 +41,18 @@ def toy(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             start = json.loads((Path(d) / "state.json").read_text())["epoch"]
-    log = Path(config["log"])
-    for epoch in range(start + 1, EPOCHS + 1):
-        time.sleep(1.0)
+    log, epochs = Path(config["log"]), config["epochs"]
+    for epoch in range(start + 1, epochs + 1):
+        time.sleep(config["epoch_s"])
         with log.open("a") as f:
             f.write(json.dumps({"trial": tune.get_context().get_trial_id(), "epoch": epoch, "t": time.time()}) + "\n")
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "state.json").write_text(json.dumps({"epoch": epoch}))
-            score = config["x"] * epoch / EPOCHS
+            score = config["x"] * epoch / epochs
             tune.report({"epoch": epoch, "score": score}, checkpoint=tune.Checkpoint.from_directory(d))
 
 
-def _tuner(work: Path):
+def _tuner(work: Path, samples: int, epochs: int, epoch_s: float):
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
     from ray import tune
@@ -58,21 +64,29 @@ def _tuner(work: Path):
                             sampler=optuna.samplers.TPESampler(seed=0))
     return tune.Tuner(
         tune.with_resources(toy, {"cpu": 1}),
-        param_space={"x": tune.uniform(0, 1), "log": str(work / "epochs.jsonl")},
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=NUM_SAMPLES, max_concurrent_trials=2,
+        param_space={"x": tune.uniform(0, 1), "log": str(work / "epochs.jsonl"), "epochs": epochs, "epoch_s": epoch_s},
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=samples, max_concurrent_trials=2,
                                     time_budget_s=BUDGET_S,
-                                    scheduler=ASHAScheduler(metric="score", mode="max", max_t=EPOCHS,
+                                    scheduler=ASHAScheduler(metric="score", mode="max", max_t=epochs,
                                                             grace_period=1, time_attr="epoch")),
         run_config=tune.RunConfig(name="toy", storage_path=str(work), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=1)),
     )
 
 
-def first_driver(work: Path) -> None:
+def _init_ray() -> None:
+    """Join the Ray at ``RAY_ADDRESS`` (``--address``), or start a local one."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
-    _tuner(work).fit()
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(num_cpus=2, include_dashboard=False)
+
+
+def first_driver(work: Path, samples: int, epochs: int, epoch_s: float) -> None:
+    _init_ray()
+    _tuner(work, samples, epochs, epoch_s).fit()
 
 
 def restore(work: Path) -> dict:
@@ -90,7 +104,7 @@ def restore(work: Path) -> dict:
                 return _original(*args, **kwargs)
 
             setattr(module, name, counted)
-    ray.init(num_cpus=2, include_dashboard=False)
+    _init_ray()
     tuner = tune.Tuner.restore(str(work / "toy"), trainable=tune.with_resources(toy, {"cpu": 1}),
                                resume_unfinished=True, resume_errored=True)
     print(json.dumps({"unpickle_calls_during_restore": loads["n"]}), flush=True)  # before fit can fail
@@ -99,36 +113,44 @@ def restore(work: Path) -> dict:
     return {"second_driver_s": round(time.time() - started, 1), "trials_after": len(grid)}
 
 
-def _one_done_one_mid(log: Path) -> bool:
-    epochs = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-    done = [i for i, e in enumerate(epochs) if e["epoch"] == EPOCHS]
-    return bool(done) and any(e["epoch"] < EPOCHS for e in epochs[done[0] + 1:])
+def _one_done_one_mid(log: Path, epochs: int) -> bool:
+    lines = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    done = [i for i, e in enumerate(lines) if e["epoch"] == epochs]
+    return bool(done) and any(e["epoch"] < epochs for e in lines[done[0] + 1:])
 
 
-def measure() -> dict:
+def measure(samples: int, epochs: int, epoch_s: float, address: str | None = None) -> dict:
+    from bench._common import BenchError
+
     work = Path(tempfile.mkdtemp(prefix="tunecv-restore-"))
-    env = {**os.environ, "RAY_AIR_NEW_OUTPUT": "0"}
+    env = {**os.environ, "RAY_AIR_NEW_OUTPUT": "0", **({"RAY_ADDRESS": address} if address else {})}
     log = work / "epochs.jsonl"
     started = time.time()
-    first = subprocess.Popen([sys.executable, __file__, "first", str(work)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not _one_done_one_mid(log) and first.poll() is None:
+    first = subprocess.Popen([sys.executable, __file__, "first", str(work), str(samples), str(epochs), str(epoch_s)],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not _one_done_one_mid(log, epochs) and first.poll() is None:
         time.sleep(0.1)
+    if first.poll() is not None:
+        raise BenchError(f"resume_tuner_restore: the first driver ended (exit {first.returncode}) before one "
+                         "trial had finished and another was mid-training; nothing to restore")
     first.send_signal(signal.SIGKILL)
     first.wait()
     killed_after = round(time.time() - started, 1)
-    time.sleep(2)
+    time.sleep(2 * epoch_s)  # the killed driver's trial workers go down with it: let them
     before = [json.loads(line) for line in log.read_text().splitlines()]
     killed_at = time.time()
     out = subprocess.run([sys.executable, __file__, "restore", str(work)], env=env, capture_output=True,
                          text=True, timeout=600)
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     measured = {k: v for line in lines for k, v in line.items()}
+    if "unpickle_calls_during_restore" not in measured:
+        raise BenchError("resume_tuner_restore: the restoring driver printed nothing (exit "
+                         f"{out.returncode}): {out.stderr[-500:]}")
     if out.returncode != 0:  # the restored search itself failed: keep its last exception line
         errors = [line for line in out.stderr.splitlines() if "Error:" in line or "Exception:" in line]
         measured["restore_failed"] = errors[-1].strip() if errors else out.stderr[-500:]
     after = [e for e in (json.loads(line) for line in log.read_text().splitlines()) if e["t"] > killed_at]
-    done_before = {e["trial"] for e in before if e["epoch"] == EPOCHS}
+    done_before = {e["trial"] for e in before if e["epoch"] == epochs}
     seen = {}
     for e in before + after:
         seen.setdefault((e["trial"], e["epoch"]), []).append(e)
@@ -138,7 +160,7 @@ def measure() -> dict:
     study = optuna.load_study(study_name="toy", storage=JournalStorage(JournalFileBackend(str(work / "optuna.journal"))))
     result = {
         "what": "Tuner.restore after a SIGKILLed driver, against tunecv's resume promises",
-        "setup": f"{NUM_SAMPLES} trials x {EPOCHS} epochs of 1 s, 2 concurrent, OptunaSearch (journal), ASHA, "
+        "setup": f"{samples} trials x {epochs} epochs of {epoch_s} s, 2 concurrent, OptunaSearch (journal), ASHA, "
                  f"time_budget_s {BUDGET_S}",
         "driver_killed_after_s": killed_after,
         **measured,
@@ -152,21 +174,31 @@ def measure() -> dict:
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> Path:
     import argparse
+
+    from bench._common import RESULTS, write_result
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
-    runs = [measure() for _ in range(parser.parse_args().runs)]
-    path = Path(__file__).resolve().parent / "results" / "resume_tuner_restore.json"
-    path.write_text(json.dumps({"what": runs[0]["what"], "setup": runs[0]["setup"], "runs": runs}, indent=1) + "\n")
+    parser.add_argument("--smoke", action="store_true", help="1 run of 3 trials x 2 epochs of 0.3 s (tests)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where resume_tuner_restore.json goes")
+    parser.add_argument("--address", help="both drivers join this Ray instead of starting their own (the tests "
+                                          "share one: a Ray start is most of a smoke run)")
+    args = parser.parse_args(argv)
+    runs = [measure(*(SMOKE if args.smoke else FULL), address=args.address)
+            for _ in range(1 if args.smoke else args.runs)]
+    path = write_result("resume_tuner_restore", {"what": runs[0]["what"], "setup": runs[0]["setup"], "runs": runs},
+                        args.results)
     for run in runs:
         print({k: v for k, v in run.items() if k not in ("what", "setup")})
+    return path
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "first":
-        first_driver(Path(sys.argv[2]))
+    # The two drivers, each in its own process: `first WORK TRIALS EPOCHS EPOCH_S`, `restore WORK`.
+    if len(sys.argv) > 5 and sys.argv[1] == "first":
+        first_driver(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))
     elif len(sys.argv) > 2 and sys.argv[1] == "restore":
         print(json.dumps(restore(Path(sys.argv[2]))))
     else:

@@ -14,7 +14,7 @@ as asked for. A benchmark that measured nothing raises ``BenchError`` instead of
 writing a result (a renamed key once made every compute 0.00 s and the median 9.6 s).
 
     .venv/bin/python -m bench.search_overhead [--trials 6]
-    .venv/bin/python -m bench.search_overhead --smoke --results DIR   # 2 tiny trials (tests)
+    .venv/bin/python -m bench.search_overhead --smoke --results DIR   # 3 tiny trials (tests)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ray import tune
 
-from bench._common import RESULTS, BenchError, digits_root, load_demo_config, machine, write_result
+from bench._common import RESULTS, BenchError, digits_root, load_demo_config, local_ray, machine, smoke_root, write_result
 from search.study import TRIAL_ID_KEY
 
 TARGET_S = 2.0
@@ -70,29 +70,26 @@ def measured_trials(clock: TrialClock, views, asked: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    import ray
-
     from search.results.trials import load_run
     from search.run.driver import run_search
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--trials", type=int, default=6)
-    parser.add_argument("--smoke", action="store_true", help="3 trials of 1 epoch at 16 px: checks, not numbers")
+    parser.add_argument("--smoke", action="store_true",
+                        help="3 trials of 1 epoch on 160 synthetic images at 16 px: checks, not numbers")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes")
     args = parser.parse_args(argv)
     trials_asked, epochs, size = (3, 1, 16) if args.smoke else (args.trials, 2, 32)
+    root = smoke_root() if args.smoke else digits_root(size)
     out = Path(tempfile.mkdtemp(prefix="tunecv-bench-"))
     cfg = load_demo_config([
-        f"data.root={digits_root(size)}", f"data.image_size={size}", f"output_dir={out}",
+        f"data.root={root}", f"data.image_size={size}", f"output_dir={out}",
         f"optim.epochs={epochs}", "search.scheduler=fifo", f"search.num_samples={trials_asked}",
         "search.max_concurrent_trials=2", "search.export=false", "search.time_budget_s=null",
     ])
     clock = TrialClock()
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
+    with local_ray():
         store = run_search(cfg, print_fn=lambda *_: None, callbacks=[clock])
-    finally:
-        ray.shutdown()
     trials = measured_trials(clock, load_run(store).trials, trials_asked)
     median = statistics.median(t["overhead_s"] for t in trials)
     # With reuse_actors, the first trial on each of the 2 concurrent slots starts a
@@ -103,7 +100,7 @@ def main(argv: list[str] | None = None) -> Path:
         trial["warm"] = trial in warm
     payload = {
         "what": "per-trial overhead = Tune trial wall time (driver clock) - sum of epoch compute",
-        "setup": f"digits {size} px, demo space, {epochs} epoch(s), FIFO, 2 concurrent trials, 1 CPU each"
+        "setup": f"{'synthetic' if args.smoke else 'digits'} {size} px, demo space, {epochs} epoch(s), FIFO, 2 concurrent trials, 1 CPU each"
                  + (" (smoke)" if args.smoke else ""),
         "machine": machine(),
         "trials": trials,

@@ -9,15 +9,20 @@ DataLoader worker can supply. Loop and raw passes alternate (ABBA); each pass re
 the CPU that other processes used (from /proc), and passes on a busy machine are kept
 but left out of the medians. No product code changes: the parts come from ``_build``.
 
-Usage (from anywhere; the config's relative paths are taken from the repository root):
-    python bench/throughput.py [--config configs/digits.yaml] [--set data.num_workers=0]
-        [--repeats 7] [--budget-s 300] [--epochs 1] [--steps N] [--out PATH]
+Before it writes ``bench/results/throughput.json`` it checks what it measured: at least
+one loop/raw pair, every rate above zero, and a loop/raw ratio in (0, 10); otherwise it
+raises ``BenchError``.
+
+Usage (from the repository root; the config's relative paths are taken from it):
+    python -m bench.throughput [--config configs/digits.yaml] [--set data.num_workers=0]
+        [--repeats 7] [--budget-s 300] [--epochs 1] [--steps N] [--results DIR]
+    python -m bench.throughput --smoke --results DIR   # 1 pair of 2 steps, 160 synthetic images (tests)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
 import platform
 import statistics
@@ -26,7 +31,8 @@ import time
 from itertools import islice
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench._common import REPO, RESULTS, BenchError, smoke_root, write_result
+
 DIGITS_ROOT = Path("data/digits")
 TARGET_RATIO = 0.9
 # Cores other processes may use during a pass before it is marked contended (a tenth
@@ -48,13 +54,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "overstate worker cost: batches prefetched past the cap are dropped")
     parser.add_argument("--decode-images", type=int, default=1000,
                         help="images per decode+augment measurement")
-    parser.add_argument("--out", type=Path, default=REPO / "bench/results/throughput.json")
+    parser.add_argument("--smoke", action="store_true",
+                        help="1 pair of 2 steps on 160 synthetic images at 16 px: checks, not numbers")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where throughput.json goes")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.repeats, args.budget_s, args.steps, args.decode_images = 1, 1.0, 2, 16
+        args.set = [f"data.root={smoke_root()}", "data.image_size=16", *args.set]
     for name in ("repeats", "epochs", "steps", "decode_images", "budget_s"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
-    args.config, args.out = args.config.resolve(), args.out.resolve()
+    args.config, args.results = args.config.resolve(), args.results.resolve()
     return args
 
 
@@ -249,7 +260,7 @@ def load_run_config(args: argparse.Namespace):
     from search.config import load_config
     from trainables.demo_data import write_digits
 
-    if not DIGITS_ROOT.is_dir():
+    if not args.smoke and not DIGITS_ROOT.is_dir():  # the smoke run has its own 16 px copy
         print(f"writing the bundled digits to {DIGITS_ROOT} (64 px)")
         write_digits(DIGITS_ROOT, image_size=64)
     return load_config(args.config, args.set)
@@ -266,7 +277,7 @@ def prepare(cfg):
         seed=cfg.optim.seed, strict=cfg.data.strict, max_pixels=cfg.data.max_image_pixels,
     )
     runtime = local_runtime(cfg.scaling.use_gpu)
-    return split, runtime, _build(cfg.trial(), split, runtime)
+    return split, runtime, _build(cfg.trial(), split, runtime, resume_from=None)
 
 
 def run_pairs(parts, runtime, cfg, args) -> dict:
@@ -384,7 +395,23 @@ WHAT_IS_TIMED = {
 }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def checked(pairs: dict, decode: dict, summary: dict) -> dict:
+    """The summary, once every pass is known to have measured something."""
+    runs = pairs["loop_runs"] + pairs["raw_runs"] + decode["decode_augment_runs"] + decode["decode_only_runs"]
+    problems = []
+    if summary["pairs_run"] < 1:
+        problems.append("no loop/raw pair ran")
+    if not all(run["images"] > 0 and run["images_per_s"] > 0 for run in runs):
+        problems.append("a pass saw no images or took no time")
+    for key in ("ratio", "ratio_of_step_medians"):
+        if not (math.isfinite(summary[key]) and 0 < summary[key] < 10):
+            problems.append(f"{key} {summary[key]} is outside (0, 10)")
+    if problems:
+        raise BenchError("throughput measured nothing trustworthy: " + "; ".join(problems))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     os.chdir(REPO)  # the config's relative paths (data/digits) are repository-relative
     import torch
@@ -396,12 +423,13 @@ def main(argv: list[str] | None = None) -> dict:
           f"torch threads {torch.get_num_threads()}, data workers {cfg.data.num_workers}")
     pairs = run_pairs(parts, runtime, cfg, args)
     decode = measure_decode(cfg, split, parts.model, args.decode_images, repeats=5)
-    summary = summarise(pairs, decode)
+    summary = checked(pairs, decode, summarise(pairs, decode))
     result = {
         "benchmark": "training-loop throughput vs raw forward+backward (bundled digits)",
         "what_is_timed": WHAT_IS_TIMED,
         "machine": machine_info(cfg),
         "config_file": os.path.relpath(args.config, REPO),
+        "smoke": args.smoke,
         "overrides": args.set,
         "config": cfg.model_dump(mode="json"),
         "measurement": {
@@ -413,10 +441,9 @@ def main(argv: list[str] | None = None) -> dict:
         **pairs,
         "decode_augment_per_worker": decode,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print_summary(summary, pairs, decode, args.out)
-    return result
+    path = write_result("throughput", result, args.results)
+    print_summary(summary, pairs, decode, path)
+    return path
 
 
 def print_summary(summary: dict, pairs: dict, decode: dict, out: Path) -> None:

@@ -1,13 +1,32 @@
-"""Benchmarks check what they read: a smoke run of the real script, and the refusal to
-write a result when trials and records do not match."""
+"""Benchmarks check what they read: a smoke run of every script under bench/ (the
+smallest sizes; the numbers are not judged, the fields and their sanity are), and the
+refusal to write a result when what was measured does not add up.
+
+The three that search share one local Ray: starting it is most of a smoke run."""
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
 
 from bench._common import BenchError
 from bench.search_overhead import TrialClock, measured_trials
+
+
+def _stamped(path) -> dict:
+    result = json.loads(path.read_text())
+    assert result["commit"] and result["measured_at"], "every result names the commit it measured"
+    return result
+
+
+@pytest.fixture(scope="module")
+def shared_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
 
 
 def _clock(ids):
@@ -35,11 +54,10 @@ def test_overhead_refuses_trials_it_cannot_match_or_that_computed_nothing():
 
 
 @pytest.mark.slow
-def test_search_overhead_smoke_run_measures_every_trial(tmp_path):
+def test_search_overhead_smoke_run_measures_every_trial(tmp_path, shared_ray):
     from bench.search_overhead import main
 
-    result = json.loads(main(["--smoke", "--results", str(tmp_path)]).read_text())
-    assert result["commit"] and result["measured_at"]
+    result = _stamped(main(["--smoke", "--results", str(tmp_path)]))
     trials = result["trials"]
     assert len(trials) == 3 and sum(t["warm"] for t in trials) == 1
     for trial in trials:
@@ -50,3 +68,76 @@ def test_search_overhead_smoke_run_measures_every_trial(tmp_path):
     # On a reused actor nothing starts, and the two independent clocks agree.
     (warm,) = [t for t in trials if t["warm"]]
     assert abs(warm["overhead_s"] - warm["tune_overhead_s"]) < 0.5, warm
+
+
+@pytest.mark.slow
+def test_search_efficiency_smoke_run_has_a_curve_per_method(tmp_path, shared_ray):
+    from bench.search_efficiency import SMOKE_EPOCHS, SMOKE_SAMPLES, main
+
+    result = _stamped(main(["--smoke", "--results", str(tmp_path)]))
+    (run,) = result["runs"]
+    assert set(run["curves"]) == {"tpe_asha", "random_fifo"}
+    # FIFO runs every epoch of every trial; ASHA at most that, at least one rung each.
+    assert run["epochs_spent"]["random_fifo"] == SMOKE_SAMPLES["fifo"] * SMOKE_EPOCHS
+    assert SMOKE_SAMPLES["asha"] <= run["epochs_spent"]["tpe_asha"] <= SMOKE_SAMPLES["asha"] * SMOKE_EPOCHS
+    for curve in run["curves"].values():
+        assert all(0 < a <= b <= 1 for a, b in zip(curve, curve[1:])), "best-so-far never falls"
+    assert run["target"] == run["curves"]["random_fifo"][-1]
+    for ratio in result["epoch_ratio_to_reach_target"]["random_fifo"]:
+        assert 0 < ratio <= 1
+
+
+def test_throughput_smoke_run_times_loop_raw_and_decode(tmp_path):
+    from bench.throughput import main
+
+    result = _stamped(main(["--smoke", "--results", str(tmp_path)]))
+    summary = result["summary"]
+    # One clean pair is asked for; a contended pass (the shared Ray is up) adds pairs.
+    assert summary["pairs_run"] == len(result["loop_runs"]) == len(result["raw_runs"]) >= 1
+    assert summary["loop_images_per_s_median"] > 0 and summary["raw_images_per_s_median"] > 0
+    assert 0 < summary["ratio"] < 10 and 0 < summary["ratio_of_step_medians"] < 10
+    assert result["decode_augment_per_worker"]["decode_augment_images_per_s"] > 0
+
+
+def test_export_latency_smoke_run_times_both_runtimes(tmp_path):
+    from bench.export_latency import BATCH_SIZES, main
+
+    result = _stamped(main(["--smoke", "--results", str(tmp_path)]))
+    assert result["runs"] == 3 and [row["batch"] for row in result["results"]] == list(BATCH_SIZES)
+    for row in result["results"]:
+        assert row["eager_ms"]["median"] > 0 and row["onnxruntime_ms"]["median"] > 0
+        assert 0 < row["ort_over_eager"] < 10
+        assert row["max_abs_logit_diff"] < 1e-3
+
+
+def test_export_latency_refuses_to_time_a_model_that_is_not_the_export():
+    from bench.export_latency import checked
+
+    row = {"batch": 1, "eager_ms": {"median": 2.0, "min": 1.0}, "onnxruntime_ms": {"median": 1.0, "min": 0.5},
+           "max_abs_logit_diff": 1e-7}
+    assert checked([row, {**row, "batch": 32}])
+    with pytest.raises(BenchError, match="differ from eager's"):
+        checked([row, {**row, "batch": 32, "max_abs_logit_diff": 0.3}])
+    with pytest.raises(BenchError, match="batch sizes"):
+        checked([row])
+    with pytest.raises(BenchError, match="a time of zero"):
+        checked([row, {**row, "batch": 32, "onnxruntime_ms": {"median": 0.0, "min": 0.0}}])
+
+
+@pytest.mark.slow
+def test_resume_tuner_restore_smoke_run_kills_and_restores(tmp_path, shared_ray):
+    import ray
+
+    from bench.resume_tuner_restore import SMOKE, main
+
+    # Both drivers are subprocesses; they join this test's Ray, and the killed one's
+    # trials go down with it, as on a cluster.
+    samples, address = SMOKE[0], ray.get_runtime_context().gcs_address
+    result = _stamped(main(["--smoke", "--results", str(tmp_path), "--address", address]))
+    (run,) = result["runs"]
+    assert run["driver_killed_after_s"] > 0
+    assert 1 <= run["trials_finished_before_kill"] < run["trials_started_before_kill"] <= samples
+    assert run["unpickle_calls_during_restore"] > 0  # what the README's table is about
+    assert run["trials_started_before_kill"] <= run["study_trials"] <= samples
+    assert "restore_failed" in run or run["trials_after"] > 0
+    assert not math.isnan(run["epochs_trained_twice"])

@@ -12,7 +12,6 @@ machine meanwhile: two local clusters confuse Ray Train's address detection.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -54,9 +53,11 @@ def main() -> None:
         result = run_storage(storage, args.repeat)
         print(f"{storage}: {result['passed']}/{result['runs']} passed in {result['session_s']} s", flush=True)
         summary.append(result)
-    out = REPO / "bench" / "results" / "killed_driver_stress.json"
-    out.write_text(json.dumps({"what": "killed-driver test, repeated per storage", "repeat": args.repeat,
-                               "results": summary}, indent=1) + "\n")
+    sys.path.insert(0, str(REPO))  # run as a script: bench/ is importable from the repository root
+    from bench._common import write_result
+
+    out = write_result("killed_driver_stress", {"what": "killed-driver test, repeated per storage",
+                                                "repeat": args.repeat, "results": summary})
     print(f"wrote {out}")
 
 
