@@ -74,12 +74,13 @@ class BenchError(RuntimeError):
 
 
 def commit() -> str:
-    """The commit measured, with ``-dirty`` when tracked files differ from it."""
+    """The commit measured, with ``-dirty`` when tracked files other than results differ
+    from it (a result written earlier in the same session does not change what is measured)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
     sha = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    return f"{sha}-dirty" if git("status", "--porcelain", "--untracked-files=no") else sha
+    return f"{sha}-dirty" if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results") else sha
 
 
 def write_result(name: str, payload: dict, results: Path = RESULTS) -> Path:
