@@ -13,6 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
+MEASURED_PATHS = ("search", "trainables", "spaces", "configs", "bench/*.py", "pyproject.toml")
 
 
 def digits_root(image_size: int) -> Path:
@@ -74,13 +75,13 @@ class BenchError(RuntimeError):
 
 
 def commit() -> str:
-    """The commit measured, with ``-dirty`` when tracked files other than results differ
-    from it (a result written earlier in the same session does not change what is measured)."""
+    """The commit measured, with ``-dirty`` when the code that runs (``MEASURED_PATHS``)
+    differs from it; tests, docs and earlier results do not change what is measured."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
     sha = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    return f"{sha}-dirty" if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results") else sha
+    return f"{sha}-dirty" if git("status", "--porcelain", "--untracked-files=no", "--", *MEASURED_PATHS) else sha
 
 
 def write_result(name: str, payload: dict, results: Path = RESULTS) -> Path:
