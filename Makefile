@@ -28,6 +28,7 @@ bench: $(STAMP) data/digits
 	$(BIN)/python -m bench.search_overhead
 	$(BIN)/python -m bench.search_efficiency
 	$(BIN)/python -m bench.export_latency
+	$(BIN)/python -m bench.resume_tuner_restore
 
 clean:
 	rm -rf runs data/digits

@@ -22,6 +22,7 @@ Usage (from the repository root; the config's relative paths are taken from it):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import platform
@@ -413,7 +414,13 @@ def checked(pairs: dict, decode: dict, summary: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    os.chdir(REPO)  # the config's relative paths (data/digits) are repository-relative
+    # The config's relative paths (data/digits) are repository-relative; the caller's
+    # working directory comes back afterwards (the smoke test runs inside pytest).
+    with contextlib.chdir(REPO):
+        return measure(args)
+
+
+def measure(args: argparse.Namespace) -> Path:
     import torch
 
     cfg = load_run_config(args)

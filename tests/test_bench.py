@@ -6,11 +6,12 @@ The three that search share one local Ray: starting it is most of a smoke run.""
 
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
 
-from bench._common import BenchError
+from bench._common import REPO, RESULTS, BenchError
 from bench.search_overhead import TrialClock, measured_trials
 
 
@@ -18,6 +19,17 @@ def _stamped(path) -> dict:
     result = json.loads(path.read_text())
     assert result["commit"] and result["measured_at"], "every result names the commit it measured"
     return result
+
+
+def test_every_committed_result_names_a_clean_commit_and_the_readme_names_it_too():
+    readme = (REPO / "README.md").read_text()
+    results = sorted(RESULTS.glob("*.json"))
+    assert len(results) >= 6
+    for path in results:
+        commit = json.loads(path.read_text()).get("commit", "")
+        # A result measured on uncommitted code cannot be reproduced from the repository.
+        assert re.fullmatch(r"[0-9a-f]{12}", commit), f"{path.name}: commit {commit!r}"
+        assert f"`{path.name}`" in readme and commit[:7] in readme, f"README's benchmark table lacks {path.name} at {commit[:7]}"
 
 
 @pytest.fixture(scope="module")
