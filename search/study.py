@@ -24,6 +24,7 @@ from search.storage import RunStore
 
 TRIAL_ID_KEY = "tunecv_trial_id"  # user attribute, and the key in every Tune trial config
 RESUME_FROM_KEY = "tunecv_resume_from"  # user attribute of a continuation, and a Tune config key
+HISTORY_KEY = "tunecv_history_from"  # user attribute of an earlier search's trial added as history
 EPOCH_PREFIX = "epoch_"
 CHECKPOINT = "checkpoint"  # in an epoch's record: its checkpoint directory, relative to the run
 TIMESTAMP = "timestamp"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from ray import tune
 
@@ -28,7 +30,7 @@ from search.run.trial import TrialContext, run_search_trial, trial_config
 from search.space.catalog import parse_space, resolve_space_name
 from search.space.model import SearchSpace
 from search.storage import RunStore, check_shared_storage
-from search.study import TRIAL_ID_KEY, StudyHandle, open_study
+from search.study import HISTORY_KEY, TRIAL_ID_KEY, StudyHandle, open_study
 from trainables.backbones import local_weights
 
 
@@ -82,6 +84,8 @@ def run_search(
     print_fn=print,
     callbacks: Sequence[tune.Callback] = (),
     run_dir: str | None = None,
+    warm_points: Sequence[dict[str, Any]] | None = None,
+    history: Sequence[HistoryTrial] = (),
 ) -> RunStore:
     """Search, rank, report and export; return the run.
 
@@ -94,6 +98,13 @@ def run_search(
         callbacks: Extra Tune callbacks (benchmarks use one to time trials).
         run_dir: Where the run lives, a path or an object-store URI (created when
             missing, resumed when present).
+        warm_points: Trial parameters a new run enqueues first, in order, instead of the
+            space's warm-start recipes (a retrain passes the champion run's best). What
+            the space no longer has is dropped, and said.
+        history: Finished trials of an earlier search (a retrain's champion run) that a
+            new run's study holds as COMPLETE trials for the sampler to learn from. They
+            carry no run-level id, so they are not the run's trials: no report row, no
+            budget. One the space cannot hold whole is left out, and counted.
 
     Raises:
         ConfigError: The space is invalid, the run to resume is finished, has another
@@ -119,7 +130,8 @@ def run_search(
         space = check_space(cfg, store.read_text(SPACE), store.uri(SPACE))
     else:
         space = _set_up(cfg, store, driver, explicit, print_fn)
-    _search(cfg, space, store, driver, spent_s(earlier) if resuming else None, print_fn, callbacks)
+    _search(cfg, space, store, driver, spent_s(earlier) if resuming else None, print_fn, callbacks, warm_points,
+            history)
     return store
 
 
@@ -140,7 +152,8 @@ def _set_up(cfg: RunConfig, store: RunStore, driver: DriverRecord, explicit, pri
 
 
 def _search(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverRecord, spent_before: float | None,
-            print_fn, callbacks) -> None:
+            print_fn, callbacks, warm_points: Sequence[dict[str, Any]] | None = None,
+            history: Sequence[HistoryTrial] = ()) -> None:
     """Tune, then report and export; ``spent_before`` is None for a new run."""
     from search.results.report import write_run_report
     from search.results.winner import export_winner
@@ -158,9 +171,9 @@ def _search(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverR
             )
         else:
             plan = ResumePlan((), (), cfg.search.num_samples, cfg.search.time_budget_s)
-            if cfg.search.warm_start:
-                for point in space.warm_start_points():
-                    handle.study.enqueue_trial(point)
+            for point in _first_points(cfg, space, warm_points, print_fn):
+                handle.study.enqueue_trial(point)
+            _add_history(handle.study, space, history, print_fn)
         done = plan.num_samples <= 0 or _tune(cfg, space, store, driver, handle, scheduler, plan, print_fn,
                                               callbacks)
     except BaseException:
@@ -176,6 +189,45 @@ def _search(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverR
     if cfg.search.export:
         export_winner(store, print_fn)
     driver.finish(FINISHED, asha_rungs=scheduler.rungs() if scheduler else None)
+
+
+def _first_points(cfg: RunConfig, space: SearchSpace, warm_points, print_fn) -> list[dict[str, Any]]:
+    """What a new run tries first: ``warm_points`` fitted to the space, or its recipes."""
+    if warm_points is None:
+        return space.warm_start_points() if cfg.search.warm_start else []
+    points = []
+    for i, params in enumerate(warm_points):
+        point, dropped = space.fit_point(params)
+        for name, why in dropped.items():
+            print_fn(f"warm start {i + 1}: dropped {name}={params[name]!r}: {why}")
+        points.append(point)
+    return points
+
+
+@dataclass(frozen=True)
+class HistoryTrial:
+    """A finished trial of an earlier search, for a new study's sampler."""
+
+    params: dict[str, Any]
+    value: float  # its best macro-F1, on the earlier search's own data
+    source: str  # where it comes from (a retrain: the older snapshot's fingerprint)
+
+
+def _add_history(study, space: SearchSpace, history: Sequence[HistoryTrial], print_fn) -> None:
+    import optuna
+
+    kept = 0
+    for trial in history:
+        point, dropped = space.fit_point(trial.params)
+        if dropped:
+            continue  # TPE would read a partial point as a different configuration
+        study.add_trial(optuna.trial.create_trial(params=point, distributions=space.distributions_of(point),
+                                                  value=trial.value, user_attrs={HISTORY_KEY: trial.source}))
+        kept += 1
+    if history:
+        print_fn(f"history: {kept} earlier trial(s) added to the study for the sampler"
+                 + (f"; {len(history) - kept} left out: their parameters no longer fit the space"
+                    if kept < len(history) else ""))
 
 
 def _tune(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverRecord, handle: StudyHandle,

@@ -322,6 +322,40 @@ class SearchSpace(_Frozen):
             overrides["augment"] = {"strength": params[AUGMENT_STRENGTH]}
         return overrides
 
+    def fit_point(self, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        """Keep what this space can still suggest of another space's trial parameters.
+
+        For a retrain's warm start: the champion's search may have had another space.
+        A backbone or loss this space lacks is dropped with the parameters that hang on
+        it; any other parameter this space does not search, or whose value falls outside
+        its range, is dropped too. Optuna samples what is dropped.
+
+        Returns:
+            (the point to enqueue, {dropped parameter: why}).
+        """
+        backbone, loss = params.get(BACKBONE), params.get(LOSS)
+        dists = self._distributions(backbone if backbone in self.backbones else next(iter(self.backbones)),
+                                    loss if loss in self.losses else next(iter(self.losses)))
+        if backbone not in self.backbones:  # its unfreeze depth means nothing without it
+            dists = {n: d for n, d in dists.items() if n != BACKBONE and not n.startswith(unfreeze_depth_param(""))}
+        if loss not in self.losses:
+            dists = {n: d for n, d in dists.items() if n != LOSS and n not in LOSS_PARAMS}
+        point, dropped = {}, {}
+        for name, value in params.items():
+            problems = _point_problems({name: value}, {name: dists[name]}, "") if name in dists else [
+                f".{name}: {value!r} is not a {name} of this space" if name in (BACKBONE, LOSS)
+                else f".{name}: this space does not search it"]
+            if problems:
+                dropped[name] = problems[0].removeprefix(f".{name}: ")
+            else:
+                point[name] = value
+        return point, dropped
+
+    def distributions_of(self, point: dict[str, Any]) -> dict[str, BaseDistribution]:
+        """The distributions of a complete point's parameters (as ``fit_point`` kept them)."""
+        dists = self._distributions(point[BACKBONE], point[LOSS])
+        return {name: dists[name] for name in point}
+
     def warm_start_points(self) -> list[dict[str, Any]]:
         """The warm-start recipes as flat Optuna parameters, in file order.
 
