@@ -1,7 +1,7 @@
 """The ``tunecv`` command line: argument parsing only, no logic of its own.
 
-Subcommands: ``run`` (the search; resumes an unfinished run), ``submit`` (the search as
-a Ray job), ``report`` and ``export`` (read a run), ``evaluate`` (a checkpoint, on N
+Subcommands: ``run`` (the search; resumes an unfinished run), ``retrain`` (a search on a
+new data snapshot, gated and registered in MLflow), ``submit`` (the search as a Ray job), ``report`` and ``export`` (read a run), ``evaluate`` (a checkpoint, on N
 workers), ``train`` (one configuration), ``data digits|synthetic`` (demo image folders).
 """
 
@@ -38,6 +38,14 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retrain(args: argparse.Namespace) -> int:
+    from search.config import load_config
+    from search.retrain.job import retrain
+
+    retrain(load_config(args.config, args.set))
+    return 0
+
+
 def _submit(args: argparse.Namespace) -> int:
     from search.jobs.submit import submit
 
@@ -48,13 +56,16 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from search.layout import REPORT_MARKDOWN
+    from search.layout import GATE_MARKDOWN, REPORT_MARKDOWN
     from search.results.report import build_report, format_table
     from search.results.trials import load_run
     from search.storage import RunStore
 
-    report = build_report(load_run(RunStore.at(args.run_dir)))
+    store = RunStore.at(args.run_dir)
+    report = build_report(load_run(store))
     print(format_table(report.rows))
+    if store.exists(GATE_MARKDOWN):  # a retrain's run: the champion/challenger decision
+        print(store.read_text(GATE_MARKDOWN))
     if args.out:
         report.write_to(RunStore.at(args.out))
         print(f"report: {Path(args.out) / REPORT_MARKDOWN}")
@@ -131,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--space", help="search space: a name in spaces/, a YAML path, or 'auto'")
     run.add_argument("--resume", metavar="RUN_DIR", help="resume this run with its own config")
     run.set_defaults(func=_run)
+
+    retrain = sub.add_parser(
+        "retrain", help="search a new data snapshot, gate it against the champion, register it in MLflow",
+        description="One scheduled retrain, driven by the run file's `retrain:` section. The same snapshot "
+                    "twice trains nothing; a second retrain of the same model while one runs refuses.",
+    )
+    retrain.add_argument("--config", required=True, help="run YAML file with a `retrain:` section")
+    retrain.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                         help="override a config value, e.g. --set retrain.snapshot=/data/2026-11-30")
+    retrain.set_defaults(func=_retrain)
 
     submit = sub.add_parser("submit", help="submit a search to a Ray cluster as a job")
     _search_args(submit, config_required=True)

@@ -69,6 +69,29 @@ class SearchConfig(BaseModel):
         return self
 
 
+class RetrainConfig(BaseModel):
+    """``tunecv retrain``: a search on a new data snapshot, warm-started from the champion's
+    run, gated champion against challenger, registered in MLflow (``search/retrain/``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # the registered model
+    snapshot: Path  # the new snapshot's data root; it replaces data.root for the search
+    # The retrain's search budget; the first retrain of a model (no champion yet) uses
+    # search.num_samples and search.time_budget_s, a full search.
+    num_samples: int = Field(4, ge=1, le=100_000)
+    time_budget_s: float | None = Field(None, gt=0)
+    top_k: int = Field(3, ge=0, le=100)  # the champion run's best configurations, run first
+    # The champion run's completed trials join the new study as history (marked with
+    # their snapshot), so TPE starts from what they showed instead of from random points.
+    history: bool = False
+    min_gain: float = Field(0.0, ge=0.0, le=1.0)  # macro-F1 the challenger must add
+    max_class_drop: float = Field(0.05, ge=0.0, le=1.0)  # most F1 any one class may lose
+    # An MLflow tracking/registry URI; null: MLFLOW_TRACKING_URI when set, else an SQLite
+    # registry at <output_dir>/mlflow.db (nothing to start on a workstation).
+    registry_uri: str | None = None
+
+
 class RunConfig(TrialConfig):
     """A whole run: where it goes, how it searches, plus the trial settings."""
 
@@ -77,6 +100,7 @@ class RunConfig(TrialConfig):
     # gs://bucket/runs; anything pyarrow's FileSystem.from_uri opens).
     output_dir: str = "runs"
     search: SearchConfig = Field(default_factory=SearchConfig)
+    retrain: RetrainConfig | None = None
 
     @property
     def asha_grace_period(self) -> int:
@@ -145,6 +169,9 @@ def _check_paths(cfg: RunConfig) -> list[str]:
             f"  - model.weights_file: file '{cfg.model.weights_file}' does not exist; "
             "give a local weights file or remove the key"
         )
+    if cfg.retrain is not None and not cfg.retrain.snapshot.is_dir():
+        problems.append(f"  - retrain.snapshot: directory '{cfg.retrain.snapshot}' does not exist; give "
+                        "the new snapshot's data root (class folders, as data.root)")
     if cfg.model.weights_dir is not None and not cfg.model.weights_dir.is_dir():
         problems.append(
             f"  - model.weights_dir: directory '{cfg.model.weights_dir}' does not exist; give the "

@@ -15,6 +15,8 @@ TUNE = "tune"
 REPORT_PARQUET = "report.parquet"
 REPORT_MARKDOWN = "report.md"
 EXPORT = "export"
+GATE_JSON = "gate.json"  # a retrain's champion/challenger decision and its numbers
+GATE_MARKDOWN = "gate.md"  # the same, for people; `tunecv report` shows it
 TRAIN_SUBDIR = "train"  # a multi-worker trial's Ray Train run, inside its Tune trial directory
 
 

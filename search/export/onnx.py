@@ -116,7 +116,7 @@ def export_checkpoint(
     _check_meta(read_meta(checkpoint_dir), split, checkpoint_dir)
     use_tensorrt = _resolve_tensorrt(tensorrt)
     model, meta = load_model(checkpoint_dir)
-    loader = _create_loader(split, meta, batch_size)
+    loader = eval_loader(split, meta, batch_size)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     onnx_path = staging / ONNX_FILE
@@ -242,7 +242,9 @@ def _check_meta(meta: dict[str, Any], split: DataSplit, checkpoint_dir: Path) ->
         )
 
 
-def _create_loader(split: DataSplit, meta: dict[str, Any], batch_size: int):
+def eval_loader(split: DataSplit, meta: dict[str, Any], batch_size: int):
+    """The split's validation images, preprocessed as ``meta`` (a checkpoint's or a bundle's
+    ``preprocessing`` and ``config``) says: what the export check and the retrain gate read."""
     spec = meta["preprocessing"]
     try:
         transform = eval_transform_from_spec(spec)

@@ -1,0 +1,130 @@
+"""Champion against challenger: both ONNX exports scored on the new snapshot's validation
+split, and the rule that decides whether the challenger takes over.
+
+Both bundles run in ONNX Runtime, the artefact that will serve, each with the
+preprocessing recorded in its bundle, over the same images. Scores are over the **new
+snapshot's classes**; the rule for classes that changed:
+
+- **A class added** in the new snapshot is one the champion cannot predict: its F1 for
+  that class is 0, and that counts in its macro-F1. The per-class drop check skips it
+  (there is nothing to drop from).
+- **A class removed** from the new snapshot is not scored (it has no images). A champion
+  prediction of it is simply wrong: it costs the true class its recall.
+
+The challenger is promoted only when its export passed the parity check (it exists:
+``export_checkpoint`` publishes nothing else), its macro-F1 is at least the champion's
+plus ``min_gain``, and no class both models know loses more than ``max_class_drop`` F1.
+With no champion yet, a challenger that passed parity is promoted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import f1_score
+
+from search.export.onnx import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, create_session, eval_loader
+from trainables.datasets import DataSplit
+
+
+@dataclass(frozen=True)
+class Score:
+    """One model's F1 on the new validation split, per new class and averaged."""
+
+    macro_f1: float
+    per_class_f1: dict[str, float]
+    num_images: int
+    known_classes: list[str]  # the classes the model was trained on
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether the challenger takes over, why, and every number behind it."""
+
+    promote: bool
+    reasons: list[str]
+    challenger: Score
+    champion: Score | None
+    min_gain: float
+    max_class_drop: float
+    added_classes: list[str] = field(default_factory=list)
+    removed_classes: list[str] = field(default_factory=list)
+    class_drops: dict[str, float] = field(default_factory=dict)  # champion F1 - challenger F1, shared classes
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @staticmethod
+    def from_json(text: str) -> Decision:
+        raw = json.loads(text)
+        scores = {k: Score(**raw[k]) if raw[k] else None for k in ("challenger", "champion")}
+        return Decision(**{**raw, **scores})
+
+
+def score_bundle(bundle: Path, split: DataSplit, batch_size: int = 64) -> Score:
+    """F1 of the ONNX bundle in ``bundle`` on ``split``'s validation images."""
+    meta = {"preprocessing": json.loads((bundle / "preprocessing.json").read_text()),
+            "config": json.loads((bundle / "config.json").read_text())}
+    known = json.loads((bundle / "class_names.json").read_text())
+    session = create_session(bundle / ONNX_FILE)
+    labels, outputs = [], []
+    for x, y in eval_loader(split, meta, batch_size):
+        outputs.append(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0].argmax(1))
+        labels.append(y.numpy())
+    new_index = {name: i for i, name in enumerate(split.class_names)}
+    # A prediction of a class the new snapshot lacks is -1: wrong for every true class.
+    to_new = np.array([new_index.get(name, -1) for name in known])
+    predicted = to_new[np.concatenate(outputs)]
+    truth = np.concatenate(labels)
+    per_class = f1_score(truth, predicted, labels=list(range(len(split.class_names))), average=None,
+                         zero_division=0.0)
+    return Score(float(np.mean(per_class)), dict(zip(split.class_names, map(float, per_class))), len(truth), known)
+
+
+def decide(challenger: Score, champion: Score | None, min_gain: float, max_class_drop: float) -> Decision:
+    """The gate's rule (module docstring) applied to two scores on the same split."""
+    if champion is None:
+        return Decision(True, ["no champion yet; the challenger's export passed the parity check"],
+                        challenger, None, min_gain, max_class_drop)
+    scored = list(challenger.per_class_f1)
+    added = [c for c in scored if c not in champion.known_classes]
+    removed = [c for c in champion.known_classes if c not in challenger.per_class_f1]
+    drops = {c: champion.per_class_f1[c] - challenger.per_class_f1[c] for c in scored if c not in added}
+    reasons = []
+    needed = champion.macro_f1 + min_gain
+    if challenger.macro_f1 < needed:
+        reasons.append(f"macro-F1 {challenger.macro_f1:.4f} is below the champion's {champion.macro_f1:.4f} "
+                       f"+ min_gain {min_gain:g} = {needed:.4f}")
+    worst = [f"'{c}' by {d:.4f}" for c, d in sorted(drops.items(), key=lambda kv: -kv[1]) if d > max_class_drop]
+    if worst:
+        reasons.append(f"F1 drops by more than max_class_drop {max_class_drop:g} for {', '.join(worst)}")
+    promote = not reasons
+    if promote:
+        reasons.append(f"macro-F1 {challenger.macro_f1:.4f} >= {needed:.4f} (champion {champion.macro_f1:.4f} "
+                       f"+ {min_gain:g}); no class drops more than {max_class_drop:g}; export passed parity")
+    return Decision(promote, reasons, challenger, champion, min_gain, max_class_drop, added, removed, drops)
+
+
+def describe(decision: Decision) -> str:
+    """The decision as Markdown: verdict, reasons, class changes and the per-class table."""
+    verdict = "**promoted**" if decision.promote else "**not promoted**"
+    lines = ["# Champion/challenger gate", "", f"Challenger {verdict}:", *[f"- {r}" for r in decision.reasons], ""]
+    for name, classes, rule in (
+        ("added", decision.added_classes, "the champion cannot predict it: champion F1 0, not checked for drops"),
+        ("removed", decision.removed_classes, "no images in the new snapshot: not scored; champion predictions "
+                                              "of it count as errors"),
+    ):
+        lines += [f"- Class {c!r} {name} in the new snapshot: {rule}." for c in classes]
+    champion = decision.champion
+    lines += ["", f"Scored on the new validation split ({decision.challenger.num_images} images), ONNX Runtime.", "",
+              "| class | champion F1 | challenger F1 | drop |", "|---|---|---|---|"]
+    for c, f1 in decision.challenger.per_class_f1.items():
+        old = "" if champion is None else f"{champion.per_class_f1[c]:.4f}"
+        drop = f"{decision.class_drops[c]:+.4f}" if c in decision.class_drops else ""
+        lines.append(f"| {c} | {old} | {f1:.4f} | {drop} |")
+    old_macro = "" if champion is None else f"{champion.macro_f1:.4f}"
+    lines.append(f"| **macro** | {old_macro} | {decision.challenger.macro_f1:.4f} | |")
+    return "\n".join(lines) + "\n"

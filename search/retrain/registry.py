@@ -1,0 +1,141 @@
+"""Every MLflow call of a retrain: the registered model, its versions and two aliases.
+
+A candidate is an MLflow run (its metrics, parameters, data fingerprint and the search's
+run directory, with the verified ONNX bundle as the artifact ``model``) registered as a
+model version. Aliases, not stages (deprecated since MLflow 2.9): ``challenger`` is the
+latest candidate, ``champion`` the one serving.
+
+Crash safety comes from the order of writes. A version is created tagged
+``tunecv.state=registering``; only once its run, artifacts and gate numbers are all in
+place does the tag become ``registered``, and only then do the aliases move, champion
+last. A retrain killed at any moment therefore leaves ``champion`` where it was, and a
+version still ``registering`` is recognisably half-made: the next retrain marks it
+``abandoned`` and registers again.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+STATE, REGISTERING, REGISTERED, ABANDONED = "tunecv.state", "registering", "registered", "abandoned"
+FINGERPRINT, RUN_DIR, DECISION = "tunecv.data_fingerprint", "tunecv.run_dir", "tunecv.decision"
+ARTIFACT_PATH = "model"
+
+
+def registry_uri(configured: str | None, output_dir: str) -> str:
+    """``retrain.registry_uri``, else ``MLFLOW_TRACKING_URI``, else SQLite under ``output_dir``."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{(Path(output_dir).resolve() / 'mlflow.db').as_posix()}"
+
+
+@dataclass(frozen=True)
+class Version:
+    """One registered model version, as a retrain reads it."""
+
+    number: str
+    tags: dict[str, str]
+    source: str
+    run_id: str
+
+    @property
+    def state(self) -> str:
+        return self.tags.get(STATE, "")
+
+    @property
+    def fingerprint(self) -> str:
+        return self.tags.get(FINGERPRINT, "")
+
+
+class Registry:
+    """The registered model ``name`` at ``uri`` (any MLflow tracking URI)."""
+
+    def __init__(self, uri: str, name: str, artifact_root: Path | None = None) -> None:
+        from mlflow import MlflowClient
+
+        self.uri, self.name = uri, name
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        # An embedded (SQLite) registry keeps artifacts next to it; a server decides itself.
+        self.artifact_root = artifact_root
+
+    def _version(self, mv) -> Version:
+        return Version(str(mv.version), dict(mv.tags or {}), mv.source, mv.run_id)
+
+    def alias(self, alias: str) -> Version | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self._version(self.client.get_model_version_by_alias(self.name, alias))
+        except MlflowException:  # no such model, or no such alias yet
+            return None
+
+    def versions(self) -> list[Version]:
+        """Every version of the model, oldest first."""
+        found = self.client.search_model_versions(f"name = '{self.name}'")
+        return sorted((self._version(mv) for mv in found), key=lambda v: int(v.number))
+
+    def download(self, version: Version, dst: Path) -> Path:
+        """The version's ONNX bundle, copied into ``dst``."""
+        import mlflow
+
+        local = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=ARTIFACT_PATH,
+                                                    dst_path=str(dst), tracking_uri=self.uri)
+        return Path(local)
+
+    def mark(self, version: Version, key: str, value: str) -> None:
+        self.client.set_model_version_tag(self.name, version.number, key, value)
+
+    def _experiment_id(self) -> str:
+        experiment_name = f"tunecv-{self.name}"
+        found = self.client.get_experiment_by_name(experiment_name)
+        if found is not None:
+            return found.experiment_id
+        location = self.artifact_root.resolve().as_uri() if self.artifact_root else None
+        return self.client.create_experiment(experiment_name, artifact_location=location)
+
+    def register(self, bundle: Path, params: dict[str, Any], metrics: dict[str, float], tags: dict[str, str],
+                 pause=lambda stage: None) -> Version:
+        """Log a candidate run with ``bundle`` as its model and register it, tagged
+        ``registering`` until everything is written; returns the registered version.
+
+        ``pause(stage)`` is a test hook: called between the writes.
+        """
+        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.exceptions import MlflowException
+
+        client = self.client
+        run = client.create_run(self._experiment_id(), tags={"mlflow.runName": f"{self.name}-candidate"})
+        run_id = run.info.run_id
+        now = int(run.info.start_time)
+        client.log_batch(
+            run_id,
+            metrics=[Metric(metric_key(k), float(v), now, 0) for k, v in metrics.items()],
+            params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
+        client.log_artifacts(run_id, str(bundle), ARTIFACT_PATH)
+        client.set_terminated(run_id)
+        try:
+            client.create_registered_model(self.name)
+        except MlflowException:
+            pass  # exists already: every retrain after the first
+        mv = client.create_model_version(self.name, f"{run.info.artifact_uri}/{ARTIFACT_PATH}", run_id,
+                                         tags={**tags, STATE: REGISTERING})
+        version = self._version(mv)
+        pause("registering")
+        self.mark(version, STATE, REGISTERED)
+        return Version(version.number, {**version.tags, STATE: REGISTERED}, version.source, run_id)
+
+    def point(self, alias: str, version: Version) -> None:
+        self.client.set_registered_model_alias(self.name, alias, version.number)
+
+
+def metric_key(name: str) -> str:
+    """An MLflow metric name for ``name`` (class names may hold any character)."""
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)

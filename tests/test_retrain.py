@@ -1,0 +1,325 @@
+"""Scheduled retraining end to end: snapshots of the digits, real Ray, real ONNX Runtime,
+real MLflow (its embedded SQLite registry, and `mlflow server` on loopback).
+
+v1 holds 60 % of each digit class, v2 all of them; v3 drops the 9s and adds a class of
+synthetic stripes. Every search is tiny (test_resnet at 16 px, 2 epochs, 3 trials)."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from search.config import parse_config
+from search.layout import SPLIT
+from search.retrain.gate import Decision
+from search.retrain.registry import CHALLENGER, CHAMPION, DECISION, REGISTERED, REGISTERING, STATE, Registry
+from search.retrain.warm import top_configurations
+from search.storage import RunStore
+from search.results.trials import load_run
+from search.study import HISTORY_KEY, read_trials
+from tests.conftest import small_run_config
+from trainables.datasets import read_split
+from trainables.demo_data import write_digits, write_synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+SPACE = {
+    "description": "retrain test space",
+    "needs_pretrained": False,
+    "backbones": {"test_resnet": {"unfreeze_depth": ["all"]}},
+    "lr_head": {"low": 1.0e-3, "high": 1.0e-2},
+    "lr_base": {"ratio": {"low": 0.5, "high": 1.0}},
+    "batch_size": [32, 64],
+    "losses": {"ce": {}, "label_smoothing": {"smoothing": {"low": 0.05, "high": 0.1}}},
+    "warm_start": [{"backbone": "test_resnet", "unfreeze_depth": "all", "lr_head": 5.0e-3, "lr_base_ratio": 1.0,
+                    "loss": "ce", "batch_size": 32}],
+}
+
+
+@pytest.fixture(scope="module")
+def snapshots(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("snapshots")
+    full = tmp / "v2"
+    write_digits(full, image_size=16)
+    v1 = tmp / "v1"
+    for cls in sorted(p for p in full.iterdir() if p.is_dir()):
+        files = sorted(cls.iterdir())
+        (v1 / cls.name).mkdir(parents=True)
+        for f in files[: int(0.6 * len(files))]:
+            shutil.copy2(f, v1 / cls.name / f.name)
+    v3 = tmp / "v3"
+    shutil.copytree(full, v3, ignore=lambda d, names: ["9"] if Path(d) == full else [])
+    stripes = tmp / "stripes"
+    write_synthetic(stripes, num_classes=2, images_per_class=150, image_size=16, seed=3)
+    shutil.copytree(stripes / "class_0", v3 / "stripes")
+    return {"v1": v1, "v2": full, "v3": v3}
+
+
+def _config(tmp: Path, snapshot: Path, **retrain):
+    space = tmp / "space.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    raw = small_run_config(
+        snapshot, tmp / "runs", data={"image_size": 16}, optim={"epochs": 2, "batch_size": 32, "warmup_epochs": 0.2},
+        search={"space": str(space), "num_samples": 3, "max_concurrent_trials": 2,
+                "asha": {"grace_period": 1}, "seed": 0},
+        retrain={"model_name": "digits", "snapshot": str(snapshot), "num_samples": 3, "top_k": 2, **retrain},
+    )
+    return parse_config(raw)
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def _registry(tmp: Path) -> Registry:
+    return Registry(f"sqlite:///{(tmp / 'runs' / 'mlflow.db').as_posix()}", "digits")
+
+
+@pytest.mark.slow
+def test_retrain_warm_starts_gates_on_new_data_registers_and_never_trains_twice(snapshots, tmp_path, ray_address):
+    from search.retrain.job import retrain
+
+    lines = []
+    # v1: no champion yet, so a full first search, promoted once its export passed parity.
+    first = retrain(_config(tmp_path, snapshots["v1"]), print_fn=lines.append)
+    registry = _registry(tmp_path)
+    v1 = registry.alias(CHAMPION)
+    assert first.promote and first.champion is None and v1.number == "1" and v1.state == REGISTERED
+    v1_run = RunStore.at(v1.tags["tunecv.run_dir"])
+
+    # The same snapshot again: said, and nothing trained or registered.
+    runs_before = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    lines.clear()
+    assert retrain(_config(tmp_path, snapshots["v1"]), print_fn=lines.append) is None
+    assert any("nothing to retrain" in line for line in lines), lines
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == runs_before
+    assert len(registry.versions()) == 1
+
+    # v2: the champion run's top 2 are its first trials, exactly; the gate reads v2's split.
+    lines.clear()
+    second = retrain(_config(tmp_path, snapshots["v2"], history=True), print_fn=lines.append)
+    versions = registry.versions()
+    assert [v.number for v in versions] == ["1", "2"]
+    v2_run = RunStore.at(versions[1].tags["tunecv.run_dir"])
+    first_trials = sorted(read_trials(v2_run, None), key=lambda t: t.number)[:2]
+    assert [t.params for t in first_trials] == top_configurations(v1_run, 2)
+    # History: v1's finished trials are in the study for TPE, marked with v1's snapshot,
+    # and are not trials of this run (the report and the budget count 3).
+    history = [t for t in read_trials(v2_run, None) if t.user_attrs.get(HISTORY_KEY)]
+    v1_finished = [t for t in load_run(v1_run).trials if t.best_epoch is not None]
+    assert len(history) == len(v1_finished) >= 2
+    assert {t.user_attrs[HISTORY_KEY] for t in history} == {v1.fingerprint}
+    assert sorted(t.value for t in history) == sorted(t.best_epoch["macro_f1"] for t in v1_finished)
+    assert len(load_run(v2_run).trials) == 3
+    v2_split = read_split(v2_run.uri(SPLIT))
+    assert second.challenger.num_images == second.champion.num_images == len(v2_split.val)
+    assert len(v2_split.val) > len(read_split(v1_run.uri(SPLIT)).val)
+    assert Decision.from_json(v2_run.read_text("gate.json")) == second
+    assert registry.alias(CHALLENGER).number == "2"
+    expected_champion = "2" if second.promote else "1"
+    assert registry.alias(CHAMPION).number == expected_champion
+    assert versions[1].tags[DECISION] == ("promote" if second.promote else "refuse")
+
+
+@pytest.mark.slow
+def test_a_weak_challenger_on_changed_classes_is_refused_with_its_numbers(snapshots, tmp_path, ray_address):
+    from search.retrain.job import retrain
+
+    retrain(_config(tmp_path, snapshots["v2"]), print_fn=lambda *_: None)
+    registry = _registry(tmp_path)
+    champion = registry.alias(CHAMPION)
+    # One trial, no warm start, and a gain no model can make: refused, whatever it scores.
+    lines = []
+    decision = retrain(_config(tmp_path, snapshots["v3"], num_samples=1, top_k=0, min_gain=0.5),
+                       print_fn=lines.append)
+    assert not decision.promote
+    assert registry.alias(CHAMPION).number == champion.number  # the alias stayed
+    assert registry.alias(CHALLENGER).number == "2"
+    # The class rule: the new class scores 0 for the champion, the vanished 9 is not scored.
+    assert decision.added_classes == ["stripes"] and decision.removed_classes == ["9"]
+    assert decision.champion.per_class_f1["stripes"] == 0.0 and "9" not in decision.challenger.per_class_f1
+    assert "stripes" not in decision.class_drops
+    report = RunStore.at(registry.versions()[-1].tags["tunecv.run_dir"]).read_text("gate.md")
+    assert "**not promoted**" in report and f"{decision.champion.macro_f1:.4f}" in report
+    assert "min_gain 0.5" in report and "Class 'stripes' added" in report and "Class '9' removed" in report
+    from search.results.report import build_report
+
+    run = RunStore.at(registry.versions()[-1].tags["tunecv.run_dir"])
+    assert "Champion/challenger gate" in build_report(load_run(run)).markdown  # `tunecv report` shows it
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            break
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                os.killpg(server.pid, signal.SIGKILL)
+                raise
+            time.sleep(0.5)
+    yield uri
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+def _retrain_process(config: Path, env: dict, **popen):
+    return subprocess.Popen([sys.executable, "-m", "search.cli", "retrain", "--config", str(config)],
+                            cwd=REPO, env=env, text=True, **popen)
+
+
+@pytest.mark.slow
+def test_killed_and_concurrent_retrains_against_an_mlflow_server(snapshots, tmp_path, ray_address, mlflow_server):
+    cfg = _config(tmp_path, snapshots["v1"])
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": mlflow_server}
+    first = _retrain_process(config, {**env, "TUNECV_TEST_RETRAIN_PAUSE_AT": "registering"},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen = []
+    for line in first.stdout:  # until it has created the version and stopped there
+        seen.append(line)
+        if line.startswith("paused at registering"):
+            break
+    else:
+        pytest.fail("".join(seen[-30:]))
+    registry = Registry(mlflow_server, "digits")
+    (half,) = registry.versions()
+    assert half.state == REGISTERING and registry.alias(CHAMPION) is None
+
+    # A second retrain of the same model while the first runs: refused, before any work.
+    second = subprocess.run([sys.executable, "-m", "search.cli", "retrain", "--config", str(config)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2
+    assert "another `tunecv retrain` of model 'digits' is running" in second.stderr
+
+    first.send_signal(signal.SIGKILL)  # during registration
+    first.wait()
+    assert registry.alias(CHAMPION) is None and registry.versions()[0].state == REGISTERING
+    run_dir = RunStore.at(half.tags["tunecv.run_dir"])
+    trials = len(read_trials(run_dir, None))
+
+    # Again: the search is not rerun, the half-made version is abandoned, a whole one registered.
+    again = subprocess.run([sys.executable, "-m", "search.cli", "retrain", "--config", str(config)],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "left half-registered" in again.stdout and "finished before" in again.stdout
+    assert len(read_trials(run_dir, None)) == trials
+    states = [(v.number, v.state) for v in registry.versions()]
+    assert states == [("1", "abandoned"), ("2", REGISTERED)]
+    assert registry.alias(CHAMPION).number == "2"
+    assert registry.versions()[1].tags[STATE] == REGISTERED
+
+
+# ---- the parts, without Ray ----
+
+def _score(per_class: dict[str, float], known: list[str]):
+    from search.retrain.gate import Score
+
+    return Score(sum(per_class.values()) / len(per_class), per_class, 100, known)
+
+
+def test_gate_promotes_only_on_gain_without_a_class_collapsing():
+    from search.retrain.gate import decide
+
+    old = _score({"a": 0.9, "b": 0.8}, ["a", "b"])
+    better = _score({"a": 0.92, "b": 0.86}, ["a", "b"])
+    assert decide(better, old, min_gain=0.02, max_class_drop=0.05).promote
+    assert not decide(better, old, min_gain=0.05, max_class_drop=0.05).promote  # 0.89 < 0.85 + 0.05
+    lopsided = _score({"a": 0.99, "b": 0.74}, ["a", "b"])  # more macro-F1, but b loses 0.06
+    refused = decide(lopsided, old, min_gain=0.0, max_class_drop=0.05)
+    assert not refused.promote and refused.class_drops["b"] == pytest.approx(0.06)
+    assert any("'b' by 0.0600" in r for r in refused.reasons)
+    assert decide(better, None, min_gain=0.5, max_class_drop=0.0).promote  # no champion yet
+
+
+def test_gate_class_rule_new_class_scores_zero_for_the_champion_and_is_not_a_drop():
+    from search.retrain.gate import decide, describe
+
+    # The champion knew a, b, gone; the new snapshot has a, b, new.
+    champion = _score({"a": 0.9, "b": 0.9, "new": 0.0}, ["a", "b", "gone"])
+    challenger = _score({"a": 0.9, "b": 0.9, "new": 0.7}, ["a", "b", "new"])
+    decision = decide(challenger, champion, min_gain=0.0, max_class_drop=0.05)
+    assert decision.promote
+    assert decision.added_classes == ["new"] and decision.removed_classes == ["gone"]
+    assert set(decision.class_drops) == {"a", "b"}
+    text = describe(decision)
+    assert "Class 'new' added" in text and "champion F1 0" in text and "Class 'gone' removed" in text
+
+
+def test_fit_point_drops_what_the_current_space_no_longer_has():
+    from search.space.model import SearchSpace
+
+    space = SearchSpace.model_validate(SPACE)
+    old = {"backbone": "test_resnet", "unfreeze_depth__test_resnet": "all", "lr_head": 5e-3, "lr_base_ratio": 0.9,
+           "loss": "focal", "gamma": 2.0, "batch_size": 48, "weight_decay": 0.05}
+    point, dropped = space.fit_point(old)
+    assert point == {"backbone": "test_resnet", "unfreeze_depth__test_resnet": "all", "lr_head": 5e-3,
+                     "lr_base_ratio": 0.9}
+    assert set(dropped) == {"loss", "gamma", "batch_size", "weight_decay"}
+    assert dropped["loss"] == "'focal' is not a loss of this space"
+    assert "48 is not one of [32, 64]" in dropped["batch_size"]
+
+
+def test_retrain_config_errors_name_the_field_before_any_work(snapshots, tmp_path):
+    from search.config import ConfigError
+    from search.retrain.job import retrain
+
+    with pytest.raises(ConfigError, match=r"retrain\.snapshot: directory '.*nowhere' does not exist"):
+        _config(tmp_path, tmp_path / "nowhere")
+    no_section = parse_config(small_run_config(snapshots["v1"], tmp_path / "runs"))
+    with pytest.raises(ConfigError, match="needs a `retrain:` section"):
+        retrain(no_section)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_retrain_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
+    from search.retrain.job import RetrainBusyError, retrain_lock
+
+    with retrain_lock(tmp_path, "digits"):
+        with pytest.raises(RetrainBusyError, match="another `tunecv retrain` of model 'digits' is running"):
+            with retrain_lock(tmp_path, "digits"):
+                pass
+        with retrain_lock(tmp_path, "other-model"):  # per model
+            pass
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
+                               "from search.retrain.job import retrain_lock;"
+                               "cm = retrain_lock(__import__('pathlib').Path(sys.argv[2]), 'digits'); cm.__enter__();"
+                               "print('held', flush=True); time.sleep(600)", str(REPO), str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(RetrainBusyError):
+        with retrain_lock(tmp_path, "digits"):
+            pass
+    holder.kill()
+    holder.wait()
+    with retrain_lock(tmp_path, "digits"):  # SIGKILL released it: no stale lock
+        pass
