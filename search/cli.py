@@ -96,10 +96,36 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_out(args: argparse.Namespace) -> Path:
+    """OUT for ``data digits|synthetic``: new, empty, or ``--overwrite`` given; never a file."""
+    from search.config import ConfigError
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"OUT '{out}' is a file; give a directory to write the image folders into.")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not args.overwrite:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise ConfigError(f"OUT '{out}' is not empty ({len(entries)} entries: {shown}); nothing was written. "
+                          "Give a new or empty directory, or --overwrite to replace files of the same names.")
+    return out
+
+
+def _demo_data(write, args: argparse.Namespace, **kwargs) -> dict[str, int]:
+    """``write(OUT, **kwargs)``, with an out-of-range argument reported as the user's error."""
+    from search.config import ConfigError
+
+    out = _data_out(args)
+    try:
+        return write(out, **kwargs)
+    except ValueError as err:
+        raise ConfigError(f"data {args.dataset}: {err}") from None
+
+
 def _data_digits(args: argparse.Namespace) -> int:
     from trainables.demo_data import write_digits
 
-    counts = write_digits(Path(args.out), image_size=args.image_size)
+    counts = _demo_data(write_digits, args, image_size=args.image_size)
     print(f"wrote {sum(counts.values())} digit images in {len(counts)} classes to {args.out}")
     return 0
 
@@ -107,8 +133,8 @@ def _data_digits(args: argparse.Namespace) -> int:
 def _data_synthetic(args: argparse.Namespace) -> int:
     from trainables.demo_data import write_synthetic
 
-    counts = write_synthetic(Path(args.out), num_classes=args.num_classes, image_size=args.image_size,
-                             images_per_class=args.images_per_class, seed=args.seed)
+    counts = _demo_data(write_synthetic, args, num_classes=args.num_classes, image_size=args.image_size,
+                        images_per_class=args.images_per_class, seed=args.seed)
     print(f"wrote {sum(counts.values())} synthetic images in {len(counts)} classes to {args.out}")
     return 0
 
@@ -186,11 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
         dest="dataset", required=True
     )
     digits = data.add_parser("digits", help="scikit-learn's 1,797 handwritten digits")
-    digits.add_argument("out")
+    synth = data.add_parser("synthetic", help="a learnable synthetic set for smoke tests")
+    for command in (digits, synth):
+        command.add_argument("out", help="a new or empty directory")
+        command.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT, replacing "
+                                                                      "files of the same names")
     digits.add_argument("--image-size", type=int, default=64)
     digits.set_defaults(func=_data_digits)
-    synth = data.add_parser("synthetic", help="a learnable synthetic set for smoke tests")
-    synth.add_argument("out")
     synth.add_argument("--num-classes", type=int, default=4)
     synth.add_argument("--images-per-class", type=int, default=30)
     synth.add_argument("--image-size", type=int, default=48)

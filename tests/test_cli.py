@@ -63,3 +63,23 @@ def test_data_digits_writes_the_bundled_set(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "1797 digit images in 10 classes" in proc.stdout
     assert len(list((tmp_path / "digits").glob("*/*.png"))) == 1797
+
+
+def test_data_commands_never_overwrite_or_traceback_on_bad_arguments(tmp_path):
+    out = tmp_path / "synth"
+    assert _tunecv("data", "synthetic", str(out), "--image-size", "16").returncode == 0
+    first = (out / "class_0" / "0000.png").read_bytes()
+    again = _tunecv("data", "synthetic", str(out), "--image-size", "16", "--seed", "1")
+    assert again.returncode == 2 and "is not empty" in again.stderr and "--overwrite" in again.stderr
+    assert (out / "class_0" / "0000.png").read_bytes() == first  # nothing of the user's replaced
+    forced = _tunecv("data", "synthetic", str(out), "--image-size", "16", "--seed", "1", "--overwrite")
+    assert forced.returncode == 0 and (out / "class_0" / "0000.png").read_bytes() != first
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for args, message in (
+        (["synthetic", str(tmp_path / "n"), "--num-classes", "0"], "num_classes must be an integer of at least 2"),
+        (["synthetic", str(tmp_path / "s"), "--image-size", "-5"], "image_size must be an integer of at least 8"),
+        (["digits", str(a_file)], "is a file"),
+    ):
+        proc = _tunecv("data", *args)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -132,9 +132,13 @@ def write_synthetic(
         ValueError: An argument is out of range or the wrong length.
     """
     counts = _check_synthetic_args(num_classes, images_per_class, aspect_ratios)
-    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    _check_side("image_size height", height)
-    _check_side("image_size width", width)
+    if isinstance(image_size, int):
+        _check_side("image_size", image_size)
+        height = width = image_size
+    else:
+        height, width = tuple(image_size)
+        _check_side("image_size height", height)
+        _check_side("image_size width", width)
     written: dict[str, int] = {}
     for class_index, count in enumerate(counts):
         rng = np.random.default_rng((seed, class_index))
