@@ -1,8 +1,9 @@
 """The ``tunecv`` command line: argument parsing only, no logic of its own.
 
 Subcommands: ``run`` (the search; resumes an unfinished run), ``retrain`` (a search on a
-new data snapshot, gated and registered in MLflow), ``submit`` (the search as a Ray job), ``report`` and ``export`` (read a run), ``evaluate`` (a checkpoint, on N
-workers), ``train`` (one configuration), ``data digits|synthetic`` (demo image folders).
+new data snapshot, gated and registered in MLflow), ``submit`` (the search as a Ray job),
+``report`` and ``export`` (read a run), ``evaluate`` (a checkpoint, on N workers),
+``train`` (one configuration), ``data digits|synthetic`` (demo image folders).
 """
 
 from __future__ import annotations
@@ -229,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from search.config import ConfigError
+    from search.export.onnx import ExportError
     from search.results.winner import NothingToExportError
     from search.space.model import SpaceError
     from trainables.backbones import PretrainedWeightsError
@@ -237,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, SpaceError, DataError, PretrainedWeightsError, NothingToExportError) as err:
+    except (ConfigError, SpaceError, DataError, PretrainedWeightsError, NothingToExportError, ExportError) as err:
         # Input problems get their message alone: the traceback would only bury the fix.
         print(f"tunecv: error: {err}", file=sys.stderr)
         return 2

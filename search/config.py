@@ -114,6 +114,10 @@ class RunConfig(TrialConfig):
         if self.search.scheduler == "asha" and self.asha_grace_period > self.optim.epochs:
             problems.append(f"search.asha.grace_period ({self.asha_grace_period}) exceeds optim.epochs "
                             f"({self.optim.epochs}); ASHA could never stop a trial. Lower grace_period.")
+        if self.retrain is not None and self.data.manifest is not None:
+            problems.append("data.manifest cannot be used with a retrain: section, whose snapshot is an image "
+                            "folder that replaces data.root (the manifest would still list the old data). "
+                            "Remove data.manifest.")
         if self.optim.precision == "fp16" and not self.scaling.use_gpu:
             problems.append("optim.precision fp16 needs scaling.use_gpu: true; on the CPU use bf16 or fp32.")
         if problems:

@@ -31,6 +31,15 @@ TIMESTAMP = "timestamp"
 REASON, FAILURES = "reason", "failures"
 
 
+@dataclass(frozen=True)
+class HistoryTrial:
+    """A finished trial of an earlier search, added to a new study for its sampler."""
+
+    params: dict[str, Any]
+    value: float  # its best macro-F1, on the earlier search's own data
+    source: str  # where it comes from (a retrain: the older snapshot's fingerprint)
+
+
 def epoch_key(epoch: int) -> str:
     return f"{EPOCH_PREFIX}{epoch:04d}"
 

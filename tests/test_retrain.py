@@ -18,9 +18,11 @@ import pytest
 import yaml
 
 from search.config import parse_config
-from search.layout import SPLIT
+from search.layout import GATE_JSON, GATE_MARKDOWN, SPLIT
 from search.retrain.gate import Decision
-from search.retrain.registry import CHALLENGER, CHAMPION, DECISION, REGISTERED, REGISTERING, STATE, Registry
+from search.retrain.registry import (
+    CHALLENGER, CHAMPION, DECISION, FINGERPRINT, REGISTERED, REGISTERING, RUN_DIR, STATE, TRIAL, Registry,
+)
 from search.retrain.warm import top_configurations
 from search.storage import RunStore
 from search.results.trials import load_run
@@ -97,7 +99,7 @@ def test_retrain_warm_starts_gates_on_new_data_registers_and_never_trains_twice(
     registry = _registry(tmp_path)
     v1 = registry.alias(CHAMPION)
     assert first.promote and first.champion is None and v1.number == "1" and v1.state == REGISTERED
-    v1_run = RunStore.at(v1.tags["tunecv.run_dir"])
+    v1_run = RunStore.at(v1.tags[RUN_DIR])
 
     # The same snapshot again: said, and nothing trained or registered.
     runs_before = sorted(p.name for p in (tmp_path / "runs").iterdir())
@@ -112,7 +114,7 @@ def test_retrain_warm_starts_gates_on_new_data_registers_and_never_trains_twice(
     second = retrain(_config(tmp_path, snapshots["v2"], history=True), print_fn=lines.append)
     versions = registry.versions()
     assert [v.number for v in versions] == ["1", "2"]
-    v2_run = RunStore.at(versions[1].tags["tunecv.run_dir"])
+    v2_run = RunStore.at(versions[1].tags[RUN_DIR])
     first_trials = sorted(read_trials(v2_run, None), key=lambda t: t.number)[:2]
     assert [t.params for t in first_trials] == top_configurations(v1_run, 2)
     # History: v1's finished trials are in the study for TPE, marked with v1's snapshot,
@@ -126,11 +128,27 @@ def test_retrain_warm_starts_gates_on_new_data_registers_and_never_trains_twice(
     v2_split = read_split(v2_run.uri(SPLIT))
     assert second.challenger.num_images == second.champion.num_images == len(v2_split.val)
     assert len(v2_split.val) > len(read_split(v1_run.uri(SPLIT)).val)
-    assert Decision.from_json(v2_run.read_text("gate.json")) == second
+    assert Decision.from_json(v2_run.read_text(GATE_JSON)) == second
     assert registry.alias(CHALLENGER).number == "2"
     expected_champion = "2" if second.promote else "1"
     assert registry.alias(CHAMPION).number == expected_champion
     assert versions[1].tags[DECISION] == ("promote" if second.promote else "refuse")
+
+    # The candidate's MLflow run: metrics, the exported trial's parameters, fingerprint,
+    # run directory, and the verified ONNX bundle as its model.
+    run = registry.client.get_run(versions[1].run_id)
+    assert run.data.metrics["macro_f1"] == pytest.approx(second.challenger.macro_f1)
+    assert run.data.tags[FINGERPRINT] == v2_split.fingerprint() and run.data.tags[RUN_DIR] == v2_run.location
+    (exported,) = [t for t in load_run(v2_run).trials if t.trial_id == run.data.tags[TRIAL]]
+    assert run.data.params == {k: str(v) for k, v in exported.params.items()}
+    assert {f.path for f in registry.client.list_artifacts(run.info.run_id, "model")} >= {
+        "model/model.onnx", "model/preprocessing.json", "model/class_names.json"}
+
+    # v1 seen again after v2 was decided: older than the newest candidate, so no alias moves back.
+    aliases = (registry.alias(CHAMPION).number, registry.alias(CHALLENGER).number)
+    assert retrain(_config(tmp_path, snapshots["v1"]), print_fn=lambda *_: None) is None
+    assert (registry.alias(CHAMPION).number, registry.alias(CHALLENGER).number) == aliases
+    assert len(registry.versions()) == 2
 
 
 @pytest.mark.slow
@@ -151,13 +169,19 @@ def test_a_weak_challenger_on_changed_classes_is_refused_with_its_numbers(snapsh
     assert decision.added_classes == ["stripes"] and decision.removed_classes == ["9"]
     assert decision.champion.per_class_f1["stripes"] == 0.0 and "9" not in decision.challenger.per_class_f1
     assert "stripes" not in decision.class_drops
-    report = RunStore.at(registry.versions()[-1].tags["tunecv.run_dir"]).read_text("gate.md")
+    report = RunStore.at(registry.versions()[-1].tags[RUN_DIR]).read_text(GATE_MARKDOWN)
     assert "**not promoted**" in report and f"{decision.champion.macro_f1:.4f}" in report
     assert "min_gain 0.5" in report and "Class 'stripes' added" in report and "Class '9' removed" in report
     from search.results.report import build_report
 
-    run = RunStore.at(registry.versions()[-1].tags["tunecv.run_dir"])
+    run = RunStore.at(registry.versions()[-1].tags[RUN_DIR])
     assert "Champion/challenger gate" in build_report(load_run(run)).markdown  # `tunecv report` shows it
+
+    # The refused snapshot on the next tick: decided before, so nothing is trained again.
+    lines.clear()
+    assert retrain(_config(tmp_path, snapshots["v3"], num_samples=1, top_k=0, min_gain=0.5),
+                   print_fn=lines.append) is None
+    assert any("retrained before" in line for line in lines) and len(registry.versions()) == 2
 
 
 def _free_port() -> int:
@@ -191,19 +215,14 @@ def mlflow_server(tmp_path):
     server.wait(timeout=30)
 
 
-def _retrain_process(config: Path, env: dict, **popen):
-    return subprocess.Popen([sys.executable, "-m", "search.cli", "retrain", "--config", str(config)],
-                            cwd=REPO, env=env, text=True, **popen)
-
-
 @pytest.mark.slow
 def test_killed_and_concurrent_retrains_against_an_mlflow_server(snapshots, tmp_path, ray_address, mlflow_server):
     cfg = _config(tmp_path, snapshots["v1"])
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = {**os.environ, "RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": mlflow_server}
-    first = _retrain_process(config, {**env, "TUNECV_TEST_RETRAIN_PAUSE_AT": "registering"},
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first = subprocess.Popen([sys.executable, str(REPO / "tests" / "retrain_paused.py"), "--config", str(config)],
+                             cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     seen = []
     for line in first.stdout:  # until it has created the version and stopped there
         seen.append(line)
@@ -224,7 +243,7 @@ def test_killed_and_concurrent_retrains_against_an_mlflow_server(snapshots, tmp_
     first.send_signal(signal.SIGKILL)  # during registration
     first.wait()
     assert registry.alias(CHAMPION) is None and registry.versions()[0].state == REGISTERING
-    run_dir = RunStore.at(half.tags["tunecv.run_dir"])
+    run_dir = RunStore.at(half.tags[RUN_DIR])
     trials = len(read_trials(run_dir, None))
 
     # Again: the search is not rerun, the half-made version is abandoned, a whole one registered.
@@ -237,6 +256,15 @@ def test_killed_and_concurrent_retrains_against_an_mlflow_server(snapshots, tmp_
     assert states == [("1", "abandoned"), ("2", REGISTERED)]
     assert registry.alias(CHAMPION).number == "2"
     assert registry.versions()[1].tags[STATE] == REGISTERED
+
+    # Through the server, a gate against a champion: its ONNX bundle comes back from the
+    # server's artifact store and is scored on the new split beside the challenger.
+    from search.retrain.job import retrain
+
+    decision = retrain(_config(tmp_path, snapshots["v2"], registry_uri=mlflow_server), print_fn=lambda *_: None)
+    assert decision.champion_version == "2"
+    assert decision.champion.num_images == decision.challenger.num_images > 0
+    assert registry.alias(CHALLENGER).number == "3"
 
 
 # ---- the parts, without Ray ----
@@ -252,13 +280,13 @@ def test_gate_promotes_only_on_gain_without_a_class_collapsing():
 
     old = _score({"a": 0.9, "b": 0.8}, ["a", "b"])
     better = _score({"a": 0.92, "b": 0.86}, ["a", "b"])
-    assert decide(better, old, min_gain=0.02, max_class_drop=0.05).promote
-    assert not decide(better, old, min_gain=0.05, max_class_drop=0.05).promote  # 0.89 < 0.85 + 0.05
+    assert decide(better, old, "1", min_gain=0.02, max_class_drop=0.05).promote
+    assert not decide(better, old, "1", min_gain=0.05, max_class_drop=0.05).promote  # 0.89 < 0.85 + 0.05
     lopsided = _score({"a": 0.99, "b": 0.74}, ["a", "b"])  # more macro-F1, but b loses 0.06
-    refused = decide(lopsided, old, min_gain=0.0, max_class_drop=0.05)
+    refused = decide(lopsided, old, "1", min_gain=0.0, max_class_drop=0.05)
     assert not refused.promote and refused.class_drops["b"] == pytest.approx(0.06)
     assert any("'b' by 0.0600" in r for r in refused.reasons)
-    assert decide(better, None, min_gain=0.5, max_class_drop=0.0).promote  # no champion yet
+    assert decide(better, None, None, min_gain=0.5, max_class_drop=0.0).promote  # no champion yet
 
 
 def test_gate_class_rule_new_class_scores_zero_for_the_champion_and_is_not_a_drop():
@@ -267,7 +295,7 @@ def test_gate_class_rule_new_class_scores_zero_for_the_champion_and_is_not_a_dro
     # The champion knew a, b, gone; the new snapshot has a, b, new.
     champion = _score({"a": 0.9, "b": 0.9, "new": 0.0}, ["a", "b", "gone"])
     challenger = _score({"a": 0.9, "b": 0.9, "new": 0.7}, ["a", "b", "new"])
-    decision = decide(challenger, champion, min_gain=0.0, max_class_drop=0.05)
+    decision = decide(challenger, champion, "3", min_gain=0.0, max_class_drop=0.05)
     assert decision.promote
     assert decision.added_classes == ["new"] and decision.removed_classes == ["gone"]
     assert set(decision.class_drops) == {"a", "b"}
@@ -298,6 +326,15 @@ def test_retrain_config_errors_name_the_field_before_any_work(snapshots, tmp_pat
     no_section = parse_config(small_run_config(snapshots["v1"], tmp_path / "runs"))
     with pytest.raises(ConfigError, match="needs a `retrain:` section"):
         retrain(no_section)
+    in_a_bucket = _config(tmp_path, snapshots["v1"]).model_copy(update={"output_dir": "s3://bucket/runs"})
+    with pytest.raises(ConfigError, match="output_dir: tunecv retrain needs a local or shared filesystem"):
+        retrain(in_a_bucket)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,label\n")
+    raw = _config(tmp_path, snapshots["v1"]).model_dump(mode="json")
+    raw["data"]["manifest"] = str(manifest)
+    with pytest.raises(ConfigError, match="data.manifest cannot be used with a retrain: section"):
+        parse_config(raw)
     assert not (tmp_path / "runs").exists()
 
 

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from search.layout import GATE_MARKDOWN, REPORT_MARKDOWN, REPORT_PARQUET
+from search.layout import GATE_JSON, REPORT_MARKDOWN, REPORT_PARQUET
 from search.results.ranking import rank
 from search.results.trials import RunView, TrialView, load_run, read_epoch_details
 from search.storage import RunStore
@@ -154,8 +154,10 @@ def format_markdown(run: RunView, ranked: list[TrialView], rows: list[dict[str, 
             *_per_class_markdown(details),
             "",
         ]
-    if run.store.exists(GATE_MARKDOWN):  # a retrain's run: its champion/challenger decision
-        lines += ["#" + run.store.read_text(GATE_MARKDOWN)]
+    if run.store.exists(GATE_JSON):  # a retrain's run: its champion/challenger decision
+        from search.retrain.gate import Decision, describe
+
+        lines += [describe(Decision.from_json(run.store.read_text(GATE_JSON)), level=2)]
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ class NothingToExportError(ValueError):
     """The run (or the named trial) has no checkpoint to export."""
 
 
-def _best_checkpoint(store: RunStore, trial_id: str | None) -> tuple[str, str]:
+def best_checkpoint(store: RunStore, trial_id: str | None = None) -> tuple[str, str]:
     """(trial id, checkpoint relative to the run) of ``trial_id`` or the top-ranked trial."""
     ranked = rank(load_run(store).trials)
     if trial_id is not None:
@@ -48,7 +48,7 @@ def export_trial(store: RunStore, out_dir: Path, trial_id: str | None = None):
     from search.export.onnx import export_checkpoint
     from trainables.datasets import read_split
 
-    _, rel = _best_checkpoint(store, trial_id)
+    _, rel = best_checkpoint(store, trial_id)
     split = read_split(store.uri(SPLIT))
     with store.local_files(rel, (WEIGHTS_FILE, META_FILE)) as checkpoint:
         return export_checkpoint(checkpoint, split, out_dir)

@@ -46,8 +46,9 @@ class Decision:
 
     promote: bool
     reasons: list[str]
-    challenger: Score
+    challenger: Score | None  # None: its export failed the parity check, nothing to score
     champion: Score | None
+    champion_version: str | None  # the registered version compared with; None: no champion
     min_gain: float
     max_class_drop: float
     added_classes: list[str] = field(default_factory=list)
@@ -84,11 +85,18 @@ def score_bundle(bundle: Path, split: DataSplit, batch_size: int = 64) -> Score:
     return Score(float(np.mean(per_class)), dict(zip(split.class_names, map(float, per_class))), len(truth), known)
 
 
-def decide(challenger: Score, champion: Score | None, min_gain: float, max_class_drop: float) -> Decision:
+def refuse_export(error: str, champion_version: str | None, min_gain: float, max_class_drop: float) -> Decision:
+    """The decision when the challenger's export failed the parity check: never promoted."""
+    return Decision(False, [f"its export failed the parity check: {error}"], None, None, champion_version,
+                    min_gain, max_class_drop)
+
+
+def decide(challenger: Score, champion: Score | None, champion_version: str | None, min_gain: float,
+           max_class_drop: float) -> Decision:
     """The gate's rule (module docstring) applied to two scores on the same split."""
     if champion is None:
         return Decision(True, ["no champion yet; the challenger's export passed the parity check"],
-                        challenger, None, min_gain, max_class_drop)
+                        challenger, None, None, min_gain, max_class_drop)
     scored = list(challenger.per_class_f1)
     added = [c for c in scored if c not in champion.known_classes]
     removed = [c for c in champion.known_classes if c not in challenger.per_class_f1]
@@ -105,13 +113,19 @@ def decide(challenger: Score, champion: Score | None, min_gain: float, max_class
     if promote:
         reasons.append(f"macro-F1 {challenger.macro_f1:.4f} >= {needed:.4f} (champion {champion.macro_f1:.4f} "
                        f"+ {min_gain:g}); no class drops more than {max_class_drop:g}; export passed parity")
-    return Decision(promote, reasons, challenger, champion, min_gain, max_class_drop, added, removed, drops)
+    return Decision(promote, reasons, challenger, champion, champion_version, min_gain, max_class_drop, added,
+                    removed, drops)
 
 
-def describe(decision: Decision) -> str:
-    """The decision as Markdown: verdict, reasons, class changes and the per-class table."""
+def describe(decision: Decision, level: int = 1) -> str:
+    """The decision as Markdown, under a heading of ``level``: verdict, reasons, class
+    changes and the per-class table."""
     verdict = "**promoted**" if decision.promote else "**not promoted**"
-    lines = ["# Champion/challenger gate", "", f"Challenger {verdict}:", *[f"- {r}" for r in decision.reasons], ""]
+    against = f"champion version {decision.champion_version}" if decision.champion_version else "no champion"
+    lines = ["#" * level + " Champion/challenger gate", "", f"Challenger {verdict} (against {against}):",
+             *[f"- {r}" for r in decision.reasons], ""]
+    if decision.challenger is None:
+        return "\n".join(lines)
     for name, classes, rule in (
         ("added", decision.added_classes, "the champion cannot predict it: champion F1 0, not checked for drops"),
         ("removed", decision.removed_classes, "no images in the new snapshot: not scored; champion predictions "

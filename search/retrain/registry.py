@@ -24,7 +24,13 @@ from typing import Any
 CHAMPION, CHALLENGER = "champion", "challenger"
 STATE, REGISTERING, REGISTERED, ABANDONED = "tunecv.state", "registering", "registered", "abandoned"
 FINGERPRINT, RUN_DIR, DECISION = "tunecv.data_fingerprint", "tunecv.run_dir", "tunecv.decision"
+GATED_AGAINST = "tunecv.gated_against"  # the champion version the gate compared with ("none": no champion)
+TRIAL, SNAPSHOT = "tunecv.trial", "tunecv.snapshot"
 ARTIFACT_PATH = "model"
+# What MLflow answers for a model or alias that does not exist yet (its SQL store says
+# INVALID_PARAMETER_VALUE for an unknown alias); anything else, such as a registry that
+# cannot be reached, must not read as "no champion".
+_ABSENT = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
 def registry_uri(configured: str | None, output_dir: str) -> str:
@@ -72,8 +78,10 @@ class Registry:
 
         try:
             return self._version(self.client.get_model_version_by_alias(self.name, alias))
-        except MlflowException:  # no such model, or no such alias yet
-            return None
+        except MlflowException as err:
+            if err.error_code in _ABSENT:  # no such model, or no such alias yet
+                return None
+            raise
 
     def versions(self) -> list[Version]:
         """Every version of the model, oldest first."""
@@ -99,13 +107,10 @@ class Registry:
         location = self.artifact_root.resolve().as_uri() if self.artifact_root else None
         return self.client.create_experiment(experiment_name, artifact_location=location)
 
-    def register(self, bundle: Path, params: dict[str, Any], metrics: dict[str, float], tags: dict[str, str],
-                 pause=lambda stage: None) -> Version:
+    def register(self, bundle: Path, params: dict[str, Any], metrics: dict[str, float],
+                 tags: dict[str, str]) -> Version:
         """Log a candidate run with ``bundle`` as its model and register it, tagged
-        ``registering`` until everything is written; returns the registered version.
-
-        ``pause(stage)`` is a test hook: called between the writes.
-        """
+        ``registering`` until everything is written; returns the registered version."""
         from mlflow.entities import Metric, Param, RunTag
         from mlflow.exceptions import MlflowException
 
@@ -123,12 +128,12 @@ class Registry:
         client.set_terminated(run_id)
         try:
             client.create_registered_model(self.name)
-        except MlflowException:
-            pass  # exists already: every retrain after the first
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":  # every retrain after the first
+                raise
         mv = client.create_model_version(self.name, f"{run.info.artifact_uri}/{ARTIFACT_PATH}", run_id,
                                          tags={**tags, STATE: REGISTERING})
         version = self._version(mv)
-        pause("registering")
         self.mark(version, STATE, REGISTERED)
         return Version(version.number, {**version.tags, STATE: REGISTERED}, version.source, run_id)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from search.results.ranking import rank
-from search.run.driver import HistoryTrial
 from search.results.trials import load_run
 from search.storage import RunStore
+from search.study import HistoryTrial
 from trainables.metrics import RANKING_METRIC
 
 

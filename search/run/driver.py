@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from ray import tune
@@ -30,7 +29,7 @@ from search.run.trial import TrialContext, run_search_trial, trial_config
 from search.space.catalog import parse_space, resolve_space_name
 from search.space.model import SearchSpace
 from search.storage import RunStore, check_shared_storage
-from search.study import HISTORY_KEY, TRIAL_ID_KEY, StudyHandle, open_study
+from search.study import HISTORY_KEY, TRIAL_ID_KEY, HistoryTrial, StudyHandle, open_study
 from trainables.backbones import local_weights
 
 
@@ -186,9 +185,13 @@ def _search(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverR
         print_fn(f"search interrupted; continue it with `tunecv run --resume {store}`")
         return
     write_run_report(store, print_fn)
-    if cfg.search.export:
-        export_winner(store, print_fn)
-    driver.finish(FINISHED, asha_rungs=scheduler.rungs() if scheduler else None)
+    try:
+        if cfg.search.export:
+            export_winner(store, print_fn)
+    finally:
+        # The search is over even when its export fails to verify: a resume would only
+        # export again; `tunecv export RUN` retries it on its own.
+        driver.finish(FINISHED, asha_rungs=scheduler.rungs() if scheduler else None)
 
 
 def _first_points(cfg: RunConfig, space: SearchSpace, warm_points, print_fn) -> list[dict[str, Any]]:
@@ -204,25 +207,17 @@ def _first_points(cfg: RunConfig, space: SearchSpace, warm_points, print_fn) -> 
     return points
 
 
-@dataclass(frozen=True)
-class HistoryTrial:
-    """A finished trial of an earlier search, for a new study's sampler."""
-
-    params: dict[str, Any]
-    value: float  # its best macro-F1, on the earlier search's own data
-    source: str  # where it comes from (a retrain: the older snapshot's fingerprint)
-
-
 def _add_history(study, space: SearchSpace, history: Sequence[HistoryTrial], print_fn) -> None:
     import optuna
 
     kept = 0
     for trial in history:
         point, dropped = space.fit_point(trial.params)
-        if dropped:
+        dists = space.distributions_of(point)
+        if dropped or dists is None or set(dists) != set(point):
             continue  # TPE would read a partial point as a different configuration
-        study.add_trial(optuna.trial.create_trial(params=point, distributions=space.distributions_of(point),
-                                                  value=trial.value, user_attrs={HISTORY_KEY: trial.source}))
+        study.add_trial(optuna.trial.create_trial(params=point, distributions=dists, value=trial.value,
+                                                  user_attrs={HISTORY_KEY: trial.source}))
         kept += 1
     if history:
         print_fn(f"history: {kept} earlier trial(s) added to the study for the sampler"

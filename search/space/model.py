@@ -351,10 +351,13 @@ class SearchSpace(_Frozen):
                 point[name] = value
         return point, dropped
 
-    def distributions_of(self, point: dict[str, Any]) -> dict[str, BaseDistribution]:
-        """The distributions of a complete point's parameters (as ``fit_point`` kept them)."""
-        dists = self._distributions(point[BACKBONE], point[LOSS])
-        return {name: dists[name] for name in point}
+    def distributions_of(self, point: dict[str, Any]) -> dict[str, BaseDistribution] | None:
+        """Every distribution a trial with the point's backbone and loss has (more names
+        than the point when it is partial); None when it names no backbone or loss of
+        this space."""
+        if point.get(BACKBONE) not in self.backbones or point.get(LOSS) not in self.losses:
+            return None
+        return self._distributions(point[BACKBONE], point[LOSS])
 
     def warm_start_points(self) -> list[dict[str, Any]]:
         """The warm-start recipes as flat Optuna parameters, in file order.
