@@ -11,6 +11,7 @@ which is also the job's working directory under ``ray job submit``.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trainables.config import TrialConfig
+from trainables.locations import is_uri
 
 
 class ConfigError(ValueError):
@@ -162,10 +164,29 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return raw
 
 
+def _not_a_directory(path: Path) -> str:
+    return "is a file, not a directory" if path.exists() else "does not exist"
+
+
+def _output_dir_problem(output_dir: str) -> str | None:
+    """Why ``output_dir`` (a local path) cannot hold runs, if it cannot: checked here so
+    that a bad one fails before Ray starts, not when the first file is written."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        return f"  - output_dir: '{path}' is a file; give a directory for the runs"
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        return (f"  - output_dir: '{path}' cannot be created or written ('{existing}' is not writable by this "
+                "user); give a directory you can write to")
+    return None
+
+
 def _check_paths(cfg: RunConfig) -> list[str]:
     problems = []
+    if not is_uri(cfg.output_dir) and (problem := _output_dir_problem(cfg.output_dir)):
+        problems.append(problem)
     if not cfg.data.root.is_dir():
-        problems.append(f"  - data.root: directory '{cfg.data.root}' does not exist")
+        problems.append(f"  - data.root: directory '{cfg.data.root}' {_not_a_directory(cfg.data.root)}")
     if cfg.data.manifest is not None and not cfg.data.manifest.is_file():
         problems.append(f"  - data.manifest: file '{cfg.data.manifest}' does not exist")
     if cfg.model.weights_file is not None and not cfg.model.weights_file.is_file():
@@ -174,7 +195,8 @@ def _check_paths(cfg: RunConfig) -> list[str]:
             "give a local weights file or remove the key"
         )
     if cfg.retrain is not None and not cfg.retrain.snapshot.is_dir():
-        problems.append(f"  - retrain.snapshot: directory '{cfg.retrain.snapshot}' does not exist; give "
+        problems.append(f"  - retrain.snapshot: directory '{cfg.retrain.snapshot}' "
+                        f"{_not_a_directory(cfg.retrain.snapshot)}; give "
                         "the new snapshot's data root (class folders, as data.root)")
     if cfg.model.weights_dir is not None and not cfg.model.weights_dir.is_dir():
         problems.append(
@@ -217,9 +239,14 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), check_paths: bo
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file '{path}' is a directory; give the run's YAML file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text ({err.reason} at byte {err.start}); give the "
+                          "run's YAML file") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
     if isinstance(raw, dict):

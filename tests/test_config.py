@@ -121,3 +121,30 @@ def test_malformed_override_and_yaml(tmp_path):
     path.write_text("{}")
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(path, ["epochs"])
+
+
+def test_a_config_that_is_not_a_yaml_file_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory; give the run's YAML file"):
+        load_config(tmp_path)
+    noise = tmp_path / "noise.yaml"
+    noise.write_bytes(bytes(range(128, 256)) * 4)
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(noise)
+
+
+def test_paths_that_are_files_or_unwritable_are_named(tmp_path):
+    import os
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    raw = _raw(tmp_path)
+    raw["data"]["root"], raw["output_dir"] = str(a_file), str(a_file)
+    msg = _error(raw)
+    assert f"data.root: directory '{a_file}' is a file, not a directory" in msg
+    assert f"output_dir: '{a_file}' is a file" in msg
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        raw = _raw(tmp_path)
+        raw["output_dir"] = str(locked / "runs")
+        assert "cannot be created or written" in _error(raw)
