@@ -11,8 +11,8 @@ from trainables.datasets import DataSplit, prepare_split, write_split
 _MAX_LISTED_BAD_FILES = 20
 
 
-def prepare_data(cfg: RunConfig, split_location: str, print_fn=print) -> DataSplit:
-    """Scan and split the data, write the split to ``split_location``, print the summary.
+def scan_data(cfg: RunConfig, print_fn=print) -> DataSplit:
+    """Scan and split the data, print the summary; nothing is written.
 
     Raises:
         trainables.layouts.DataError: The data cannot produce a usable split.
@@ -25,8 +25,14 @@ def prepare_data(cfg: RunConfig, split_location: str, print_fn=print) -> DataSpl
         strict=cfg.data.strict,
         max_pixels=cfg.data.max_image_pixels,
     )
-    write_split(split, split_location)
     print_fn(describe_split(split))
+    return split
+
+
+def prepare_data(cfg: RunConfig, split_location: str, print_fn=print) -> DataSplit:
+    """``scan_data``, then write the split to ``split_location``."""
+    split = scan_data(cfg, print_fn)
+    write_split(split, split_location)
     return split
 
 

@@ -83,3 +83,16 @@ def test_data_commands_never_overwrite_or_traceback_on_bad_arguments(tmp_path):
     ):
         proc = _tunecv("data", *args)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_run_with_bad_data_fails_before_ray_and_leaves_no_run_directory(tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "cat").mkdir(parents=True)
+    (empty / "dog").mkdir()
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(small_run_config(empty, tmp_path / "runs")))
+    proc = _tunecv("run", "--config", str(path))
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "have no valid training image;" in proc.stderr  # none skipped
+    assert "Ray" not in proc.stdout + proc.stderr  # no "Started a local Ray instance"
+    assert not (tmp_path / "runs").exists()

@@ -187,9 +187,11 @@ def _scan(
     train_counts = Counter(sample.label for sample, split in labelled if split != "val")
     empty = [name for index, name in enumerate(class_names) if not train_counts[index]]
     if empty:
+        skipped = (f" ({len(bad_files)} unreadable file(s) skipped, e.g. {bad_files[0].path}: "
+                   f"{bad_files[0].reason})" if bad_files else "")
         raise DataError(
-            f"classes {empty} have no valid training image (see the bad files); add images or "
-            "remove the class."
+            f"data root '{root_abs}': classes {empty} have no valid training image{skipped}; add images "
+            "or remove the class folder."
         )
     return labelled, bad_files
 

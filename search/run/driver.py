@@ -8,13 +8,14 @@ this driver alone writes the study, its ``drivers/<k>.json``, the report and exp
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
 from ray import tune
 
 from search.config import ConfigError, RunConfig, dump_config
-from search.data import prepare_data
+from search.data import scan_data
 from search.drivers import FINISHED, INTERRUPTED, DriverRecord, read_drivers, spent_s
 from search.layout import CONFIG, SPACE, SPLIT, tune_experiment
 from search.ray_session import connect_ray
@@ -31,6 +32,7 @@ from search.space.model import SearchSpace
 from search.storage import RunStore, check_shared_storage
 from search.study import HISTORY_KEY, TRIAL_ID_KEY, HistoryTrial, StudyHandle, open_study
 from trainables.backbones import local_weights
+from trainables.datasets import DataSplit, write_split
 
 
 def check_space(cfg: RunConfig, text: str, source: str) -> SearchSpace:
@@ -109,6 +111,8 @@ def run_search(
         ConfigError: The space is invalid, the run to resume is finished, has another
             config or a live driver, or the cluster's nodes cannot all see the run
             location; all before any training (an invalid space even before data or Ray).
+        trainables.layouts.DataError: A new run's data cannot give a usable split;
+            before Ray starts and before the run directory is created.
     """
     explicit = None  # (space, its file, a note), checked before anything else runs
     if cfg.search.space != "auto":
@@ -117,6 +121,13 @@ def run_search(
     store, resuming = locate_run(cfg, run_dir)
     if resuming:
         check_resumable(store, cfg)
+    else:
+        # A new run's data and space are checked before Ray starts and before anything
+        # is written: a bad data root costs a scan, not a Ray start and a dead run.
+        split = scan_data(cfg, print_fn)
+        space, space_path, note = explicit or (
+            None, *resolve_space_name("auto", len(split.train), pretrained=cfg.model.pretrained))
+        space = space or check_space(cfg, space_path.read_text(), str(space_path))
     connect_ray()
     check_shared_storage(RunStore.at(store.location.rsplit("/", 1)[0]))
     earlier = read_drivers(store)
@@ -128,26 +139,22 @@ def run_search(
     if resuming:
         space = check_space(cfg, store.read_text(SPACE), store.uri(SPACE))
     else:
-        space = _set_up(cfg, store, driver, explicit, print_fn)
+        _set_up(store, driver, split, space_path, note, print_fn)
     _search(cfg, space, store, driver, spent_s(earlier) if resuming else None, print_fn, callbacks, warm_points,
             history)
     return store
 
 
-def _set_up(cfg: RunConfig, store: RunStore, driver: DriverRecord, explicit, print_fn) -> SearchSpace:
-    """Scan the data into the run's split and settle the space (``--space auto`` needs the
-    training-set size); ``space.yaml`` is written last, so a run without it never started."""
+def _set_up(store: RunStore, driver: DriverRecord, split: DataSplit, space_path: Path, note: str,
+            print_fn) -> None:
+    """Write the scanned split, then ``space.yaml``: last, so a run without it never started."""
     try:
-        split = prepare_data(cfg, store.uri(SPLIT), print_fn)
-        space, space_path, note = explicit or (
-            None, *resolve_space_name("auto", len(split.train), pretrained=cfg.model.pretrained))
-        space = space or check_space(cfg, space_path.read_text(), str(space_path))
+        write_split(split, store.uri(SPLIT))
     except BaseException:
         driver.finish(INTERRUPTED)
         raise
     print_fn(note)
     store.write_text(SPACE, space_path.read_text())
-    return space
 
 
 def _search(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverRecord, spent_before: float | None,
