@@ -158,3 +158,24 @@ def test_pretrained_without_file_or_network_never_falls_back_to_random(tmp_path)
 def test_unknown_backbone_suggests_close_timm_names():
     with pytest.raises(ValueError, match="Closest timm names: .*efficientnet_b2"):
         ModelConfig(backbone="efficentnet_b2")
+
+
+def test_a_tensor_of_the_wrong_shape_is_named_once_with_both_shapes(tmp_path):
+    from trainables.backbones import check_weights_file
+
+    state = {k: v.contiguous() for k, v in timm.create_model("test_resnet", pretrained=False).state_dict().items()}
+    state["layer1.0.conv1.weight"] = torch.zeros(3, 3, 1, 1)
+    path = tmp_path / "test_resnet.safetensors"
+    save_file(state, str(path))
+    for check in (lambda: check_weights_file("test_resnet", path),  # before Ray: the header only
+                  lambda: create_backbone(ModelConfig(backbone="test_resnet", pretrained=True, weights_file=path), 3)):
+        with pytest.raises(PretrainedWeightsError) as err:
+            check()
+        message = str(err.value)
+        assert "1 of the wrong shape" in message and "missing" not in message, message
+        assert message.count("layer1.0.conv1.weight") == 1
+        assert "expected (" in message and "found (3, 3, 1, 1)" in message
+    noise = tmp_path / "noise.safetensors"
+    noise.write_bytes(b"\x00\xff" * 64)
+    with pytest.raises(PretrainedWeightsError, match="could not read weights file .* as safetensors"):
+        check_weights_file("test_resnet", noise)

@@ -146,3 +146,20 @@ def test_one_weights_file_for_a_search_over_several_backbones_is_refused(digits_
 
     with pytest.raises(ConfigError, match="model.weights_dir"):
         run_search(parse_config(raw))
+
+
+def test_a_weights_file_of_another_backbone_is_refused_before_ray_starts(digits_halves, tmp_path):
+    import ray
+
+    from search.run.driver import run_search
+    from trainables.backbones import PretrainedWeightsError
+
+    second, weights = digits_halves
+    swapped = tmp_path / "swapped"
+    shutil.copytree(weights, swapped)
+    shutil.copy(weights / "test_resnet.safetensors", swapped / "test_convnext.safetensors")
+    with pytest.raises(PretrainedWeightsError) as err:
+        run_search(_search_config(second, swapped, tmp_path, _space(tmp_path)))
+    assert "for 'test_convnext'" in str(err.value) and "missing" in str(err.value)
+    assert not ray.is_initialized()
+    assert not (tmp_path / "runs").exists()

@@ -106,21 +106,52 @@ def _load_backbone_weights(model: nn.Module, state_dict: dict, name: str, path: 
     timm's own file loading only warns on unexpected keys, which would leave a model
     silently at random init when the file belongs to another architecture.
     """
+    own = model.state_dict()
+    _raise_on_mismatch(model, {k: tuple(v.shape) for k, v in state_dict.items()}, name, path)
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape},
+                          strict=False)
+
+
+def _raise_on_mismatch(model: nn.Module, found: dict[str, tuple[int, ...]], name: str, path: Path) -> None:
+    """Raise unless ``found`` (tensor name -> shape) holds every backbone tensor of ``model``
+    at its shape; the head may differ (it is replaced) or be absent."""
     head = set(param_groups(model).head)
     head_prefixes = tuple(n.rsplit(".", 1)[0] + "." for n in head)
-    own = model.state_dict()
-    fits = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
-    shape_errors = [k for k in state_dict if k in own and k not in fits and k not in head]
-    unexpected = [k for k in state_dict if k not in own and not k.startswith(head_prefixes)]
-    missing = [k for k in own if k not in fits and k not in head]
-    missing += shape_errors
-    model.load_state_dict(fits, strict=False)
-    if missing or unexpected or shape_errors:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in head}
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected and k not in head and not k.startswith(head_prefixes)]
+    wrong = [f"{k}: expected {expected[k]}, found {found[k]}" for k in expected if k in found
+             and found[k] != expected[k]]
+    if missing or unexpected or wrong:
+        parts = [f"{len(items)} {what} (e.g. {items[:2]})" for what, items in
+                 (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", wrong)) if items]
         raise PretrainedWeightsError(
-            f"could not load weights for '{name}' from '{path}': {len(missing)} missing, "
-            f"{len(unexpected)} unexpected tensors (e.g. {(missing + unexpected)[:3]}). Check "
-            f"that the file holds a '{name}' state dict."
+            f"could not load weights for '{name}' from '{path}': tensors {'; '.join(parts)}. Check that the file "
+            f"holds a '{name}' state dict."
         )
+
+
+def check_weights_file(name: str, path: Path) -> None:
+    """Check, without building the model or reading the tensors, that ``path`` holds
+    ``name``'s backbone: a safetensors header read against the model built on the meta
+    device. For the check before Ray starts; other suffixes are checked when loaded.
+
+    Raises:
+        PretrainedWeightsError: Unreadable, or tensors missing, unexpected or of another shape.
+    """
+    import timm
+    from safetensors import safe_open
+
+    if path.suffix != ".safetensors":
+        return
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            found = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    except Exception as err:  # noqa: BLE001 - corrupt headers fail in many ways
+        raise PretrainedWeightsError(f"could not read weights file '{path}' as safetensors: {err}") from err
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    _raise_on_mismatch(model, found, name, path)
 
 
 def _create_from_hub(name: str, kwargs: dict) -> nn.Module:

@@ -31,7 +31,7 @@ from search.space.catalog import parse_space, resolve_space_name
 from search.space.model import SearchSpace
 from search.storage import RunStore, check_shared_storage
 from search.study import HISTORY_KEY, TRIAL_ID_KEY, HistoryTrial, StudyHandle, open_study
-from trainables.backbones import local_weights
+from trainables.backbones import check_weights_file, local_weights
 from trainables.datasets import DataSplit, write_split
 
 
@@ -67,6 +67,11 @@ def _check_weights(cfg: RunConfig, space: SearchSpace, source: str) -> None:
             raise ConfigError("\n".join([f"model.weights_dir has no weights for {len(missing)} backbone(s) of "
                                          f"space '{source}'; put each file there or drop the backbone:",
                                          *missing]))
+    if model.pretrained:  # each file holds its backbone, tensor by tensor (headers only)
+        for name in backbones:
+            path = local_weights(model.model_copy(update={"backbone": name}))
+            if path is not None and path.is_file():
+                check_weights_file(name, path)
 
 
 def _trial_resources(cfg: RunConfig) -> dict[str, float]:
