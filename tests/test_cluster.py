@@ -293,11 +293,16 @@ def test_crashed_trial_retries_from_its_last_checkpoint(head, synthetic_root):
     proc = subprocess.Popen(_cli("run", "--config", str(config)), env=head["env"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    def trial_after_epoch_one():
+    # Tune registers a function trainable's checkpoint only when a separate `save` call
+    # on its actor returns, after the epoch's result (and its record) arrived; it starts
+    # the next epoch only after that. So once epoch 2 is recorded, epoch 1's checkpoint
+    # is registered for certain; killing after epoch 1 alone raced that save (it failed
+    # 1 CI run in about 8: the retry found no checkpoint and started over).
+    def trial_after_epoch_two():
         trials = list(_trials(config).values())
-        return trials[0] if trials and trials[0].epochs else None
+        return trials[0] if trials and len(trials[0].epochs) >= 2 else None
 
-    trial = _wait_until(trial_after_epoch_one, 600, "the trial's first epoch", proc)
+    trial = _wait_until(trial_after_epoch_two, 600, "the trial's second epoch", proc)
     os.kill(trial.epochs[-1]["pid"], signal.SIGKILL)  # the trial's process dies, as on a lost node or OOM kill
     killed_at = time.time()
     out, _ = proc.communicate(timeout=900)
