@@ -22,14 +22,16 @@ The steps, each safe to repeat (a schedule may tick twice, a retrain may be kill
 from __future__ import annotations
 
 import fcntl
+import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from search.config import ConfigError, RunConfig
+from search.data import scan_data
 from search.drivers import is_finished, live_driver, read_drivers
-from search.layout import CONFIG, EXPORT, GATE_JSON, GATE_MARKDOWN, SPACE, SPLIT
+from search.layout import CONFIG, EXPORT, GATE_JSON, GATE_MARKDOWN, SPACE
 from search.retrain.gate import Decision, decide, describe, refuse_export, score_bundle
 from search.retrain.registry import (
     ABANDONED, CHALLENGER, CHAMPION, DECISION, FINGERPRINT, GATED_AGAINST, REGISTERED, REGISTERING, RUN_DIR,
@@ -37,7 +39,7 @@ from search.retrain.registry import (
 )
 from search.retrain.warm import history_trials, top_configurations
 from search.storage import RunStore
-from trainables.datasets import prepare_split, read_split
+from trainables.datasets import DataSplit
 from trainables.locations import is_uri
 from trainables.metrics import RANKING_METRIC
 
@@ -85,20 +87,19 @@ def retrain(cfg: RunConfig, print_fn: PrintFn = print) -> Decision | None:
     # Resolved once: a `latest` symlink that the data pipeline moves during a long
     # retrain must not change what its later trials read.
     section = cfg.retrain.model_copy(update={"snapshot": cfg.retrain.snapshot.resolve()})
-    cfg = cfg.model_copy(update={"retrain": section})
+    cfg = cfg.model_copy(update={"retrain": section, "data": cfg.data.model_copy(update={"root": section.snapshot})})
     out = Path(cfg.output_dir)
     with retrain_lock(out, section.model_name):
-        uri = registry_uri(section.registry_uri, cfg.output_dir)
-        embedded = uri == registry_uri(None, cfg.output_dir) and uri.startswith("sqlite:")
-        registry = Registry(uri, section.model_name, out / "mlflow-artifacts" if embedded else None)
+        embedded = not (section.registry_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        registry = Registry(registry_uri(section.registry_uri, cfg.output_dir), section.model_name,
+                            out / "mlflow-artifacts" if embedded else None)
         return _retrain(cfg, registry, print_fn)
 
 
 def _retrain(cfg: RunConfig, registry: Registry, print_fn: PrintFn) -> Decision | None:
     section = cfg.retrain
     champion = registry.alias(CHAMPION)  # first: an unreachable registry fails before the scan
-    snapshot = prepare_split(section.snapshot, manifest=cfg.data.manifest, val_fraction=cfg.data.val_fraction,
-                             seed=cfg.optim.seed, strict=cfg.data.strict, max_pixels=cfg.data.max_image_pixels)
+    snapshot = scan_data(cfg, print_fn)  # data.root is the snapshot; the search reuses this scan
     fingerprint = snapshot.fingerprint()
     print_fn(f"snapshot {section.snapshot}: fingerprint {fingerprint[:12]}, {len(snapshot.train)} train / "
              f"{len(snapshot.val)} val images; champion: "
@@ -122,14 +123,14 @@ def _retrain(cfg: RunConfig, registry: Registry, print_fn: PrintFn) -> Decision 
     decision = _decided_in(store)
     if decision is None:
         if not (store.exists(SPACE) and is_finished(read_drivers(store))):
-            export_error = _search(cfg, store, champion, print_fn)
+            export_error = _search(cfg, store, champion, snapshot, print_fn)
         else:
             export_error = None if store.exists(f"{EXPORT}/model.onnx") else "the finished search has no export"
-        decision = _gate(cfg, store, registry, champion, export_error, print_fn)
+        decision = _gate(cfg, store, registry, champion, snapshot, export_error, print_fn)
     if decision.challenger is None:  # the export failed parity: nothing to register
         print_fn(f"not registered: {decision.reasons[0]}; the champion stays")
         return decision
-    _register(cfg, store, registry, decision, print_fn)
+    _register(cfg, store, registry, decision, fingerprint, print_fn)
     return decision
 
 
@@ -183,7 +184,8 @@ def _decided_in(store: RunStore) -> Decision | None:
     return Decision.from_json(store.read_text(GATE_JSON)) if store.exists(GATE_JSON) else None
 
 
-def _search(cfg: RunConfig, store: RunStore, champion: Version | None, print_fn: PrintFn) -> str | None:
+def _search(cfg: RunConfig, store: RunStore, champion: Version | None, snapshot: DataSplit,
+            print_fn: PrintFn) -> str | None:
     """Search the snapshot into ``store``; the export's error when it failed the parity check."""
     from search.export.onnx import ExportError
     from search.run.driver import run_search
@@ -191,7 +193,6 @@ def _search(cfg: RunConfig, store: RunStore, champion: Version | None, print_fn:
     section = cfg.retrain
     searched = cfg.model_copy(update={
         "name": f"{section.model_name}-retrain",
-        "data": cfg.data.model_copy(update={"root": section.snapshot}),
         "search": cfg.search.model_copy(update={"export": True, **({
             "num_samples": section.num_samples, "time_budget_s": section.time_budget_s} if champion else {})}),
     })
@@ -204,7 +205,8 @@ def _search(cfg: RunConfig, store: RunStore, champion: Version | None, print_fn:
         if section.history:
             history = history_trials(previous, champion.fingerprint)
     try:
-        run_search(searched, print_fn=print_fn, run_dir=store.location, warm_points=warm, history=history)
+        run_search(searched, print_fn=print_fn, run_dir=store.location, warm_points=warm, history=history,
+                   split=snapshot)
     except ExportError as err:
         return str(err)
     return None
@@ -217,14 +219,14 @@ def _bundle(store: RunStore) -> Iterator[Path]:
         yield local
 
 
-def _gate(cfg: RunConfig, store: RunStore, registry: Registry, champion: Version | None, export_error: str | None,
-          print_fn: PrintFn) -> Decision:
+def _gate(cfg: RunConfig, store: RunStore, registry: Registry, champion: Version | None, split: DataSplit,
+          export_error: str | None, print_fn: PrintFn) -> Decision:
+    """Score both exports on ``split`` (the snapshot's, as the run holds it) and decide."""
     section = cfg.retrain
     against = champion.number if champion else None
     if export_error is not None:
         decision = refuse_export(export_error, against, section.min_gain, section.max_class_drop)
     else:
-        split = read_split(store.uri(SPLIT))
         with _bundle(store) as bundle:
             challenger = score_bundle(bundle, split)
         champion_score = None
@@ -238,18 +240,18 @@ def _gate(cfg: RunConfig, store: RunStore, registry: Registry, champion: Version
     return decision
 
 
-def _register(cfg: RunConfig, store: RunStore, registry: Registry, decision: Decision, print_fn: PrintFn) -> None:
+def _register(cfg: RunConfig, store: RunStore, registry: Registry, decision: Decision, fingerprint: str,
+              print_fn: PrintFn) -> None:
     from search.results.trials import load_run
     from search.results.winner import best_checkpoint
 
     exported, _ = best_checkpoint(store)  # the trial the export holds
     (trial,) = [t for t in load_run(store).trials if t.trial_id == exported]
-    split = read_split(store.uri(SPLIT))
     metrics = {RANKING_METRIC: decision.challenger.macro_f1,
                **{f"f1.{metric_key(c)}": f1 for c, f1 in decision.challenger.per_class_f1.items()}}
     if decision.champion is not None:
         metrics[f"champion_{RANKING_METRIC}"] = decision.champion.macro_f1
-    tags = {FINGERPRINT: split.fingerprint(), RUN_DIR: store.location, TRIAL: exported,
+    tags = {FINGERPRINT: fingerprint, RUN_DIR: store.location, TRIAL: exported,
             SNAPSHOT: str(cfg.retrain.snapshot), DECISION: "promote" if decision.promote else "refuse",
             GATED_AGAINST: decision.champion_version or "none"}
     with _bundle(store) as bundle:

@@ -92,6 +92,7 @@ def run_search(
     run_dir: str | None = None,
     warm_points: Sequence[dict[str, Any]] | None = None,
     history: Sequence[HistoryTrial] = (),
+    split: DataSplit | None = None,
 ) -> RunStore:
     """Search, rank, report and export; return the run.
 
@@ -111,6 +112,8 @@ def run_search(
             new run's study holds as COMPLETE trials for the sampler to learn from. They
             carry no run-level id, so they are not the run's trials: no report row, no
             budget. One the space cannot hold whole is left out, and counted.
+        split: ``cfg``'s data, already scanned by the caller (a retrain needs its
+            fingerprint first); a new run scans it otherwise.
 
     Raises:
         ConfigError: The space is invalid, the run to resume is finished, has another
@@ -129,7 +132,7 @@ def run_search(
     else:
         # A new run's data and space are checked before Ray starts and before anything
         # is written: a bad data root costs a scan, not a Ray start and a dead run.
-        split = scan_data(cfg, print_fn)
+        split = split or scan_data(cfg, print_fn)
         space, space_path, note = explicit or (
             None, *resolve_space_name("auto", len(split.train), pretrained=cfg.model.pretrained))
         space = space or check_space(cfg, space_path.read_text(), str(space_path))
