@@ -59,6 +59,8 @@ class SearchConfig(BaseModel):
     warm_start: bool = True  # evaluate the space's warm-start recipes first
     cpus_per_trial: float = Field(1.0, gt=0)  # in-process trials (scaling.num_workers: 0)
     max_failures: int = Field(2, ge=0, le=100)  # retries of a crashed trial, from its last epoch
+    # Each attempt's wall-clock limit: a trial past it (a hung step) fails, not retried.
+    trial_timeout_s: float | None = Field(None, gt=0)
     export: bool = True  # export the winner to ONNX at the end of the run
 
     @model_validator(mode="after")

@@ -24,6 +24,7 @@ from search.drivers import read_drivers
 from search.results.trials import COMPLETED, FAILED, RUNNING, STOPPED_EARLY, load_run
 from search.storage import RunStore
 from tests.conftest import small_run_config
+from tests.fault_hooks import job_config_env
 
 TERMINAL = (COMPLETED, STOPPED_EARLY, FAILED)
 
@@ -321,12 +322,12 @@ def test_crashed_trial_retries_from_its_last_checkpoint(head, synthetic_root):
 
 def test_retries_exhausted_records_the_trial_failed_with_its_reason(head, synthetic_root):
     config = _write_config(head, synthetic_root, "fails", num_samples=1, max_failures=1, scheduler="fifo")
-    raw = yaml.safe_load(config.read_text())
-    raw["optim"]["batch_size"] = 1000  # larger than the training set: raises on every attempt
-    config.write_text(yaml.safe_dump(raw))
-    done = subprocess.run(_cli("run", "--config", str(config)), env=head["env"], cwd=REPO,
+    # An unexpected error on every attempt (a test fault): retried as a crash, then failed.
+    env = {**head["env"], **job_config_env(crash={})}
+    done = subprocess.run(_cli("run", "--config", str(config)), env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (trial,) = _trials(config).values()
     assert trial.status == FAILED and trial.attempts == 2
-    assert "optim.batch_size 1000 is larger than" in trial.reason
+    assert trial.reason == "RuntimeError: test fault: an unexpected crash"
+    assert trial.failures == ("RuntimeError: test fault: an unexpected crash",)

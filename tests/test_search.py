@@ -15,12 +15,13 @@ from search.layout import REPORT_MARKDOWN, REPORT_PARQUET
 from search.results.trials import COMPLETED, FAILED, STOPPED_EARLY, load_run
 from search.study import read_trials
 from tests.conftest import small_run_config
+from tests.fault_hooks import runtime_env
 
 # Three families (ResNet, EfficientNet, ViT), three losses. The warm start runs first,
 # one at a time: a good recipe; one that cannot learn in 3 epochs (lr 1e-6), which ASHA
-# must stop at its first rung; and one whose batch (1,000) is larger than the 128
-# training images, which must fail with its reason while the search goes on. TPE fills
-# the rest.
+# must stop at its first rung; and one with batch 24, which a test fault
+# (tests/fault_hooks.py) makes raise TrialConfigError: it must fail at once, without a
+# retry, with its reason, while the search goes on. TPE fills the rest.
 SPACE = {
     "description": "test space",
     "needs_pretrained": False,
@@ -31,7 +32,7 @@ SPACE = {
     },
     "lr_head": {"low": 1.0e-6, "high": 1.0e-2},
     "lr_base": {"ratio": {"low": 0.5, "high": 1.0}},
-    "batch_size": [16, 1000],
+    "batch_size": [16, 24],
     "losses": {"ce": {}, "focal": {"gamma": {"low": 1.0, "high": 2.0}}, "label_smoothing": {"smoothing": {"low": 0.05, "high": 0.1}}},
     "warm_start": [
         {"backbone": "test_resnet", "unfreeze_depth": "all", "lr_head": 3.0e-3, "lr_base_ratio": 1.0, "loss": "ce",
@@ -39,7 +40,7 @@ SPACE = {
         {"backbone": "test_efficientnet", "unfreeze_depth": "all", "lr_head": 1.0e-6, "lr_base_ratio": 1.0,
          "loss": "focal", "gamma": 2.0, "batch_size": 16},
         {"backbone": "test_vit", "unfreeze_depth": "all", "lr_head": 1.0e-3, "lr_base_ratio": 1.0, "loss": "ce",
-         "batch_size": 1000},
+         "batch_size": 24},
     ],
 }
 
@@ -63,7 +64,7 @@ def search_run(synthetic_root, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("search")
     lines = []
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env=runtime_env(config_error={"optim.batch_size": 24}))
     try:
         store = run_search(_search_config(synthetic_root, tmp), print_fn=lines.append)
     finally:
@@ -102,8 +103,10 @@ def test_a_trial_that_raises_is_recorded_failed_and_the_searcher_is_told(search_
     store, _ = search_run
     trials = load_run(store).trials
     failed = [t for t in trials if t.status == FAILED]
-    assert failed and all(t.config.optim.batch_size == 1000 for t in failed)
-    assert all("ValueError: optim.batch_size 1000 is larger than" in t.reason for t in failed)
+    assert failed and all(t.config.optim.batch_size == 24 for t in failed)
+    assert all(t.reason.startswith("TrialConfigError: test fault") and t.reason.endswith("(not retried)")
+               for t in failed)
+    assert all(t.attempts == 1 and not t.failures for t in failed)  # max_failures is 2: no retry happened
     states = [t.state for t in read_trials(store, None)]
     State = optuna.trial.TrialState
     assert states.count(State.FAIL) == len(failed)
@@ -191,17 +194,22 @@ def test_multi_worker_trials_run_through_torch_trainer(synthetic_root, tmp_path)
 
     from search.run.driver import run_search
 
-    cfg = _search_config(synthetic_root, tmp_path, num_samples=2, warm_start=True, export=False)
+    cfg = _search_config(synthetic_root, tmp_path, num_samples=3, warm_start=True, export=False)
     raw = cfg.model_dump(mode="json")
     raw["scaling"] = {"num_workers": 2, "cpus_per_worker": 0.9}
     raw["optim"]["epochs"] = 2
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env=runtime_env(config_error={"optim.batch_size": 24}))
     try:
         store = run_search(parse_config(raw), print_fn=lambda *_: None)
     finally:
         ray.shutdown()
     trials = sorted(load_run(store).trials, key=lambda t: t.trial_id)
-    assert len(trials) == 2
+    assert len(trials) == 3
+    # The third warm start's rank raises TrialConfigError (a test fault); Ray Train wraps
+    # it in a WorkerGroupError, and the trial still fails at once.
+    assert trials[2].status == FAILED and trials[2].attempts == 1, trials[2].reason
+    assert trials[2].reason.startswith("TrialConfigError: test fault")
+    trials = trials[:2]
     assert all(t.status in (COMPLETED, STOPPED_EARLY) for t in trials), [(t.trial_id, t.reason) for t in trials]
     first = trials[0]
     assert first.status == COMPLETED and first.attempts == 1

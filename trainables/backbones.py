@@ -20,12 +20,18 @@ import torch
 from torch import nn
 
 from trainables.config import ModelConfig
+from trainables.errors import FinalTrialError
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 class PretrainedWeightsError(RuntimeError):
     """Pretrained weights were asked for but could not be loaded."""
+
+
+class WeightsFileError(PretrainedWeightsError, FinalTrialError):
+    """A local weights file is missing, unreadable or holds another model: every attempt
+    would fail the same way (a hub download may fail once and work on a retry)."""
 
 
 @dataclass(frozen=True)
@@ -80,12 +86,12 @@ def _create_from_file(name: str, path: Path, kwargs: dict) -> nn.Module:
     import timm
 
     if not path.is_file():
-        raise PretrainedWeightsError(
+        raise WeightsFileError(
             f"weights file '{path}' for '{name}' does not exist. Put a local "
             f"{'/'.join(WEIGHT_SUFFIXES)} file for '{name}' there, or set pretrained: false."
         )
     if path.suffix not in WEIGHT_SUFFIXES:
-        raise PretrainedWeightsError(
+        raise WeightsFileError(
             f"weights file '{path}' has suffix '{path.suffix}'; expected one of "
             f"{WEIGHT_SUFFIXES} (safetensors preferred)."
         )
@@ -94,7 +100,7 @@ def _create_from_file(name: str, path: Path, kwargs: dict) -> nn.Module:
     try:
         state_dict = timm.models.load_state_dict(str(path))
     except Exception as err:  # noqa: BLE001 - corrupt files fail in many ways
-        raise PretrainedWeightsError(f"could not read weights file '{path}': {err}") from err
+        raise WeightsFileError(f"could not read weights file '{path}': {err}") from err
     model = timm.create_model(name, pretrained=False, **kwargs)
     _load_backbone_weights(model, state_dict, name, path)
     return model
@@ -125,7 +131,7 @@ def _raise_on_mismatch(model: nn.Module, found: dict[str, tuple[int, ...]], name
     if missing or unexpected or wrong:
         parts = [f"{len(items)} {what} (e.g. {items[:2]})" for what, items in
                  (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", wrong)) if items]
-        raise PretrainedWeightsError(
+        raise WeightsFileError(
             f"could not load weights for '{name}' from '{path}': tensors {'; '.join(parts)}. Check that the file "
             f"holds a '{name}' state dict."
         )
@@ -148,7 +154,7 @@ def check_weights_file(name: str, path: Path) -> None:
         with safe_open(str(path), framework="pt") as handle:
             found = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
     except Exception as err:  # noqa: BLE001 - corrupt headers fail in many ways
-        raise PretrainedWeightsError(f"could not read weights file '{path}' as safetensors: {err}") from err
+        raise WeightsFileError(f"could not read weights file '{path}' as safetensors: {err}") from err
     with torch.device("meta"):
         model = timm.create_model(name, pretrained=False)
     _raise_on_mismatch(model, found, name, path)
@@ -161,7 +167,7 @@ def _create_from_hub(name: str, kwargs: dict) -> nn.Module:
     cfg = get_pretrained_cfg(name)
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         # timm would log a warning and keep random init; a search must not do that.
-        raise PretrainedWeightsError(
+        raise WeightsFileError(
             f"timm has no pretrained weights for '{name}'. Give model.weights_dir, pick "
             f"a tagged name (e.g. '{name}.<tag>'), or set pretrained: false."
         )

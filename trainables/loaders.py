@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
 from trainables.datasets import DataSplit, ImageDataset
+from trainables.errors import TrialConfigError
 from trainables.runtime import Runtime
 
 
@@ -94,11 +95,11 @@ def create_train_loader(
     """The training loader for this rank.
 
     Raises:
-        ValueError: Fewer training images per rank than one batch.
+        TrialConfigError: Fewer training images per rank than one batch.
     """
     per_rank = len(split.train) // runtime.world_size
     if per_rank < batch_size:
-        raise ValueError(
+        raise TrialConfigError(
             f"optim.batch_size {batch_size} is larger than the {per_rank} training images "
             f"each of {runtime.world_size} worker(s) gets; lower batch_size to at most {per_rank}."
         )

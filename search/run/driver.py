@@ -15,7 +15,7 @@ from typing import Any
 from ray import tune
 
 from search.config import ConfigError, RunConfig, dump_config
-from search.data import scan_data
+from search.data import check_batch_sizes, scan_data
 from search.drivers import FINISHED, INTERRUPTED, DriverRecord, read_drivers, spent_s
 from search.layout import CONFIG, SPACE, SPLIT, tune_experiment
 from search.ray_session import connect_ray
@@ -136,6 +136,7 @@ def run_search(
         space, space_path, note = explicit or (
             None, *resolve_space_name("auto", len(split.train), pretrained=cfg.model.pretrained))
         space = space or check_space(cfg, space_path.read_text(), str(space_path))
+        check_batch_sizes(cfg, len(split.train), space.batch_size, str(space_path))
     connect_ray()
     check_shared_storage(RunStore.at(store.location.rsplit("/", 1)[0]))
     earlier = read_drivers(store)
@@ -243,7 +244,8 @@ def _add_history(study, space: SearchSpace, history: Sequence[HistoryTrial], pri
 def _tune(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverRecord, handle: StudyHandle,
           scheduler, plan: ResumePlan, print_fn, callbacks) -> bool:
     """Run Tune until ``plan``'s trials are done; False when it was interrupted instead."""
-    context = TrialContext(store, driver.state.k, cfg.trial().model_dump(mode="json"), space)
+    context = TrialContext(store, driver.state.k, cfg.trial().model_dump(mode="json"), space,
+                           cfg.search.trial_timeout_s)
     trainable = tune.with_resources(tune.with_parameters(run_search_trial, context=context), _trial_resources(cfg))
     searcher = StudySearcher(handle, space)
     recorder = TrialRecorder(searcher, store, driver.state.k, cfg.optim.epochs)

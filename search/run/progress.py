@@ -10,7 +10,7 @@ from ray import tune
 
 from search.drivers import HEARTBEAT_S, DriverRecord
 from search.run.recorder import error_reason
-from search.run.trial import searched_params
+from search.run.trial import FINAL_ERROR_KEY, searched_params
 from search.study import TRIAL_ID_KEY
 from trainables.metrics import RANKING_METRIC
 
@@ -48,6 +48,9 @@ class ProgressCallback(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         trial_id = trial.config[TRIAL_ID_KEY]
+        if FINAL_ERROR_KEY in result:
+            self.print(f"[{trial_id}] failed, not retried: {result[FINAL_ERROR_KEY]}")
+            return
         score = result.get(RANKING_METRIC, float("nan"))
         self.best[trial_id] = max(score, self.best.get(trial_id, float("-inf")))
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
@@ -69,5 +72,6 @@ class ProgressCallback(tune.Callback):
         self.print(f"[{trial.config[TRIAL_ID_KEY]}] {ended} after {epochs} epoch(s)")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.print(f"[{trial.config[TRIAL_ID_KEY]}] failed: {error_reason(trial)}")
+        if FINAL_ERROR_KEY not in (trial.last_result or {}):  # already said when announced
+            self.print(f"[{trial.config[TRIAL_ID_KEY]}] failed: {error_reason(trial)}")
 

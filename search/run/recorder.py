@@ -3,7 +3,8 @@ a ``Searcher`` does not (the trial's error text, Tune's retries). Each result be
 an intermediate value and an ``epoch_NNNN`` attribute with its checkpoint; a retry
 adds to ``failures``; the end is COMPLETE (all epochs, valued at the best epoch),
 PRUNED (ASHA stopped it, so TPE weighs it as Optuna's own pruners' trials) or FAIL
-with its ``reason``.
+with its ``reason``. A trial that announces a ``FinalTrialError`` gets no retry: its
+Tune trial's retry budget is spent before the error arrives.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ray import tune
 
 from search.layout import join, trial_dir
 from search.run.searcher import StudySearcher
+from search.run.trial import FINAL_ERROR_KEY
 from search.storage import RunStore
 from search.study import CHECKPOINT, FAILURES, REASON, TIMESTAMP, TRIAL_ID_KEY, epoch_key, recorded_epochs
 from trainables.metrics import RANKING_METRIC
@@ -57,6 +59,13 @@ class TrialRecorder(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         ot_trial = self._trial(trial)
+        if FINAL_ERROR_KEY in result:
+            # Tune decides on a retry from the trial's max_failures alone, when the
+            # error arrives; Ray has no per-exception policy (trainables/errors.py).
+            trial.max_failures = 0
+            ot_trial.set_user_attr(REASON, f"{result[FINAL_ERROR_KEY]} (not retried)")
+            self.searcher.handle.flush()
+            return
         epoch = int(result["epoch"])
         ot_trial.report(float(result[RANKING_METRIC]), step=epoch)
         record: dict[str, Any] = {k: result[k] for k in _RESULT_KEYS if k in result}
@@ -84,7 +93,8 @@ class TrialRecorder(tune.Callback):
         self.finish(trial.config[TRIAL_ID_KEY])
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.finish(trial.config[TRIAL_ID_KEY], reason=error_reason(trial), failed=True)
+        announced = self._trial(trial).user_attrs.get(REASON)
+        self.finish(trial.config[TRIAL_ID_KEY], reason=announced or error_reason(trial), failed=True)
 
     def finish(self, run_id: str, reason: str | None = None, failed: bool = False) -> None:
         """Tell the study how trial ``run_id`` ended: COMPLETE, PRUNED or FAIL."""

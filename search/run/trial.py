@@ -1,12 +1,16 @@
 """The Tune trainable: the searcher's flat parameters -> a ``TrialConfig`` (the run's
 fixed settings with the space's overrides on top) -> a ``TrialRunner``. The trial
-writes no file of its own; its exceptions propagate unchanged, so Tune retries it or
-the driver records the failure.
+writes no file of its own. Its exceptions propagate, so Tune retries it or the driver
+records the failure; a ``FinalTrialError`` (a config that cannot train, a run past
+``search.trial_timeout_s``) is announced first in a result of its own, so the driver
+ends it without a retry (``TrialRecorder``).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +19,11 @@ from search.space.model import SearchSpace
 from search.storage import RunStore
 from search.study import RESUME_FROM_KEY, TRIAL_ID_KEY
 from trainables.config import TrialConfig
+from trainables.errors import FinalTrialError, TrialConfigError, TrialTimeoutError
+
+# A result holding only this key says the trial is about to raise a FinalTrialError:
+# "<ErrorClass>: message". Tune's FailureConfig retries every error alike.
+FINAL_ERROR_KEY = "tunecv_final_error"
 
 
 @dataclass(frozen=True)
@@ -25,6 +34,7 @@ class TrialContext:
     driver: int  # k: this driver's Tune experiment is tune/<k>
     base_config: dict[str, Any]  # TrialConfig as JSON: the run's fixed settings
     space: SearchSpace
+    timeout_s: float | None = None  # search.trial_timeout_s: each attempt's wall-clock limit
 
 
 def trial_config(base_config: dict[str, Any], overrides: dict[str, Any]) -> TrialConfig:
@@ -52,8 +62,65 @@ def run_search_trial(params: dict[str, Any], context: TrialContext) -> None:
     # drown the search's own progress lines.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
-    cfg = trial_config(context.base_config, context.space.to_overrides(searched_params(params)))
+    try:
+        cfg = trial_config(context.base_config, context.space.to_overrides(searched_params(params)))
+    except ValueError as err:
+        _fail_for_good(TrialConfigError(f"the space gave an invalid trial config: {err}"), err)
     trial_store = context.run.child(trial_dir(context.driver, params[TRIAL_ID_KEY]))
     resume_from = params.get(RESUME_FROM_KEY)
     runner = create_runner(cfg, context.run.uri(SPLIT), trial_store)
-    runner.run(context.run.uri(resume_from) if resume_from else None)
+    try:
+        run_with_timeout(lambda: runner.run(context.run.uri(resume_from) if resume_from else None),
+                         context.timeout_s)
+    except Exception as err:
+        if (final := final_cause(err)) is None:
+            raise  # a crash: Tune retries it from the last checkpoint
+        _fail_for_good(final, err)
+
+
+def final_cause(err: BaseException) -> FinalTrialError | None:
+    """The ``FinalTrialError`` behind ``err``: itself, or one a Ray Train worker raised
+    (``WorkerGroupError.worker_failures``; the other ranks' errors are its aftermath)."""
+    if isinstance(err, FinalTrialError):
+        return err
+    for failure in (getattr(err, "worker_failures", None) or {}).values():
+        cause = getattr(failure, "cause", failure)  # a RayTaskError carries the worker's exception
+        if isinstance(cause, FinalTrialError):
+            return cause
+    return None
+
+
+def _fail_for_good(final: FinalTrialError, raised: BaseException):
+    from ray import tune
+
+    tune.report({FINAL_ERROR_KEY: f"{type(final).__name__}: {final}"})
+    raise final from (raised if raised is not final else None)
+
+
+def run_with_timeout(fn: Callable[[], None], timeout_s: float | None) -> None:
+    """Run ``fn``; raise ``TrialTimeoutError`` once it has run ``timeout_s`` seconds.
+
+    ``fn`` runs in a daemon thread, so a step blocked in C (a collective, a stalled
+    read) cannot hold this one: the trial fails on time, and Tune ends the actor, its
+    thread and, through Ray's ownership, the Ray Train workers it started. Tune's
+    reports and stop signals work from any thread (one session per trial process).
+    """
+    if timeout_s is None:
+        fn()
+        return
+    outcome: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            fn()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the trial's own thread
+            outcome.append(err)
+
+    worker = threading.Thread(target=target, name="tunecv-trial", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise TrialTimeoutError(f"ran past search.trial_timeout_s ({timeout_s:g} s); raise the limit if the "
+                                "trial is slow rather than hung")
+    if outcome:
+        raise outcome[0]

@@ -1,0 +1,171 @@
+"""The faults a cluster has, on a real multi-node Ray (``ray.cluster_utils.Cluster``):
+a node lost under a 2-worker trial, one Ray Train worker SIGKILLed (as the OS's OOM
+killer does), and a trial whose step hangs. The driver runs as its own process
+(``python -m search.cli run``) joined through ``RAY_ADDRESS``, as under ``ray job
+submit``; the test process only starts and removes nodes.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from search.results.trials import COMPLETED, FAILED, load_run
+from search.storage import RunStore
+from tests.conftest import small_run_config
+from tests.fault_hooks import job_config_env
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+SPACE = {
+    "needs_pretrained": False,
+    "backbones": {"test_resnet": {"unfreeze_depth": ["all"]}},
+    "lr_head": {"low": 1.0e-3, "high": 1.0e-2},
+    "lr_base": {"ratio": {"low": 0.5, "high": 1.0}},
+    "losses": {"ce": {}},
+    # The first trial is this recipe; a hang fault matches its exact lr_head, which TPE's
+    # sampled values never equal.
+    "warm_start": [{"backbone": "test_resnet", "unfreeze_depth": "all", "lr_head": 3.0e-3, "lr_base_ratio": 1.0,
+                    "loss": "ce"}],
+}
+
+
+@pytest.fixture
+def cluster():
+    """A head with one CPU (the driver's trials need 0.01 for a TorchTrainer trial); tests add nodes."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+def _config(tmp_path, synthetic_root, **sections) -> Path:
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    search = {"space": str(space), "seed": 1, "export": False, "scheduler": "fifo", "max_concurrent_trials": 1,
+              **sections.pop("search", {})}
+    raw = small_run_config(synthetic_root, tmp_path / "runs", optim={"epochs": 4, "warmup_epochs": 0.5},
+                           search=search, **sections)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _start_driver(cluster, config: Path, **faults) -> subprocess.Popen:
+    env = {**os.environ, "RAY_ADDRESS": cluster.address, **(job_config_env(**faults) if faults else {})}
+    return subprocess.Popen([sys.executable, "-m", "search.cli", "run", "--config", str(config)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _trials(tmp_path) -> list:
+    runs = tmp_path / "runs"
+    found = [d for d in runs.iterdir() if (d / "space.yaml").is_file()] if runs.is_dir() else []
+    return sorted(load_run(RunStore.at(found[0])).trials, key=lambda t: t.trial_id) if found else []
+
+
+def _wait_for_epoch(tmp_path, index: int, epoch: int, proc, timeout: float = 300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        trials = _trials(tmp_path)
+        if len(trials) > index and len(trials[index].epochs) >= epoch:
+            return trials[index]
+        if proc.poll() is not None:
+            raise AssertionError(f"driver exited ({proc.returncode}) early: {proc.stdout.read()[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"trial {index} never reached epoch {epoch}")
+
+
+def _train_workers() -> list:
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"]) if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+def _node_of(cluster, pid: int):
+    """The cluster node whose raylet started process ``pid``."""
+    import psutil
+
+    parent = psutil.Process(pid).ppid()
+    for node in cluster.list_all_nodes():
+        if parent in {p.process.pid for p in node.all_processes.get("raylet", [])}:
+            return node
+    raise AssertionError(f"no node's raylet is the parent of pid {pid}")
+
+
+def _assert_continued_from_a_checkpoint(trial, fault_at: float) -> None:
+    assert trial.status == COMPLETED, trial.reason
+    assert trial.attempts == 2 and len(trial.failures) == 1, trial.failures
+    assert [e["epoch"] for e in trial.epochs] == [1, 2, 3, 4]
+    resumed_from = max(e.get("resumed_from_epoch") or 0 for e in trial.epochs)
+    assert resumed_from >= 1  # the retry loaded a checkpoint rather than starting over
+    assert all(e["timestamp"] > fault_at for e in trial.epochs[resumed_from:])
+
+
+def test_a_lost_node_and_a_killed_worker_are_retried_from_checkpoint(cluster, synthetic_root, tmp_path):
+    """Two 2-worker trials, one at a time: the first loses the node its workers run on,
+    the second loses one worker process to SIGKILL. Each continues from its last
+    checkpoint on the nodes left, and the search ends with exactly 2 trials."""
+    nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    cluster.wait_for_nodes()
+    config = _config(tmp_path, synthetic_root, scaling={"num_workers": 2, "cpus_per_worker": 1},
+                     search={"num_samples": 2, "max_failures": 2})
+    proc = _start_driver(cluster, config)
+    try:
+        _wait_for_epoch(tmp_path, 0, 2, proc)
+        workers = _train_workers()
+        assert len(workers) == 2, [w.info["cmdline"] for w in workers]
+        node = _node_of(cluster, workers[0].pid)
+        assert node in nodes and _node_of(cluster, workers[1].pid) is node  # packed on one 2-CPU node
+        cluster.remove_node(node)  # the raylet and every worker on it die
+        lost_at = time.time()
+
+        _wait_for_epoch(tmp_path, 1, 2, proc)
+        workers = _train_workers()
+        assert len(workers) == 2, [w.info["cmdline"] for w in workers]
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        killed_at = time.time()
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    first, second = _trials(tmp_path)
+    _assert_continued_from_a_checkpoint(first, lost_at)
+    _assert_continued_from_a_checkpoint(second, killed_at)
+    assert "retry 1/2 continues from its last checkpoint" in out
+
+
+def test_a_hung_trial_fails_at_its_timeout_and_frees_its_resources(cluster, synthetic_root, tmp_path):
+    """The first trial blocks forever before its first epoch; with search.trial_timeout_s
+    it fails once, not retried, and the trials after it get its CPU."""
+    cluster.add_node(num_cpus=2)  # the only node a 2-CPU trial fits on
+    cluster.wait_for_nodes()
+    timeout_s = 15
+    config = _config(tmp_path, synthetic_root, search={"num_samples": 3, "trial_timeout_s": timeout_s,
+                                                       "cpus_per_trial": 2})
+    started = time.time()
+    proc = _start_driver(cluster, config, hang={"optim.lr_head": 3.0e-3})
+    try:
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    hung, *rest = _trials(tmp_path)
+    assert hung.status == FAILED and hung.attempts == 1, (hung.reason, hung.failures)
+    assert hung.reason == (f"TrialTimeoutError: ran past search.trial_timeout_s ({timeout_s} s); raise the limit "
+                           "if the trial is slow rather than hung (not retried)")
+    assert not hung.epochs
+    # Each trial needs both CPUs: the others ran only once the hung one let go of them.
+    assert len(rest) == 2 and all(t.status == COMPLETED for t in rest), [(t.status, t.reason) for t in rest]
+    assert time.time() - started < 300
+    assert "failed, not retried: TrialTimeoutError" in out
