@@ -5,8 +5,8 @@ each skipped file with its reason).
 
 from __future__ import annotations
 
-from search.config import RunConfig
-from trainables.datasets import DataSplit, prepare_split, write_split
+from search.config import ConfigError, RunConfig
+from trainables.datasets import DataSplit, prepare_split
 
 _MAX_LISTED_BAD_FILES = 20
 
@@ -29,11 +29,29 @@ def scan_data(cfg: RunConfig, print_fn=print) -> DataSplit:
     return split
 
 
-def prepare_data(cfg: RunConfig, split_location: str, print_fn=print) -> DataSplit:
-    """``scan_data``, then write the split to ``split_location``."""
-    split = scan_data(cfg, print_fn)
-    write_split(split, split_location)
-    return split
+def check_batch_sizes(cfg: RunConfig, num_train: int, searched: tuple[int, ...] | None = None,
+                      space: str | None = None) -> None:
+    """Every batch size a trial may get (``optim.batch_size``, or the space's ``searched``
+    sizes) fits each worker's share of the training set: the loader drops the last
+    partial batch, so a larger batch trains nothing.
+
+    Raises:
+        ConfigError: Naming the field, the sizes and the largest that fits.
+    """
+    workers = max(1, cfg.scaling.num_workers)
+    per_worker = num_train // workers
+    share = f"the {num_train} training images" + (f" ({per_worker} for each of {workers} workers)"
+                                                  if workers > 1 else "")
+    if searched is None:
+        if cfg.optim.batch_size > per_worker:
+            raise ConfigError(f"optim.batch_size {cfg.optim.batch_size} is larger than {share}; set "
+                              f"optim.batch_size to at most {per_worker}.")
+        return
+    too_large = [size for size in searched if size > per_worker]
+    if too_large:
+        raise ConfigError(f"space '{space}' searches batch_size {list(searched)}, and {too_large} "
+                          f"{'is' if len(too_large) == 1 else 'are'} larger than {share}. Use a space whose "
+                          f"batch sizes are at most {per_worker} (search.space), or add training data.")
 
 
 def describe_split(split: DataSplit) -> str:

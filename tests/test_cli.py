@@ -96,3 +96,50 @@ def test_run_with_bad_data_fails_before_ray_and_leaves_no_run_directory(tmp_path
     assert "Traceback" not in proc.stderr and "have no valid training image;" in proc.stderr  # none skipped
     assert "Ray" not in proc.stdout + proc.stderr  # no "Started a local Ray instance"
     assert not (tmp_path / "runs").exists()
+
+
+def _space_file(tmp_path, **extra):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({
+        "needs_pretrained": False, "backbones": {"test_resnet": {"unfreeze_depth": ["all"]}},
+        "lr_head": {"low": 1.0e-3, "high": 1.0e-2}, "lr_base": {"ratio": {"low": 0.5, "high": 1.0}},
+        "losses": {"ce": {}}, **extra}))
+    return path
+
+
+def _refused_before_ray(proc, tmp_path, *phrases):
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-2000:]
+    assert "Traceback" not in out and "Ray" not in out, out[-2000:]
+    for phrase in phrases:
+        assert phrase in proc.stderr, proc.stderr
+    assert not (tmp_path / "runs").exists()  # no run directory for a refused start
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_before_ray_and_before_a_run_directory(
+        synthetic_root, tmp_path):
+    path = tmp_path / "run.yaml"
+    # 160 images, 20% held out for validation: 128 train.
+    path.write_text(yaml.safe_dump(small_run_config(synthetic_root, tmp_path / "runs")))
+    proc = _tunecv("train", "--config", str(path), "--set", "optim.batch_size=500")
+    _refused_before_ray(proc, tmp_path, "optim.batch_size 500 is larger than the 128 training images; "
+                                        "set optim.batch_size to at most 128.")
+    plain = _space_file(tmp_path)
+    proc = _tunecv("run", "--config", str(path), "--set", "optim.batch_size=500", "--space", str(plain))
+    _refused_before_ray(proc, tmp_path, "optim.batch_size 500 is larger than the 128 training images")
+    proc = _tunecv("run", "--config", str(path), "--set", "optim.batch_size=100", "--set",
+                   "scaling.num_workers=2", "--space", str(plain))
+    _refused_before_ray(proc, tmp_path, "(64 for each of 2 workers)", "at most 64")
+    searched = _space_file(tmp_path, batch_size=[16, 200, 500])
+    proc = _tunecv("run", "--config", str(path), "--space", str(searched))
+    _refused_before_ray(proc, tmp_path, "searches batch_size [16, 200, 500], and [200, 500] are larger than the "
+                                        "128 training images")
+
+
+def test_resume_of_a_train_directory_is_refused_before_ray(synthetic_root, tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(small_run_config(synthetic_root, tmp_path / "trained")))
+    assert _tunecv("train", "--config", str(path), "--set", "optim.epochs=1").returncode == 0
+    (train_dir,) = (tmp_path / "trained").iterdir()
+    proc = _tunecv("run", "--resume", str(train_dir))
+    _refused_before_ray(proc, tmp_path, f"'{train_dir}' is not a search run", "tunecv run --config")

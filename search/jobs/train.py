@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from search.config import ConfigError, RunConfig, dump_config
-from search.data import prepare_data
+from search.data import check_batch_sizes, scan_data
 from search.layout import CONFIG, SPLIT
 from search.run.location import new_run
 from search.storage import RunStore
-from trainables.datasets import DataSplit
+from trainables.datasets import DataSplit, write_split
 from trainables.locations import is_uri
 from trainables.metrics import RANKING_METRIC
 from trainables.reporting import BEST_DIR
@@ -23,19 +23,23 @@ def train(cfg: RunConfig, print_fn=print) -> Path:
     """Train one configuration and return its run directory.
 
     Raises:
-        trainables.layouts.DataError: The data cannot produce a usable split (before any training).
-        ConfigError: ``output_dir`` is an object-store URI (one training run writes locally).
+        trainables.layouts.DataError: The data cannot produce a usable split (before any training
+            and before the run directory exists).
+        ConfigError: ``output_dir`` is an object-store URI (one training run writes locally), or
+            ``optim.batch_size`` is larger than the training set.
     """
     if is_uri(cfg.output_dir):
         raise ConfigError(
             f"output_dir '{cfg.output_dir}': tunecv train writes a local run directory; give a "
             "path (object-store URIs are for tunecv run)."
         )
+    split = scan_data(cfg, print_fn)  # checked before the run directory exists
+    check_batch_sizes(cfg, len(split.train))
     store = new_run(cfg)
     store.write_text(CONFIG, dump_config(cfg))
     run_dir = Path(store.location)
     print_fn(f"run directory: {run_dir}")
-    split = prepare_data(cfg, str(run_dir / SPLIT), print_fn)
+    write_split(split, str(run_dir / SPLIT))
     if cfg.scaling.num_workers == 0:
         _train_in_process(cfg, split, run_dir, print_fn)
     else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from search.config import ConfigError, RunConfig
 from search.drivers import is_finished, live_driver, read_drivers
-from search.layout import CONFIG, REPORT_MARKDOWN, SPACE, run_name
+from search.layout import CONFIG, DRIVERS, REPORT_MARKDOWN, SPACE, run_name
 from search.storage import RunStore, read_config
 
 
@@ -51,12 +51,18 @@ def check_resumable(store: RunStore, cfg: RunConfig) -> None:
     Raises:
         ConfigError: Saying which, and what to do instead.
     """
+    drivers = read_drivers(store)
+    if not drivers:
+        raise ConfigError(
+            f"'{store}' is not a search run (it has no {DRIVERS}/: a `tunecv train` directory holds one "
+            f"trained configuration); nothing to resume. Search with `tunecv run --config "
+            f"{store.uri(CONFIG)}`, which starts a new run."
+        )
     if not store.exists(SPACE):
         raise ConfigError(
             f"run '{store}' never finished its set-up (no {SPACE}: its first driver stopped while "
             "scanning the data); nothing to resume. Start a new run (another --run-dir, or none)."
         )
-    drivers = read_drivers(store)
     if is_finished(drivers):
         raise ConfigError(
             f"run '{store}' is finished; its report is {store.uri(REPORT_MARKDOWN)}. Start a new run "
