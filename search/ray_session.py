@@ -1,7 +1,7 @@
 """Starting or joining Ray, the one place tunecv calls ``ray.init``: it joins
-``RAY_ADDRESS`` (``ray job submit``) or starts a local Ray with Ray's defaults (dashboard
-on 127.0.0.1, token authentication on), and quiets Tune's output where the search
-prints its own.
+``RAY_ADDRESS`` (``ray job submit``, a cluster) and changes nothing there, or starts a
+private local Ray: every listener on 127.0.0.1, token authentication on (Ray's
+default). It also quiets Tune's output where the search prints its own.
 """
 
 from __future__ import annotations
@@ -23,10 +23,36 @@ def connect_ray() -> None:
     # A failed trial's traceback stays in its error.txt in the run; the search prints its
     # reason in one line instead of the whole traceback.
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+    # A trial that fails for good says so in a result without the metric first
+    # (search/run/trial.py); Tune would reject that result as a malformed report.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no per-trial "errored" blocks
     # "Trials did not complete" (failed trials are in the report, with their reason) and
     # Tune's result grid, which looks for the per-trial logs tunecv turned off above.
     logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR + 1)
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING)
+        return
+    _listen_on_loopback_only()
+    # "local": a Ray of its own, never one a `ray start` on this host left running.
+    ray.init(address="local", logging_level=logging.WARNING)
+
+
+def _listen_on_loopback_only() -> None:
+    """Make the Ray this process starts bind GCS, raylet, object manager, workers,
+    dashboard, its agents and the metrics endpoints to 127.0.0.1.
+
+    Ray 2.60 has no bind-address setting: each listener binds the node's IP, and a plain
+    ``ray.init()`` picks the outbound interface (GCS, raylet and workers then listen on
+    every interface, the metrics ports on 0.0.0.0). Ray uses 127.0.0.1 as the node IP
+    when clusters are off, its mode for Windows and macOS, set by
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` but read once when Ray is imported, which
+    the CLI has done by now; hence the constant. Only a Ray started here is affected:
+    a driver joining ``RAY_ADDRESS`` must keep its reachable IP.
+    """
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
