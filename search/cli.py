@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     from search.export.onnx import ExportError
     from search.results.winner import NothingToExportError
     from search.space.model import SpaceError
+    from search.storage import RunStorageFullError
     from trainables.backbones import PretrainedWeightsError
     from trainables.layouts import DataError
 
@@ -243,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         # Input problems get their message alone: the traceback would only bury the fix.
         print(f"tunecv: error: {err}", file=sys.stderr)
         return 2
+    except RunStorageFullError as err:  # not the input's fault, and nothing to debug
+        print(f"tunecv: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -222,3 +222,28 @@ def refusal_message(output_dir: str | Path, blind: list[str], num_nodes: int) ->
         "or to an object store every node can reach (s3://bucket/runs, gs://bucket/runs), "
         "or run on one node."
     )
+
+
+class RunStorageFullError(RuntimeError):
+    """The run's filesystem ran out of space (or quota); the run stops, resumable."""
+
+
+def out_of_space(err: BaseException | None) -> BaseException | None:
+    """The ENOSPC/EDQUOT ``OSError`` (or ``RunStorageFullError``) behind ``err``, wherever
+    it was raised: its cause or context chain, a Ray task's cause, or a Ray Train
+    worker's failure."""
+    import errno
+
+    seen: set[int] = set()
+    pending = [err]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, RunStorageFullError) or (
+                isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT)):
+            return current
+        pending += [current.__cause__, current.__context__, getattr(current, "cause", None),
+                    *(getattr(current, "worker_failures", None) or {}).values()]
+    return None

@@ -12,6 +12,7 @@ uploads the same journal format whole; ``search.storage`` may name a database.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,9 +132,25 @@ def _storage(store: RunStore, storage_url: str | None, writable: bool):
         # other driver is alive, so it is stale (Optuna would wait 30 s before breaking it).
         Path(store.fs_path()).mkdir(parents=True, exist_ok=True)
         Path(store.fs_path(f"{JOURNAL}.lock")).unlink(missing_ok=True)
+        _drop_torn_tail(Path(store.fs_path(JOURNAL)))
         return JournalStorage(JournalFileBackend(store.fs_path(JOURNAL))), None
     journal = StoreJournal(store, writable=writable)
     return JournalStorage(journal), journal
+
+
+def _drop_torn_tail(journal: Path) -> None:
+    """Cut a last line that a full disk left half-written (no newline). Optuna's reader
+    skips such a line, but once another record is appended after it the two read as
+    one invalid line and the whole study fails to load. Nothing ever read it."""
+    if not journal.is_file() or journal.stat().st_size == 0:
+        return
+    with journal.open("rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+        f.truncate(data.rfind(b"\n") + 1)
 
 
 def open_study(store: RunStore, storage_url: str | None) -> StudyHandle:

@@ -169,3 +169,60 @@ def test_a_hung_trial_fails_at_its_timeout_and_frees_its_resources(cluster, synt
     assert len(rest) == 2 and all(t.status == COMPLETED for t in rest), [(t.status, t.reason) for t in rest]
     assert time.time() - started < 300
     assert "failed, not retried: TrialTimeoutError" in out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MB tmpfs for the run directory (needs root, as in CI)."""
+    mount = tmp_path / "runs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(directory: Path) -> Path:
+    """Write zeros into ``directory`` until its filesystem has no space left."""
+    filler = directory / "filler"
+    block = b"\0" * (1 << 20)
+    with filler.open("wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(block)
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_stops_the_search_resumably_and_names_the_run(cluster, small_disk, synthetic_root, tmp_path):
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    config = _config(tmp_path, synthetic_root, search={"num_samples": 3})
+    proc = _start_driver(cluster, config)
+    try:
+        _wait_for_epoch(tmp_path, 0, 2, proc)
+        filler = _fill(small_disk)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (run_dir,) = [d for d in small_disk.iterdir() if d.is_dir()]
+    assert proc.returncode == 1, out[-3000:]
+    assert f"tunecv: error: no space left for run '{run_dir}'" in out and "No space left on device" in out
+    assert f"tunecv run --resume {run_dir}" in out and "Traceback" not in out, out[-3000:]
+    before = _trials(tmp_path)  # the records are readable
+    assert before and len(before[0].epochs) >= 2 and not any(t.status == FAILED for t in before)
+
+    filler.unlink()
+    resumed = subprocess.run([sys.executable, "-m", "search.cli", "run", "--resume", str(run_dir)],
+                             env={**os.environ, "RAY_ADDRESS": cluster.address}, cwd=REPO, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    after = _trials(tmp_path)
+    assert len(after) == 3 and all(t.status == COMPLETED for t in after), [(t.status, t.reason) for t in after]
+    assert [e["epoch"] for e in after[0].epochs] == [1, 2, 3, 4]

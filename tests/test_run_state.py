@@ -148,3 +148,19 @@ def test_a_failed_trials_reason_is_the_last_exception_line_of_its_error_file(tmp
     assert error_reason(Trial()) == "DataError: optim.batch_size 1000 is larger than the 128 training images"
     Trial.error_file = str(tmp_path / "missing.txt")
     assert "died" in error_reason(Trial())
+
+
+def test_a_journal_line_a_full_disk_cut_short_is_dropped_before_the_next_write(tmp_path):
+    from search.layout import JOURNAL
+    from search.study import open_study, read_trials
+
+    store = RunStore.at(tmp_path / "run")
+    open_study(store, None).study.enqueue_trial({"x": 1.0})
+    journal = tmp_path / "run" / JOURNAL
+    whole = journal.read_bytes()
+    with journal.open("ab") as f:
+        f.write(b'{"op_code":5,"worker_id":"w","trial_id":0,"us')  # a write ENOSPC stopped
+    # Without the cut, this append would glue onto the torn line and no reader could load the study.
+    open_study(store, None).study.enqueue_trial({"x": 2.0})
+    assert journal.read_bytes().startswith(whole) and journal.read_bytes().endswith(b"\n")
+    assert len(read_trials(store, None)) == 2

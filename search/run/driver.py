@@ -29,7 +29,7 @@ from search.run.searcher import StudySearcher, create_sampler
 from search.run.trial import TrialContext, run_search_trial, trial_config
 from search.space.catalog import parse_space, resolve_space_name
 from search.space.model import SearchSpace
-from search.storage import RunStore, check_shared_storage
+from search.storage import RunStorageFullError, RunStore, check_shared_storage, out_of_space
 from search.study import HISTORY_KEY, TRIAL_ID_KEY, HistoryTrial, StudyHandle, open_study
 from trainables.backbones import check_weights_file, local_weights
 from trainables.datasets import DataSplit, write_split
@@ -191,9 +191,19 @@ def _search(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverR
             _add_history(handle.study, space, history, print_fn)
         done = plan.num_samples <= 0 or _tune(cfg, space, store, driver, handle, scheduler, plan, print_fn,
                                               callbacks)
-    except BaseException:
-        handle.flush()
-        driver.finish(INTERRUPTED)  # resumable: `tunecv run` with the same config continues it
+    except BaseException as err:
+        full = out_of_space(err)
+        try:
+            handle.flush()
+            driver.finish(INTERRUPTED)  # resumable: `tunecv run` with the same config continues it
+        except OSError:
+            if full is None:
+                raise
+        if full is not None:
+            raise RunStorageFullError(
+                f"no space left for run '{store}' ({full}). The study keeps every trial record written "
+                f"before it. Free space there, then continue the search with `tunecv run --resume {store}`."
+            ) from err
         raise
     handle.flush()
     if not done:

@@ -10,7 +10,7 @@ from ray import tune
 
 from search.drivers import HEARTBEAT_S, DriverRecord
 from search.run.recorder import error_reason
-from search.run.trial import FINAL_ERROR_KEY, searched_params
+from search.run.trial import FINAL_ERROR_KEY, STORAGE_FULL_KEY, searched_params
 from search.study import TRIAL_ID_KEY
 from trainables.metrics import RANKING_METRIC
 
@@ -51,6 +51,8 @@ class ProgressCallback(tune.Callback):
         if FINAL_ERROR_KEY in result:
             self.print(f"[{trial_id}] failed, not retried: {result[FINAL_ERROR_KEY]}")
             return
+        if STORAGE_FULL_KEY in result:
+            return  # the driver stops the search and says why
         score = result.get(RANKING_METRIC, float("nan"))
         self.best[trial_id] = max(score, self.best.get(trial_id, float("-inf")))
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"

@@ -19,8 +19,8 @@ from ray import tune
 
 from search.layout import join, trial_dir
 from search.run.searcher import StudySearcher
-from search.run.trial import FINAL_ERROR_KEY
-from search.storage import RunStore
+from search.run.trial import FINAL_ERROR_KEY, STORAGE_FULL_KEY
+from search.storage import RunStorageFullError, RunStore
 from search.study import CHECKPOINT, FAILURES, REASON, TIMESTAMP, TRIAL_ID_KEY, epoch_key, recorded_epochs
 from trainables.metrics import RANKING_METRIC
 from trainables.reporting import EPOCH_KEYS
@@ -59,6 +59,9 @@ class TrialRecorder(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         ot_trial = self._trial(trial)
+        if STORAGE_FULL_KEY in result:
+            # Every trial would fail the same way: stop the search, keep it resumable.
+            raise RunStorageFullError(f"trial {trial.config[TRIAL_ID_KEY]}: {result[STORAGE_FULL_KEY]}")
         if FINAL_ERROR_KEY in result:
             # Tune decides on a retry from the trial's max_failures alone, when the
             # error arrives; Ray has no per-exception policy (trainables/errors.py).

@@ -16,7 +16,7 @@ from typing import Any
 
 from search.layout import SPLIT, trial_dir
 from search.space.model import SearchSpace
-from search.storage import RunStore
+from search.storage import RunStore, out_of_space
 from search.study import RESUME_FROM_KEY, TRIAL_ID_KEY
 from trainables.config import TrialConfig
 from trainables.errors import FinalTrialError, TrialConfigError, TrialTimeoutError
@@ -24,6 +24,8 @@ from trainables.errors import FinalTrialError, TrialConfigError, TrialTimeoutErr
 # A result holding only this key says the trial is about to raise a FinalTrialError:
 # "<ErrorClass>: message". Tune's FailureConfig retries every error alike.
 FINAL_ERROR_KEY = "tunecv_final_error"
+# ...or that the run's filesystem is full: the run stops (resumable), no trial fails.
+STORAGE_FULL_KEY = "tunecv_storage_full"
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,11 @@ def run_search_trial(params: dict[str, Any], context: TrialContext) -> None:
         run_with_timeout(lambda: runner.run(context.run.uri(resume_from) if resume_from else None),
                          context.timeout_s)
     except Exception as err:
+        if (full := out_of_space(err)) is not None:
+            from ray import tune
+
+            tune.report({STORAGE_FULL_KEY: str(full)})
+            raise
         if (final := final_cause(err)) is None:
             raise  # a crash: Tune retries it from the last checkpoint
         _fail_for_good(final, err)
