@@ -63,14 +63,30 @@ def _report(args: argparse.Namespace) -> int:
     from search.storage import RunStore
 
     store = RunStore.at(args.run_dir)
+    _check_search_run(store)
     report = build_report(load_run(store))
-    print(format_table(report.rows))
+    print(format_table(report.rows) if report.rows else f"no trials yet in {store}")
     if store.exists(GATE_MARKDOWN):  # a retrain's run: the champion/challenger decision
         print(store.read_text(GATE_MARKDOWN))
     if args.out:
         report.write_to(RunStore.at(args.out))
         print(f"report: {Path(args.out) / REPORT_MARKDOWN}")
     return 0
+
+
+def _check_search_run(store) -> None:
+    """A report needs a run that searched, or is searching: say so for anything else."""
+    from search.config import ConfigError
+    from search.drivers import live_driver, read_drivers
+    from search.layout import DRIVERS, SPACE
+
+    drivers = read_drivers(store)
+    if not drivers:
+        raise ConfigError(f"'{store}' is not a search run (it has no {DRIVERS}/; a `tunecv train` directory "
+                          "holds one configuration, with its metrics in metrics.jsonl).")
+    if not store.exists(SPACE) and live_driver(drivers) is None:
+        raise ConfigError(f"run '{store}' never started searching: its driver stopped during the set-up, "
+                          "before any trial. Start a new run.")
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -143,3 +143,18 @@ def test_resume_of_a_train_directory_is_refused_before_ray(synthetic_root, tmp_p
     (train_dir,) = (tmp_path / "trained").iterdir()
     proc = _tunecv("run", "--resume", str(train_dir))
     _refused_before_ray(proc, tmp_path, f"'{train_dir}' is not a search run", "tunecv run --config")
+    proc = _tunecv("report", str(train_dir))
+    assert proc.returncode == 2 and f"'{train_dir}' is not a search run" in proc.stderr, proc.stderr
+
+
+def test_report_on_a_run_that_stopped_in_its_set_up_says_so(synthetic_root, tmp_path):
+    from search.config import dump_config, parse_config
+    from search.drivers import INTERRUPTED, DriverRecord
+    from search.layout import CONFIG
+    from search.storage import RunStore
+
+    store = RunStore.at(tmp_path / "runs" / "t-1")
+    store.write_text(CONFIG, dump_config(parse_config(small_run_config(synthetic_root, tmp_path / "runs"))))
+    DriverRecord(store, 1).finish(INTERRUPTED)  # it stopped before writing space.yaml
+    proc = _tunecv("report", store.location)
+    assert proc.returncode == 2 and "never started searching" in proc.stderr, proc.stdout + proc.stderr
