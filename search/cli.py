@@ -90,14 +90,35 @@ def _check_search_run(store) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from search.results.winner import export_trial
+    from search.results.winner import describe_int8, export_trial
     from search.storage import RunStore
 
     store = RunStore.at(args.run_dir)
     out = Path(args.out or f"export-{store.name}" + (f"-{args.trial}" if args.trial else ""))
-    result = export_trial(store, out, args.trial)
+    result = export_trial(store, out, args.trial, int8=_int8_config(args))
     print(f"exported {result.onnx_path} (ONNX macro-F1 {result.onnx_macro_f1:.4f})")
+    if result.int8:
+        print(describe_int8(result.int8))
     return 0
+
+
+def _int8_config(args: argparse.Namespace):
+    """The ``--int8*`` options as an ``Int8Config`` (None without ``--int8``), checked before any work."""
+    from pydantic import ValidationError
+
+    from search.config import ConfigError, Int8Config
+
+    flags = {"calibration_images": "--int8-images", "method": "--int8-method", "max_drop": "--int8-max-drop"}
+    given = {field: getattr(args, flag[2:].replace("-", "_")) for field, flag in flags.items()}
+    given = {field: value for field, value in given.items() if value is not None}
+    if not args.int8:
+        if given:
+            raise ConfigError(f"{', '.join(flags[f] for f in given)} need --int8.")
+        return None
+    try:
+        return Int8Config(**given)
+    except ValidationError as err:
+        raise ConfigError("; ".join(f"{flags[e['loc'][0]]}: {e['msg']}" for e in err.errors())) from err
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -213,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", help="a run directory, or its URI")
     export.add_argument("--trial", help="trial id (default: the top-ranked trial)")
     export.add_argument("--out", help="local directory for the bundle (default: ./export-RUN[-TRIAL])")
+    export.add_argument("--int8", action="store_true",
+                        help="also a static int8 model (model.int8.onnx), shipped only if it passes the accuracy gate")
+    export.add_argument("--int8-images", type=int, help="training images to calibrate on (default 256)")
+    export.add_argument("--int8-method", help="calibration: minmax (default), entropy or percentile")
+    export.add_argument("--int8-max-drop", type=float,
+                        help="macro-F1 points int8 may lose against fp32 and still ship (default 0.5)")
     export.set_defaults(func=_export)
 
     evaluate = sub.add_parser("evaluate", help="a checkpoint's metrics on a split's validation images")

@@ -42,6 +42,17 @@ class AshaConfig(BaseModel):
     reduction_factor: float = Field(2.0, gt=1.0)
 
 
+class Int8Config(BaseModel):
+    """Static int8 next to the fp32 ONNX model (``search/export/int8.py``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    calibration_images: int = Field(256, ge=1, le=100_000)  # from the training split, never validation
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"  # ONNX Runtime's calibration method
+    max_drop: float = Field(0.5, ge=0.0, le=100.0)  # macro-F1 points int8 may lose against fp32 and still ship
+    seed: int = 0  # which training images calibrate
+
+
 class SearchConfig(BaseModel):
     """How ``tunecv run`` searches: space, budget, searcher, scheduler, concurrency."""
 
@@ -62,6 +73,7 @@ class SearchConfig(BaseModel):
     # Each attempt's wall-clock limit: a trial past it (a hung step) fails, not retried.
     trial_timeout_s: float | None = Field(None, gt=0)
     export: bool = True  # export the winner to ONNX at the end of the run
+    int8: Int8Config | None = None  # also a gated static int8 model in the export; null: fp32 only
 
     @model_validator(mode="after")
     def _storage_scheme(self) -> SearchConfig:

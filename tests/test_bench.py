@@ -111,22 +111,27 @@ def test_throughput_smoke_run_times_loop_raw_and_decode(tmp_path):
     assert result["decode_augment_per_worker"]["decode_augment_images_per_s"] > 0
 
 
-def test_export_latency_smoke_run_times_both_runtimes(tmp_path):
+def test_export_latency_smoke_run_times_eager_ort_and_int8(tmp_path):
     from bench.export_latency import BATCH_SIZES, main
 
     result = _stamped(main(["--smoke", "--results", str(tmp_path)]))
-    assert result["runs"] == 3 and [row["batch"] for row in result["results"]] == list(BATCH_SIZES)
-    for row in result["results"]:
-        assert row["eager_ms"]["median"] > 0 and row["onnxruntime_ms"]["median"] > 0
-        assert 0 < row["ort_over_eager"] < 10
+    (model,) = result["models"]
+    assert result["runs"] == 3 and [row["batch"] for row in model["results"]] == list(BATCH_SIZES)
+    for row in model["results"]:
+        for runtime in ("eager_ms", "onnxruntime_ms", "int8_ms"):
+            assert row[runtime]["median"] > 0
+        assert 0 < row["ort_over_eager"] < 10 and 0 < row["int8_over_eager"] < 10
         assert row["max_abs_logit_diff"] < 1e-3
+    assert result["int8_accuracy"] is None  # the digits check runs in full runs only
+    assert set(result["met"]) == {"ort_over_eager", "int8_over_eager"}
+    assert "avx512_vnni" in result["machine"]["cpu_int8_flags"]
 
 
 def test_export_latency_refuses_to_time_a_model_that_is_not_the_export():
     from bench.export_latency import checked
 
     row = {"batch": 1, "eager_ms": {"median": 2.0, "min": 1.0}, "onnxruntime_ms": {"median": 1.0, "min": 0.5},
-           "max_abs_logit_diff": 1e-7}
+           "int8_ms": {"median": 0.5, "min": 0.4}, "max_abs_logit_diff": 1e-7}
     assert checked([row, {**row, "batch": 32}])
     with pytest.raises(BenchError, match="differ from eager's"):
         checked([row, {**row, "batch": 32, "max_abs_logit_diff": 0.3}])

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from search.config import Int8Config
+from search.export.int8 import INT8_FILE, calibration_batches, cpu_int8_flags, int8_gate, quantize_int8
 from search.export.tensorrt import run_tensorrt, tensorrt_unavailable_reason
 from trainables.checkpoint import load_model, read_meta
 from trainables.datasets import DataSplit
@@ -72,6 +74,7 @@ class ExportResult:
     eager_macro_f1: float
     reported_macro_f1: float  # from the checkpoint's meta.json
     tensorrt: dict[str, Any] | None  # engine precision and agreement; None when not run
+    int8: dict[str, Any] | None = None  # the static int8 check (search/export/int8.py); None when not asked
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ def export_checkpoint(
     opset: int = DEFAULT_OPSET,
     batch_size: int = 32,
     tensorrt: bool | None = None,
+    int8: Int8Config | None = None,
 ) -> ExportResult:
     """Export ``checkpoint_dir`` to ONNX in ``out_dir`` and prove it reproduces the checkpoint.
 
@@ -101,6 +105,8 @@ def export_checkpoint(
         tensorrt: ``None`` builds and checks a TensorRT engine when CUDA and the
             ``tensorrt`` package are present (a failure there is warned about and kept
             in ``ExportResult.tensorrt["error"]``); ``True`` requires it; ``False`` skips it.
+        int8: Also quantize to static int8, calibrated on training images, and ship
+            ``model.int8.onnx`` if it passes the accuracy gate (``ExportResult.int8`` says).
 
     Returns:
         The paths and the verification numbers.
@@ -130,12 +136,13 @@ def export_checkpoint(
         trt_report = None
         if use_tensorrt:
             trt_report = _tensorrt_report(tensorrt is True, onnx_path, loader, preds, meta)
+        int8_report = _int8_report(onnx_path, split, loader, preds, meta, int8) if int8 else None
         result = ExportResult(
             out_dir, out_dir / ONNX_FILE, actual_opset, len(preds.labels),
             max_abs_logit_diff=float(np.abs(preds.onnx - preds.eager).max()),
             argmax_agreement=float((preds.onnx.argmax(1) == preds.eager.argmax(1)).mean()),
             onnx_macro_f1=onnx_metrics.macro_f1, eager_macro_f1=eager_metrics.macro_f1,
-            reported_macro_f1=float(meta["metrics"][RANKING_METRIC]), tensorrt=trt_report,
+            reported_macro_f1=float(meta["metrics"][RANKING_METRIC]), tensorrt=trt_report, int8=int8_report,
         )
         _write_bundle(staging, meta, result, onnx_metrics)
         _publish(staging, out_dir)
@@ -291,7 +298,10 @@ def _predict(model: nn.Module, session, loader) -> _Predictions:
 def _metrics_from_logits(logits: np.ndarray, labels: np.ndarray, class_names) -> EvalMetrics:
     """The top-k and cross-entropy that ``trainables.loop.evaluate`` gives compute_metrics."""
     scores = torch.from_numpy(logits).float()
-    topk = scores.topk(min(TOP_K, len(class_names)), dim=1).indices.numpy()
+    # Ranked by a stable sort, so of tied scores the lowest index comes first, as with
+    # argmax in serving code. int8 logits are dequantized steps and tie often; torch's
+    # topk orders ties arbitrarily, and the reported macro-F1 would not be reproducible.
+    topk = np.argsort(-logits, axis=1, kind="stable")[:, :min(TOP_K, len(class_names))]
     losses = F.cross_entropy(scores, torch.from_numpy(labels), reduction="none").numpy()
     return compute_metrics(labels, topk, losses, class_names)
 
@@ -319,6 +329,33 @@ def _check_macro_f1(onnx_m: EvalMetrics, eager_m: EvalMetrics, preds: _Predictio
     )
 
 
+def _int8_report(onnx_path: Path, split: DataSplit, loader, preds: _Predictions, meta, options: Int8Config) -> dict:
+    """Quantize next to ``onnx_path``, score int8 against fp32 ONNX over the whole
+    validation split, and delete the int8 file unless it passes the gate."""
+    names = meta["class_names"]
+    batches = calibration_batches(split, eval_transform_from_spec(meta["preprocessing"]), options)
+    int8_path = onnx_path.parent / INT8_FILE
+    try:
+        quantize_int8(onnx_path, int8_path, batches, options, INPUT_NAME)
+    except Exception as err:  # noqa: BLE001 - the quantizer fails in many ways; fp32 stays
+        int8_path.unlink(missing_ok=True)
+        warnings.warn(f"int8 quantization failed, fp32 export kept: {err}", RuntimeWarning, 2)
+        return {"shipped": False, "refused": f"quantization failed ({type(err).__name__}: {err})"}
+    session = create_session(int8_path)
+    logits = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0] for x, _ in loader])
+    fp32_m = _metrics_from_logits(preds.onnx, preds.labels, names)
+    int8_m = _metrics_from_logits(logits, preds.labels, names)
+    report = int8_gate(
+        fp32_m.macro_f1, int8_m.macro_f1, {n: c.f1 for n, c in fp32_m.per_class.items()},
+        {n: c.f1 for n, c in int8_m.per_class.items()},
+        float((logits.argmax(1) == preds.onnx.argmax(1)).mean()), options, cpu_int8_flags(),
+    )
+    if not report["shipped"]:
+        int8_path.unlink()
+        warnings.warn(report["refused"], RuntimeWarning, 2)
+    return report
+
+
 def _write_bundle(staging: Path, meta: dict, result: ExportResult, onnx_m: EvalMetrics) -> None:
     verification = {
         "num_images": result.num_images, "max_abs_logit_diff": result.max_abs_logit_diff,
@@ -326,6 +363,7 @@ def _write_bundle(staging: Path, meta: dict, result: ExportResult, onnx_m: EvalM
         "eager_macro_f1": result.eager_macro_f1, "reported_macro_f1": result.reported_macro_f1,
         "tolerance": METRIC_TOLERANCE, "opset": result.opset,
         "exporter": f"torch.onnx dynamo, torch {torch.__version__}", "tensorrt": result.tensorrt,
+        "int8": result.int8,
     }
     files = {
         "class_names.json": meta["class_names"],
@@ -342,9 +380,10 @@ def _write_bundle(staging: Path, meta: dict, result: ExportResult, onnx_m: EvalM
 
 def _publish(staging: Path, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stale_data = out_dir / f"{ONNX_FILE}.data"  # a previous, larger export's weights
-    if stale_data.exists() and not (staging / stale_data.name).exists():
-        stale_data.unlink()
+    # A previous export's files this one does not have: larger weights, a shipped int8 model.
+    for stale in (out_dir / f"{ONNX_FILE}.data", out_dir / INT8_FILE):
+        if stale.exists() and not (staging / stale.name).exists():
+            stale.unlink()
     for path in staging.iterdir():
         os.replace(path, out_dir / path.name)
 
@@ -364,7 +403,7 @@ Exported by tunecv; verified on {result.num_images} validation images: ONNX macr
 {result.onnx_macro_f1:.6f} equals the reported {result.reported_macro_f1:.6f}, largest logit
 difference to PyTorch {result.max_abs_logit_diff:.1e}. Serving it needs nothing from tunecv.
 
-`model.onnx` (opset {result.opset}); `class_names.json` (output index -> name);
+`model.onnx` (opset {result.opset}){_int8_line(result)}; `class_names.json` (output index -> name);
 `preprocessing.json` (the steps below); `metrics.json`, `config.json`, `fingerprint.txt`
 (quality, training config, identity of the data).
 
@@ -388,6 +427,17 @@ TensorRT engines are tied to a GPU and TensorRT version; build one on the servin
 `trtexec --onnx=model.onnx --minShapes={shape.format(1)} --optShapes={shape.format(32)} \\
 --maxShapes={shape.format(32)} --fp16 --saveEngine=model.plan`
 """
+
+
+def _int8_line(result: ExportResult) -> str:
+    check = result.int8
+    if not check:
+        return ""
+    if not check.get("shipped"):
+        return " (an int8 model was built and refused: see metrics.json, verification.int8)"
+    return (f"; `{INT8_FILE}`, static int8 (QDQ), same input and output: macro-F1 {check['macro_f1']:.4f} "
+            f"against fp32's {check['fp32_macro_f1']:.4f}, argmax agreement {check['argmax_agreement']:.4f}"
+            + (f". Note: {check['speed_note']}" if check.get("speed_note") else ""))
 
 
 # --- TensorRT: GPU machines only (the engine itself lives in search/export/tensorrt.py) ---

@@ -36,8 +36,9 @@ def best_checkpoint(store: RunStore, trial_id: str | None = None) -> tuple[str, 
     raise NothingToExportError(f"{which} in {store} has a finished epoch with a checkpoint to export.")
 
 
-def export_trial(store: RunStore, out_dir: Path, trial_id: str | None = None):
-    """Export the best checkpoint of ``trial_id`` (default: the top-ranked trial) to ``out_dir``.
+def export_trial(store: RunStore, out_dir: Path, trial_id: str | None = None, int8=None):
+    """Export the best checkpoint of ``trial_id`` (default: the top-ranked trial) to ``out_dir``,
+    with a gated static int8 model when ``int8`` (an ``Int8Config``) is given.
 
     Returns:
         The ``ExportResult``.
@@ -51,17 +52,29 @@ def export_trial(store: RunStore, out_dir: Path, trial_id: str | None = None):
     _, rel = best_checkpoint(store, trial_id)
     split = read_split(store.uri(SPLIT))
     with store.local_files(rel, (WEIGHTS_FILE, META_FILE)) as checkpoint:
-        return export_checkpoint(checkpoint, split, out_dir)
+        return export_checkpoint(checkpoint, split, out_dir, int8=int8)
 
 
-def export_winner(store: RunStore, print_fn=print):
+def export_winner(store: RunStore, print_fn=print, int8=None):
     """The driver's export at the end of a search, into the run's ``export/`` (each file whole)."""
     with tempfile.TemporaryDirectory(prefix="tunecv-export-") as tmp:
-        result = export_trial(store, Path(tmp) / EXPORT)
+        result = export_trial(store, Path(tmp) / EXPORT, int8=int8)
         store.upload_dir(Path(tmp) / EXPORT, EXPORT)
     print_fn(
         f"exported {store.uri(EXPORT)}: ONNX macro-F1 {result.onnx_macro_f1:.4f} (reported "
         f"{result.reported_macro_f1:.4f}), argmax agreement {result.argmax_agreement:.4f}, "
         f"max |logit diff| {result.max_abs_logit_diff:.2e}"
     )
+    if result.int8:
+        print_fn(describe_int8(result.int8))
     return result
+
+
+def describe_int8(check: dict) -> str:
+    """One line on the int8 model: shipped with its numbers, or why not."""
+    if not check.get("shipped"):
+        return f"int8: not shipped: {check['refused']}"
+    line = (f"int8: {check['file']}: macro-F1 {check['macro_f1']:.4f} vs fp32 {check['fp32_macro_f1']:.4f} "
+            f"({check['macro_f1_drop_points']:+.2f} points lost, max {check['max_drop_points']:g}), argmax "
+            f"agreement {check['argmax_agreement']:.4f}")
+    return line + (f"; {check['speed_note']}" if check.get("speed_note") else "")

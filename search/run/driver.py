@@ -213,7 +213,7 @@ def _search(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverR
     write_run_report(store, print_fn)
     try:
         if cfg.search.export:
-            export_winner(store, print_fn)
+            export_winner(store, print_fn, int8=cfg.search.int8)
     finally:
         # The search is over even when its export fails to verify: a resume would only
         # export again; `tunecv export RUN` retries it on its own.
