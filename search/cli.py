@@ -82,8 +82,8 @@ def _check_search_run(store) -> None:
 
     drivers = read_drivers(store)
     if not drivers:
-        raise ConfigError(f"'{store}' is not a search run (it has no {DRIVERS}/; a `tunecv train` directory "
-                          "holds one configuration, with its metrics in metrics.jsonl).")
+        raise ConfigError(f"'{store}' is not a search run: it has no {DRIVERS}/ (a `tunecv train` directory, "
+                          "whose metrics are in metrics.jsonl, or a run whose driver stopped before it began).")
     if not store.exists(SPACE) and live_driver(drivers) is None:
         raise ConfigError(f"run '{store}' never started searching: its driver stopped during the set-up, "
                           "before any trial. Start a new run.")
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     from search.export.onnx import ExportError
     from search.results.winner import NothingToExportError
     from search.space.model import SpaceError
-    from search.storage import RunStorageFullError
+    from search.storage import RunStorageFullError, out_of_space
     from trainables.backbones import PretrainedWeightsError
     from trainables.layouts import DataError
 
@@ -289,6 +289,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RunStorageFullError as err:  # not the input's fault, and nothing to debug
         print(f"tunecv: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if (full := out_of_space(err)) is None:
+            raise
+        # A full disk outside the search itself (the run's set-up, the report).
+        print(f"tunecv: error: no space left on the device ({full}); free space and run the command again "
+              "(a search continues with `tunecv run --resume RUN`).", file=sys.stderr)
         return 1
 
 

@@ -25,7 +25,7 @@ def connect_ray() -> None:
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     # A trial that fails for good says so in a result without the metric first
     # (search/run/trial.py); Tune would reject that result as a malformed report.
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no per-trial "errored" blocks
     # "Trials did not complete" (failed trials are in the report, with their reason) and
     # Tune's result grid, which looks for the per-trial logs tunecv turned off above.

@@ -245,5 +245,6 @@ def out_of_space(err: BaseException | None) -> BaseException | None:
                 isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT)):
             return current
         pending += [current.__cause__, current.__context__, getattr(current, "cause", None),
+                    getattr(current, "controller_failure", None),  # Ray Train's ControllerError
                     *(getattr(current, "worker_failures", None) or {}).values()]
     return None

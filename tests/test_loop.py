@@ -98,9 +98,12 @@ def test_imbalance_options_train(loss, tmp_path):
 
 
 def test_batch_larger_than_training_set_is_refused_before_training(synthetic_root, tmp_path):
-    cfg = parse_config(small_run_config(synthetic_root, tmp_path, optim={"batch_size": 1000}))
-    with pytest.raises(ValueError, match="lower batch_size to at most"):
+    from search.config import ConfigError
+
+    cfg = parse_config(small_run_config(synthetic_root, tmp_path / "runs", optim={"batch_size": 1000}))
+    with pytest.raises(ConfigError, match="set optim.batch_size to at most 128"):
         train(cfg, print_fn=lambda *_: None)
+    assert not (tmp_path / "runs").exists()  # refused before the run directory
 
 
 def test_val_shards_cover_every_image_once():

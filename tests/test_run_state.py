@@ -164,3 +164,27 @@ def test_a_journal_line_a_full_disk_cut_short_is_dropped_before_the_next_write(t
     open_study(store, None).study.enqueue_trial({"x": 2.0})
     assert journal.read_bytes().startswith(whole) and journal.read_bytes().endswith(b"\n")
     assert len(read_trials(store, None)) == 2
+
+
+def test_a_full_disk_and_a_final_error_are_found_behind_rays_wrappers():
+    import errno
+    import pickle
+
+    from ray.exceptions import RayTaskError
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+    from search.run.trial import final_cause
+    from search.storage import out_of_space
+    from trainables.errors import TrialConfigError
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    # As they reach the Tune trial: pickled across processes, which drops __cause__.
+    assert out_of_space(pickle.loads(pickle.dumps(ControllerError(full)))).errno == errno.ENOSPC
+    assert out_of_space(WorkerGroupError("rank 0", {0: full})) is full
+    task_error = RayTaskError("f", "traceback", full)
+    assert out_of_space(task_error).errno == errno.ENOSPC
+    assert out_of_space(RuntimeError("other")) is None and out_of_space(OSError(errno.EIO, "io")) is None
+    bad = TrialConfigError("batch")
+    assert final_cause(WorkerGroupError("rank 1", {0: RuntimeError("collective aborted"), 1: bad})) is bad
+    assert isinstance(final_cause(pickle.loads(pickle.dumps(ControllerError(bad)))), TrialConfigError)
+    assert final_cause(WorkerGroupError("rank 0", {0: RuntimeError("crash")})) is None

@@ -40,7 +40,7 @@ from trainables.config import TrialConfig
 from trainables.datasets import DataSplit
 from trainables.loaders import create_train_loader, create_val_loader
 from trainables.losses import create_loss
-from trainables.metrics import TOP_K, EvalMetrics, compute_metrics
+from trainables.metrics import TOP_K, EvalMetrics, compute_metrics, top_k_classes
 from trainables.optim import create_optimizer, create_scheduler
 from trainables.reporting import EpochResult, Reporter
 from trainables.runtime import Runtime
@@ -224,7 +224,7 @@ def evaluate(
         with _exact_fp32():
             logits = net(x).float()
         losses.append(F.cross_entropy(logits, y, reduction="none").cpu().numpy())
-        topk.append(logits.topk(k, dim=1).indices.cpu().numpy())
+        topk.append(top_k_classes(logits.cpu().numpy(), k))
         labels.append(y.cpu().numpy())
     empty = (np.zeros(0, np.int64), np.zeros((0, k), np.int64), np.zeros(0, np.float32))
     local = (np.concatenate(labels), np.concatenate(topk), np.concatenate(losses)) if labels else empty

@@ -51,6 +51,14 @@ class EvalMetrics:
         return out
 
 
+def top_k_classes(logits: np.ndarray, k: int) -> np.ndarray:
+    """Class indices by descending score, ``[N, k]``; of tied scores the lower index
+    comes first, as with ``argmax`` in serving code. ``torch.topk`` orders ties
+    arbitrarily, and int8 logits (dequantized steps) tie often: the reported macro-F1
+    would then not be the one a user recomputes from the same logits."""
+    return np.argsort(-logits, axis=1, kind="stable")[:, :k]
+
+
 def compute_metrics(
     labels: np.ndarray,
     topk_preds: np.ndarray,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,18 +46,18 @@ def int8_speed_note(flags: dict[str, bool]) -> str | None:
             "): int8 may be no faster than fp32 here; measure before serving it.")
 
 
-def calibration_batches(split: DataSplit, transform, options: Int8Config) -> list[np.ndarray]:
+def calibration_batches(split: DataSplit, transform, options: Int8Config) -> Iterator[np.ndarray]:
     """``options.calibration_images`` training images (a seeded sample), preprocessed as
-    for inference, in batches of up to 32."""
+    for inference, in batches of up to 32, decoded as the calibrator asks for them."""
     rng = random.Random(options.seed)
     samples = list(split.train)
     chosen = rng.sample(samples, min(options.calibration_images, len(samples)))
     dataset = ImageDataset(split.root, chosen, transform)
-    images = [dataset[i][0].numpy() for i in range(len(dataset))]
-    return [np.stack(images[i:i + 32]) for i in range(0, len(images), 32)]
+    for start in range(0, len(dataset), 32):
+        yield np.stack([dataset[i][0].numpy() for i in range(start, min(start + 32, len(dataset)))])
 
 
-def quantize_int8(onnx_path: Path, out_path: Path, batches: list[np.ndarray], options: Int8Config,
+def quantize_int8(onnx_path: Path, out_path: Path, batches: Iterable[np.ndarray], options: Int8Config,
                   input_name: str) -> None:
     """Write the static int8 QDQ model of ``onnx_path`` to ``out_path``, calibrated on ``batches``."""
     import onnx

@@ -39,7 +39,7 @@ from trainables.checkpoint import load_model, read_meta
 from trainables.datasets import DataSplit
 from trainables.images import DEFAULT_MAX_PIXELS
 from trainables.loaders import create_val_loader
-from trainables.metrics import RANKING_METRIC, TOP_K, EvalMetrics, compute_metrics
+from trainables.metrics import RANKING_METRIC, TOP_K, EvalMetrics, compute_metrics, top_k_classes
 from trainables.runtime import local_runtime
 from trainables.transforms import eval_transform_from_spec
 
@@ -298,10 +298,7 @@ def _predict(model: nn.Module, session, loader) -> _Predictions:
 def _metrics_from_logits(logits: np.ndarray, labels: np.ndarray, class_names) -> EvalMetrics:
     """The top-k and cross-entropy that ``trainables.loop.evaluate`` gives compute_metrics."""
     scores = torch.from_numpy(logits).float()
-    # Ranked by a stable sort, so of tied scores the lowest index comes first, as with
-    # argmax in serving code. int8 logits are dequantized steps and tie often; torch's
-    # topk orders ties arbitrarily, and the reported macro-F1 would not be reproducible.
-    topk = np.argsort(-logits, axis=1, kind="stable")[:, :min(TOP_K, len(class_names))]
+    topk = top_k_classes(logits, min(TOP_K, len(class_names)))  # ties to the lower index, as in training
     losses = F.cross_entropy(scores, torch.from_numpy(labels), reduction="none").numpy()
     return compute_metrics(labels, topk, losses, class_names)
 
@@ -333,16 +330,16 @@ def _int8_report(onnx_path: Path, split: DataSplit, loader, preds: _Predictions,
     """Quantize next to ``onnx_path``, score int8 against fp32 ONNX over the whole
     validation split, and delete the int8 file unless it passes the gate."""
     names = meta["class_names"]
-    batches = calibration_batches(split, eval_transform_from_spec(meta["preprocessing"]), options)
     int8_path = onnx_path.parent / INT8_FILE
     try:
+        batches = calibration_batches(split, eval_transform_from_spec(meta["preprocessing"]), options)
         quantize_int8(onnx_path, int8_path, batches, options, INPUT_NAME)
-    except Exception as err:  # noqa: BLE001 - the quantizer fails in many ways; fp32 stays
+        session = create_session(int8_path)
+        logits = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0] for x, _ in loader])
+    except Exception as err:  # noqa: BLE001 - the quantizer fails in many ways; the verified fp32 stays
         int8_path.unlink(missing_ok=True)
         warnings.warn(f"int8 quantization failed, fp32 export kept: {err}", RuntimeWarning, 2)
         return {"shipped": False, "refused": f"quantization failed ({type(err).__name__}: {err})"}
-    session = create_session(int8_path)
-    logits = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0] for x, _ in loader])
     fp32_m = _metrics_from_logits(preds.onnx, preds.labels, names)
     int8_m = _metrics_from_logits(logits, preds.labels, names)
     report = int8_gate(

@@ -30,7 +30,7 @@ def tensorrt_unavailable_reason() -> str | None:
     return None
 
 
-def _build_engine(onnx_path: Path, input_name: str, image_size: int, max_batch: int):
+def build_engine(onnx_path: Path, input_name: str, image_size: int, max_batch: int):
     """Parse the ONNX and build an engine for batch 1..max_batch; fp16 where the API has it."""
     import tensorrt as trt
 
@@ -66,7 +66,7 @@ def run_tensorrt(
     Returns:
         (logits [N, num_classes], {"version", "precision", "device"}).
     """
-    engine, precision, version = _build_engine(onnx_path, input_name, image_size, loader.batch_size)
+    engine, precision, version = build_engine(onnx_path, input_name, image_size, loader.batch_size)
     context = engine.create_execution_context()
     stream = torch.cuda.Stream()
     outputs = []

@@ -193,12 +193,14 @@ def _search(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverR
                                               callbacks)
     except BaseException as err:
         full = out_of_space(err)
-        try:
-            handle.flush()
-            driver.finish(INTERRUPTED)  # resumable: `tunecv run` with the same config continues it
-        except OSError:
-            if full is None:
-                raise
+        # Each step on its own: a journal that cannot be flushed must not keep the
+        # driver's record RUNNING (a resume from another host would wait a minute).
+        for step in (handle.flush, lambda: driver.finish(INTERRUPTED)):  # resumable by `tunecv run`
+            try:
+                step()
+            except OSError:
+                if full is None:
+                    raise
         if full is not None:
             raise RunStorageFullError(
                 f"no space left for run '{store}' ({full}). The study keeps every trial record written "

@@ -54,8 +54,8 @@ def check_resumable(store: RunStore, cfg: RunConfig) -> None:
     drivers = read_drivers(store)
     if not drivers:
         raise ConfigError(
-            f"'{store}' is not a search run (it has no {DRIVERS}/: a `tunecv train` directory holds one "
-            f"trained configuration); nothing to resume. Search with `tunecv run --config "
+            f"'{store}' is not a search run that can be resumed: it has no {DRIVERS}/ (a `tunecv train` "
+            f"directory, or a run whose driver stopped before it began). Search with `tunecv run --config "
             f"{store.uri(CONFIG)}`, which starts a new run."
         )
     if not store.exists(SPACE):

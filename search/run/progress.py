@@ -37,6 +37,7 @@ class ProgressCallback(tune.Callback):
         self.max_failures = max_failures
         self.print = print_fn
         self.best: dict[str, float] = {}
+        self.announced: set[str] = set()  # trials that said they fail for good
 
     def __getstate__(self) -> dict:
         # Tune pickles its callbacks into tuner.pkl; under `ray job submit` Ray has
@@ -48,7 +49,10 @@ class ProgressCallback(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         trial_id = trial.config[TRIAL_ID_KEY]
+        if trial_id in self.announced:
+            return  # a result the failing trial's thread still sent
         if FINAL_ERROR_KEY in result:
+            self.announced.add(trial_id)
             self.print(f"[{trial_id}] failed, not retried: {result[FINAL_ERROR_KEY]}")
             return
         if STORAGE_FULL_KEY in result:
@@ -74,6 +78,6 @@ class ProgressCallback(tune.Callback):
         self.print(f"[{trial.config[TRIAL_ID_KEY]}] {ended} after {epochs} epoch(s)")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        if FINAL_ERROR_KEY not in (trial.last_result or {}):  # already said when announced
+        if trial.config[TRIAL_ID_KEY] not in self.announced:  # already said when announced
             self.print(f"[{trial.config[TRIAL_ID_KEY]}] failed: {error_reason(trial)}")
 

@@ -50,6 +50,9 @@ class TrialRecorder(tune.Callback):
         self.store = store
         self.driver = driver
         self.max_epochs = max_epochs
+        # Trials that announced a FinalTrialError: a result their training thread still
+        # sends (it was waiting to report when the timeout fired) is not an epoch of theirs.
+        self.ending: set[str] = set()
 
     def __getstate__(self) -> dict:
         return {}  # Tune pickles callbacks into tuner.pkl, which tunecv never restores
@@ -62,10 +65,13 @@ class TrialRecorder(tune.Callback):
         if STORAGE_FULL_KEY in result:
             # Every trial would fail the same way: stop the search, keep it resumable.
             raise RunStorageFullError(f"trial {trial.config[TRIAL_ID_KEY]}: {result[STORAGE_FULL_KEY]}")
+        if trial.config[TRIAL_ID_KEY] in self.ending:
+            return
         if FINAL_ERROR_KEY in result:
             # Tune decides on a retry from the trial's max_failures alone, when the
             # error arrives; Ray has no per-exception policy (trainables/errors.py).
             trial.max_failures = 0
+            self.ending.add(trial.config[TRIAL_ID_KEY])
             ot_trial.set_user_attr(REASON, f"{result[FINAL_ERROR_KEY]} (not retried)")
             self.searcher.handle.flush()
             return

@@ -90,7 +90,8 @@ def final_cause(err: BaseException) -> FinalTrialError | None:
     (``WorkerGroupError.worker_failures``; the other ranks' errors are its aftermath)."""
     if isinstance(err, FinalTrialError):
         return err
-    for failure in (getattr(err, "worker_failures", None) or {}).values():
+    failures = [*(getattr(err, "worker_failures", None) or {}).values(), getattr(err, "controller_failure", None)]
+    for failure in failures:
         cause = getattr(failure, "cause", failure)  # a RayTaskError carries the worker's exception
         if isinstance(cause, FinalTrialError):
             return cause

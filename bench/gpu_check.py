@@ -1,0 +1,231 @@
+"""The checks a lent GPU machine runs once (``bench/gpu_check.sh`` installs, then runs
+this): AMP bf16 and fp16 trials, a 1-GPU Ray Train trial over NCCL, GPU utilisation and
+memory sampled during a trial, and the TensorRT engine's build, parity and latency. It
+writes one JSON (``--out``).
+
+Each step records its numbers or its error and the next step still runs: a device's
+minutes are too scarce to lose the rest to one failure. On a machine without CUDA,
+``--cpu`` runs the same steps on the CPU where they can run (bf16 autocast, a gloo Ray
+Train trial, the ONNX export) and records the GPU-only ones as skipped, so the script
+is known to work up to its GPU calls (``tests/test_gpu_check.py``).
+
+    python -m bench.gpu_check --out gpu_check.json [--cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+UTIL_TARGET = 90.0  # % of samples' mean GPU utilisation during the busiest trial
+
+
+class GpuSampler:
+    """``nvidia-smi`` every ``period_s`` while running: utilisation % and memory MiB."""
+
+    def __init__(self, period_s: float = 0.5) -> None:
+        self.period_s = period_s
+        self.samples: list[tuple[float, float]] = []
+        self.unreadable = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                done = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used",
+                                       "--format=csv,noheader,nounits", "--id=0"], capture_output=True, text=True,
+                                      timeout=10)
+                util, mem = (float(v) for v in done.stdout.strip().split(","))  # "[N/A]" under MIG: skipped
+                self.samples.append((util, mem))
+            except (subprocess.TimeoutExpired, ValueError):
+                self.unreadable += 1
+            self._stop.wait(self.period_s)
+
+    def __enter__(self) -> GpuSampler:
+        if shutil.which("nvidia-smi"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=15)
+
+    def summary(self) -> dict[str, Any]:
+        if not self.samples:
+            return {"samples": 0, "unreadable": self.unreadable}
+        util = [u for u, _ in self.samples]
+        return {"samples": len(util), "util_mean_pct": float(np.mean(util)), "util_p50_pct": float(np.median(util)),
+                "busy_share": float(np.mean([u >= UTIL_TARGET for u in util])),
+                "memory_max_mib": max(m for _, m in self.samples), "target_util_pct": UTIL_TARGET,
+                "target_met": float(np.mean(util)) >= UTIL_TARGET, "unreadable": self.unreadable,
+                # Sampled over the whole `train()`: the scan, set-up and evaluation lower the mean.
+                "covers": "the whole training run, set-up and evaluation included"}
+
+
+def _step(results: dict, name: str, fn: Callable[[], dict], skip: str | None = None) -> None:
+    """Run one check into ``results[name]``: its numbers, ``skipped`` or ``error``."""
+    if skip:
+        results[name] = {"skipped": skip}
+        print(f"[{name}] skipped: {skip}", flush=True)
+        return
+    start = time.time()
+    try:
+        results[name] = {**fn(), "seconds": round(time.time() - start, 1)}
+        print(f"[{name}] ok: {json.dumps(results[name])[:400]}", flush=True)
+    except Exception as err:  # noqa: BLE001 - recorded; the other checks still run
+        results[name] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:],
+                         "seconds": round(time.time() - start, 1)}
+        print(f"[{name}] FAILED: {err}", flush=True)
+
+
+def _train(work: Path, data: Path, name: str, *, gpu: bool, precision: str, backbone: str = "resnet10t",
+           image_size: int = 32, epochs: int = 2, batch_size: int = 64, num_workers: int = 0,
+           loader_workers: int = 2, sampler: bool = False) -> dict:
+    """One ``tunecv train`` run (in-process, or a Ray Train worker group); its last epoch."""
+    from search.config import parse_config
+    from search.jobs.train import train
+
+    cfg = parse_config({
+        "name": name, "output_dir": str(work / "runs"),
+        "data": {"root": str(data), "image_size": image_size, "num_workers": loader_workers},
+        "model": {"backbone": backbone, "pretrained": False},
+        "optim": {"epochs": epochs, "batch_size": batch_size, "lr_head": 3e-3, "lr_base": 3e-3,
+                  "warmup_epochs": 0.2, "precision": precision},
+        "scaling": {"num_workers": num_workers, "use_gpu": gpu, "cpus_per_worker": 1},
+    })
+    with GpuSampler() as gpu_samples:
+        run_dir = train(cfg, print_fn=lambda *_: None)
+    meta = json.loads((run_dir / "best" / "meta.json").read_text())
+    out = {"run_dir": str(run_dir), "macro_f1": meta["metrics"]["macro_f1"], "precision": precision,
+           "backbone": backbone, "image_size": image_size, "workers": num_workers}
+    if sampler:
+        out["gpu"] = gpu_samples.summary()
+    return out
+
+
+def _tensorrt(run_dir: Path) -> dict:
+    """Engine build and parity through the export, then latency of eager fp32, ORT CUDA
+    (when onnxruntime-gpu is installed) and the engine, at batch 1 and 32."""
+    import onnxruntime as ort
+
+    from search.export.onnx import export_checkpoint
+    from search.export.tensorrt import build_engine
+    from trainables.checkpoint import load_model
+    from trainables.datasets import read_split
+
+    checkpoint = run_dir / "best"
+    with tempfile.TemporaryDirectory() as tmp:
+        result = export_checkpoint(checkpoint, read_split(str(run_dir / "split.parquet")), Path(tmp) / "export",
+                                   tensorrt=True)
+        onnx_path = result.onnx_path
+        model, meta = load_model(checkpoint)
+        size = meta["preprocessing"]["image_size"]
+        model = model.cuda().eval()
+        engine, precision, version = build_engine(onnx_path, "input", size, 32)
+        context = engine.create_execution_context()
+        session = None
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            session = ort.InferenceSession(str(onnx_path), providers=["CUDAExecutionProvider"])
+            if session.get_providers()[0] != "CUDAExecutionProvider":  # its CUDA libraries did not load
+                session = None
+        cuda_ort = session is not None
+        latency = []
+        for batch in (1, 32):
+            x = torch.randn(batch, 3, size, size, device="cuda")
+            out = torch.empty((batch, len(meta["class_names"])), device="cuda")
+            context.set_input_shape("input", tuple(x.shape))
+            context.set_tensor_address("input", x.data_ptr())
+            context.set_tensor_address("logits", out.data_ptr())
+            stream = torch.cuda.current_stream().cuda_stream
+            runners = {"eager_fp32_ms": lambda: model(x),
+                       "tensorrt_ms": lambda: context.execute_async_v3(stream)}
+            if session is not None:  # from host memory and back, as a plain ORT client serves
+                host = x.cpu().numpy()
+                runners["ort_cuda_with_copies_ms"] = lambda: session.run(["logits"], {"input": host})
+            row = {"batch": batch}
+            with torch.inference_mode():
+                for name, fn in runners.items():
+                    for _ in range(5):
+                        fn()
+                    torch.cuda.synchronize()
+                    times = []
+                    for _ in range(30):
+                        start = time.perf_counter()
+                        fn()
+                        torch.cuda.synchronize()
+                        times.append(time.perf_counter() - start)
+                    row[name] = 1000 * float(np.median(times))
+            latency.append(row)
+    return {"parity": result.tensorrt, "onnx_macro_f1": result.onnx_macro_f1, "engine_precision": precision,
+            "tensorrt_version": version, "ort_cuda": cuda_ort, "latency": latency}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="the JSON to write")
+    parser.add_argument("--cpu", action="store_true", help="no CUDA here: run the CPU parts, skip the GPU ones")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.cpu:
+        parser.error("CUDA is not available; pass --cpu to run the CPU parts only.")
+    from search.export.int8 import cpu_int8_flags
+    from trainables.demo_data import write_digits
+
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+        "cuda": torch.version.cuda, "cpu_int8_flags": cpu_int8_flags(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    no_gpu = None if cuda else "no CUDA device"
+    gpu = cuda
+    no_ray = None if importlib.util.find_spec("ray") else "ray is not installed here (carry its wheel)"
+    from search.export.tensorrt import tensorrt_unavailable_reason
+
+    no_trt = no_gpu or tensorrt_unavailable_reason()
+    with tempfile.TemporaryDirectory(prefix="tunecv-gpu-check-") as tmp:
+        work = Path(tmp)
+        write_digits(work / "digits32", image_size=32)
+        _step(results, "amp_bf16", lambda: _train(work, work / "digits32", "bf16", gpu=gpu, precision="bf16"))
+        _step(results, "amp_fp16_gradscaler",
+              lambda: _train(work, work / "digits32", "fp16", gpu=gpu, precision="fp16"), skip=no_gpu)
+        _step(results, "ray_train_1_worker" + ("_nccl" if cuda else "_gloo"),
+              lambda: _train(work, work / "digits32", "ddp", gpu=gpu, precision="bf16" if cuda else "fp32",
+                             num_workers=1), skip=no_ray)
+        if cuda:  # the busiest trial: resnet50 at 128 px, bf16, 8 loader processes
+            write_digits(work / "digits128", image_size=128)
+        _step(results, "gpu_utilisation",
+              lambda: _train(work, work / "digits128", "util", gpu=True, precision="bf16", backbone="resnet50",
+                             image_size=128, epochs=3, batch_size=128, loader_workers=8, sampler=True),
+              skip=no_gpu)
+        trained = results.get("amp_bf16", {}).get("run_dir")
+        _step(results, "tensorrt", lambda: _tensorrt(Path(trained)),
+              skip=no_trt or (None if trained else "the bf16 trial gave no checkpoint"))
+    if not no_ray:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    for step in results.values():
+        if isinstance(step, dict):
+            step.pop("run_dir", None)  # a temporary directory, gone by now
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
