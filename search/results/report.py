@@ -104,10 +104,14 @@ def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
         lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         lines += ["| " + " | ".join(_cell(r[n], n) for n in names) + " |" for r in rows]
         return "\n".join(lines)
-    widths = [max(w, len(h)) for (_, w), h in zip(_CONSOLE_COLUMNS, headers)]
+    cells = [[_cell(r[n], n) for n in names] for r in rows]
+    # Each column as wide as its widest cell: a cut label ("vit_base_patch16_22",
+    # "label_smoothing(smoo") reads as another value.
+    widths = [max(w, len(h), *(len(row[i]) for row in cells)) for i, ((_, w), h)
+              in enumerate(zip(_CONSOLE_COLUMNS, headers))]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
-    for r in rows:
-        lines.append("  ".join(_cell(r[n], n)[:w].ljust(w) for n, w in zip(names, widths)))
+    for r, row in zip(rows, cells):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
         if r["reason"]:
             lines.append(f"      reason: {r['reason']}")
     return "\n".join(lines)
