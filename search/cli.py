@@ -77,13 +77,11 @@ def _report(args: argparse.Namespace) -> int:
 def _check_search_run(store) -> None:
     """A report needs a run that searched, or is searching: say so for anything else."""
     from search.config import ConfigError
-    from search.drivers import live_driver, read_drivers
-    from search.layout import DRIVERS, SPACE
+    from search.drivers import live_driver
+    from search.layout import SPACE
+    from search.run.location import require_search_run
 
-    drivers = read_drivers(store)
-    if not drivers:
-        raise ConfigError(f"'{store}' is not a search run: it has no {DRIVERS}/ (a `tunecv train` directory, "
-                          "whose metrics are in metrics.jsonl, or a run whose driver stopped before it began).")
+    drivers = require_search_run(store)
     if not store.exists(SPACE) and live_driver(drivers) is None:
         raise ConfigError(f"run '{store}' never started searching: its driver stopped during the set-up, "
                           "before any trial. Start a new run.")

@@ -230,21 +230,10 @@ class RunStorageFullError(RuntimeError):
 
 def out_of_space(err: BaseException | None) -> BaseException | None:
     """The ENOSPC/EDQUOT ``OSError`` (or ``RunStorageFullError``) behind ``err``, wherever
-    it was raised: its cause or context chain, a Ray task's cause, or a Ray Train
-    worker's failure."""
+    it was raised (``trainables.errors.nested_errors``)."""
     import errno
 
-    seen: set[int] = set()
-    pending = [err]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, RunStorageFullError) or (
-                isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT)):
-            return current
-        pending += [current.__cause__, current.__context__, getattr(current, "cause", None),
-                    getattr(current, "controller_failure", None),  # Ray Train's ControllerError
-                    *(getattr(current, "worker_failures", None) or {}).values()]
-    return None
+    from trainables.errors import nested_errors
+
+    return next((e for e in nested_errors(err) if isinstance(e, RunStorageFullError)
+                 or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))), None)

@@ -136,7 +136,7 @@ def export_checkpoint(
         trt_report = None
         if use_tensorrt:
             trt_report = _tensorrt_report(tensorrt is True, onnx_path, loader, preds, meta)
-        int8_report = _int8_report(onnx_path, split, loader, preds, meta, int8) if int8 else None
+        int8_report = _int8_report(onnx_path, split, loader, preds, onnx_metrics, meta, int8) if int8 else None
         result = ExportResult(
             out_dir, out_dir / ONNX_FILE, actual_opset, len(preds.labels),
             max_abs_logit_diff=float(np.abs(preds.onnx - preds.eager).max()),
@@ -326,7 +326,8 @@ def _check_macro_f1(onnx_m: EvalMetrics, eager_m: EvalMetrics, preds: _Predictio
     )
 
 
-def _int8_report(onnx_path: Path, split: DataSplit, loader, preds: _Predictions, meta, options: Int8Config) -> dict:
+def _int8_report(onnx_path: Path, split: DataSplit, loader, preds: _Predictions, fp32_m: EvalMetrics, meta,
+                 options: Int8Config) -> dict:
     """Quantize next to ``onnx_path``, score int8 against fp32 ONNX over the whole
     validation split, and delete the int8 file unless it passes the gate."""
     names = meta["class_names"]
@@ -340,7 +341,6 @@ def _int8_report(onnx_path: Path, split: DataSplit, loader, preds: _Predictions,
         int8_path.unlink(missing_ok=True)
         warnings.warn(f"int8 quantization failed, fp32 export kept: {err}", RuntimeWarning, 2)
         return {"shipped": False, "refused": f"quantization failed ({type(err).__name__}: {err})"}
-    fp32_m = _metrics_from_logits(preds.onnx, preds.labels, names)
     int8_m = _metrics_from_logits(logits, preds.labels, names)
     report = int8_gate(
         fp32_m.macro_f1, int8_m.macro_f1, {n: c.f1 for n, c in fp32_m.per_class.items()},

@@ -60,18 +60,18 @@ def _check_weights(cfg: RunConfig, space: SearchSpace, source: str) -> None:
         raise ConfigError(f"model.weights_file holds weights for one backbone, but space '{source}' searches "
                           f"{backbones}. Put <timm name>.safetensors for each in a directory and set "
                           "model.weights_dir to it instead.")
-    if model.pretrained and model.weights_dir is not None:
-        missing = [f"  - {name}: {path}" for name in backbones
-                   if not (path := local_weights(model.model_copy(update={"backbone": name}))).is_file()]
+    if not model.pretrained:
+        return
+    paths = {name: local_weights(model.model_copy(update={"backbone": name})) for name in backbones}
+    if model.weights_dir is not None:
+        missing = [f"  - {name}: {path}" for name, path in paths.items() if not path.is_file()]
         if missing:
             raise ConfigError("\n".join([f"model.weights_dir has no weights for {len(missing)} backbone(s) of "
                                          f"space '{source}'; put each file there or drop the backbone:",
                                          *missing]))
-    if model.pretrained:  # each file holds its backbone, tensor by tensor (headers only)
-        for name in backbones:
-            path = local_weights(model.model_copy(update={"backbone": name}))
-            if path is not None and path.is_file():
-                check_weights_file(name, path)
+    for name, path in paths.items():  # each file holds its backbone, tensor by tensor (headers only)
+        if path is not None and path.is_file():
+            check_weights_file(name, path)
 
 
 def _trial_resources(cfg: RunConfig) -> dict[str, float]:

@@ -6,7 +6,7 @@ when given (resumed if it holds a run), else the newest unfinished ``<name>-*`` 
 from __future__ import annotations
 
 from search.config import ConfigError, RunConfig
-from search.drivers import is_finished, live_driver, read_drivers
+from search.drivers import DriverState, is_finished, live_driver, read_drivers
 from search.layout import CONFIG, DRIVERS, REPORT_MARKDOWN, SPACE, run_name
 from search.storage import RunStore, read_config
 
@@ -44,6 +44,21 @@ def new_run(cfg: RunConfig) -> RunStore:
     return store
 
 
+def require_search_run(store: RunStore) -> list[DriverState]:
+    """The run's drivers; a directory without any (a `tunecv train` one) is refused.
+
+    Raises:
+        ConfigError: Naming the directory and how a search starts instead.
+    """
+    drivers = read_drivers(store)
+    if not drivers:
+        raise ConfigError(
+            f"'{store}' is not a search run: it has no {DRIVERS}/ (a `tunecv train` directory, or a run whose "
+            f"driver stopped before it began). A search starts with `tunecv run --config {store.uri(CONFIG)}`."
+        )
+    return drivers
+
+
 def check_resumable(store: RunStore, cfg: RunConfig) -> None:
     """Refuse to take over a finished run, a run another driver still searches, or a run
     that was started with other settings (its trials would not be comparable).
@@ -51,13 +66,7 @@ def check_resumable(store: RunStore, cfg: RunConfig) -> None:
     Raises:
         ConfigError: Saying which, and what to do instead.
     """
-    drivers = read_drivers(store)
-    if not drivers:
-        raise ConfigError(
-            f"'{store}' is not a search run that can be resumed: it has no {DRIVERS}/ (a `tunecv train` "
-            f"directory, or a run whose driver stopped before it began). Search with `tunecv run --config "
-            f"{store.uri(CONFIG)}`, which starts a new run."
-        )
+    drivers = require_search_run(store)
     if not store.exists(SPACE):
         raise ConfigError(
             f"run '{store}' never finished its set-up (no {SPACE}: its first driver stopped while "

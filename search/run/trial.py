@@ -19,7 +19,7 @@ from search.space.model import SearchSpace
 from search.storage import RunStore, out_of_space
 from search.study import RESUME_FROM_KEY, TRIAL_ID_KEY
 from trainables.config import TrialConfig
-from trainables.errors import FinalTrialError, TrialConfigError, TrialTimeoutError
+from trainables.errors import FinalTrialError, TrialConfigError, TrialTimeoutError, nested_errors
 
 # A result holding only this key says the trial is about to raise a FinalTrialError:
 # "<ErrorClass>: message". Tune's FailureConfig retries every error alike.
@@ -87,15 +87,8 @@ def run_search_trial(params: dict[str, Any], context: TrialContext) -> None:
 
 def final_cause(err: BaseException) -> FinalTrialError | None:
     """The ``FinalTrialError`` behind ``err``: itself, or one a Ray Train worker raised
-    (``WorkerGroupError.worker_failures``; the other ranks' errors are its aftermath)."""
-    if isinstance(err, FinalTrialError):
-        return err
-    failures = [*(getattr(err, "worker_failures", None) or {}).values(), getattr(err, "controller_failure", None)]
-    for failure in failures:
-        cause = getattr(failure, "cause", failure)  # a RayTaskError carries the worker's exception
-        if isinstance(cause, FinalTrialError):
-            return cause
-    return None
+    (the other ranks' errors are its aftermath)."""
+    return next((e for e in nested_errors(err) if isinstance(e, FinalTrialError)), None)
 
 
 def _fail_for_good(final: FinalTrialError, raised: BaseException):
