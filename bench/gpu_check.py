@@ -33,24 +33,39 @@ UTIL_TARGET = 90.0  # % of samples' mean GPU utilisation during the busiest tria
 
 
 class GpuSampler:
-    """``nvidia-smi`` every ``period_s`` while running: utilisation % and memory MiB."""
+    """GPU 0's utilisation % and memory MiB every ``period_s`` while running (NVML, else ``nvidia-smi``)."""
 
-    def __init__(self, period_s: float = 0.5) -> None:
+    def __init__(self, period_s: float = 0.2) -> None:
         self.period_s = period_s
+        self.source = "none"
         self.samples: list[tuple[float, float]] = []
         self.unreadable = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
+        try:  # NVML (nvidia-ml-py) reads in microseconds; an nvidia-smi process takes about a second
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+
+            def read() -> tuple[float, float]:
+                return (float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+                        pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20)
+            self.source = "nvml"
+        except Exception:  # noqa: BLE001 - no NVML binding or library: fall back to the CLI
+            def read() -> tuple[float, float]:
                 done = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used",
                                        "--format=csv,noheader,nounits", "--id=0"], capture_output=True, text=True,
                                       timeout=10)
                 util, mem = (float(v) for v in done.stdout.strip().split(","))  # "[N/A]" under MIG: skipped
-                self.samples.append((util, mem))
-            except (subprocess.TimeoutExpired, ValueError):
+                return util, mem
+            self.source = "nvidia-smi"
+        while not self._stop.is_set():
+            try:
+                self.samples.append(read())
+            except Exception:  # noqa: BLE001 - counted: a sample that could not be read
                 self.unreadable += 1
             self._stop.wait(self.period_s)
 
@@ -71,7 +86,7 @@ class GpuSampler:
         return {"samples": len(util), "util_mean_pct": float(np.mean(util)), "util_p50_pct": float(np.median(util)),
                 "busy_share": float(np.mean([u >= UTIL_TARGET for u in util])),
                 "memory_max_mib": max(m for _, m in self.samples), "target_util_pct": UTIL_TARGET,
-                "target_met": float(np.mean(util)) >= UTIL_TARGET, "unreadable": self.unreadable,
+                "target_met": float(np.mean(util)) >= UTIL_TARGET, "unreadable": self.unreadable, "source": self.source,
                 # Sampled over the whole `train()`: the scan, set-up and evaluation lower the mean.
                 "covers": "the whole training run, set-up and evaluation included"}
 
@@ -107,14 +122,51 @@ def _train(work: Path, data: Path, name: str, *, gpu: bool, precision: str, back
                   "warmup_epochs": 0.2, "precision": precision},
         "scaling": {"num_workers": num_workers, "use_gpu": gpu, "cpus_per_worker": 1},
     })
+    from trainables.datasets import read_split
+
+    start = time.perf_counter()
     with GpuSampler() as gpu_samples:
         run_dir = train(cfg, print_fn=lambda *_: None)
+    seconds = time.perf_counter() - start
     meta = json.loads((run_dir / "best" / "meta.json").read_text())
     out = {"run_dir": str(run_dir), "macro_f1": meta["metrics"]["macro_f1"], "precision": precision,
            "backbone": backbone, "image_size": image_size, "workers": num_workers}
     if sampler:
-        out["gpu"] = gpu_samples.summary()
+        images = epochs * len(read_split(str(run_dir / "split.parquet")).train)
+        # Set-up and evaluation included: a lower bound on the training loop's own rate.
+        out["gpu"] = {**gpu_samples.summary(), "train_images_per_s_overall": round(images / seconds, 1)}
     return out
+
+
+def _step_ceiling(backbone: str, image_size: int, batch_size: int, steps: int = 30) -> dict:
+    """Images/s of bare bf16 training steps on one GPU-resident batch: what the GPU can
+    take when nothing waits on data, to set beside the loader-fed trial's rate."""
+    import timm
+
+    model = timm.create_model(backbone, pretrained=False, num_classes=10).cuda().to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch_size, 3, image_size, image_size, device="cuda").to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch_size,), device="cuda")
+
+    def one_step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(5):
+        one_step()
+    torch.cuda.synchronize()
+    with GpuSampler(period_s=0.05) as gpu_samples:
+        start = time.perf_counter()
+        for _ in range(steps):
+            one_step()
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    return {"backbone": backbone, "image_size": image_size, "batch_size": batch_size,
+            "images_per_s": round(steps * batch_size / seconds, 1),
+            "util_mean_pct": gpu_samples.summary().get("util_mean_pct")}
 
 
 def _tensorrt(run_dir: Path) -> dict:
@@ -204,12 +256,13 @@ def main(argv: list[str] | None = None) -> dict:
         _step(results, "ray_train_1_worker" + ("_nccl" if cuda else "_gloo"),
               lambda: _train(work, work / "digits32", "ddp", gpu=gpu, precision="bf16" if cuda else "fp32",
                              num_workers=1), skip=no_ray)
-        if cuda:  # the busiest trial: resnet50 at 128 px, bf16, 8 loader processes
+        if cuda:  # the busiest trial: resnet50 at 128 px, bf16, 8 loader processes, 10 epochs
             write_digits(work / "digits128", image_size=128)
         _step(results, "gpu_utilisation",
               lambda: _train(work, work / "digits128", "util", gpu=True, precision="bf16", backbone="resnet50",
-                             image_size=128, epochs=3, batch_size=128, loader_workers=8, sampler=True),
+                             image_size=128, epochs=10, batch_size=128, loader_workers=8, sampler=True),
               skip=no_gpu)
+        _step(results, "train_step_ceiling", lambda: _step_ceiling("resnet50", 128, 128), skip=no_gpu)
         trained = results.get("amp_bf16", {}).get("run_dir")
         _step(results, "tensorrt", lambda: _tensorrt(Path(trained)),
               skip=no_trt or (None if trained else "the bf16 trial gave no checkpoint"))
