@@ -1,7 +1,13 @@
 """The drivers of a run: the first ``tunecv run`` is driver 1, each resume the next.
-Driver k alone writes ``drivers/<k>.json`` (at start, every ``HEARTBEAT_S``, at its end),
-from which a reader knows whether the run is finished, searched right now or
-resumable, and how much of ``search.time_budget_s`` earlier drivers spent.
+Driver k alone writes its files, each once: ``drivers/<k>.json`` at its start, a
+heartbeat ``drivers/<k>/beat-<n>.json`` every ``HEARTBEAT_S`` (deleting beat n-1 after
+writing beat n) and ``drivers/<k>/end.json`` at its end. From them a reader knows
+whether the run is finished, searched right now or resumable, and how much of
+``search.time_budget_s`` earlier drivers spent.
+
+No file is rewritten because an object store cannot be read safely while it is: pyarrow
+sizes an S3 object (HEAD) before it fetches it (ranged GETs), so a reader racing a
+rewrite got the old length of the new text, a torn JSON (seen in CI).
 """
 
 from __future__ import annotations
@@ -11,17 +17,17 @@ import socket
 import time
 from dataclasses import asdict, dataclass, replace
 
-from search.layout import DRIVERS, driver_state
+from search.layout import DRIVERS, driver_beat, driver_beats, driver_end, driver_start
 from search.storage import RunStore
 
-HEARTBEAT_S = 10.0  # how often a live driver rewrites its state file
+HEARTBEAT_S = 10.0  # how often a live driver writes a heartbeat
 STALE_AFTER_S = 60.0  # a driver on another host that has been silent this long is dead
 RUNNING, FINISHED, INTERRUPTED = "running", "finished", "interrupted"
 
 
 @dataclass(frozen=True)
 class DriverState:
-    """One driver's ``drivers/<k>.json``."""
+    """One driver's state: its start file, updated by its latest heartbeat or its end file."""
 
     k: int
     status: str  # running | finished | interrupted
@@ -50,7 +56,22 @@ class DriverState:
 def read_drivers(store: RunStore) -> list[DriverState]:
     """Every driver the run has had, in order."""
     names = [n for n in store.list_names(DRIVERS) if n.endswith(".json")]
-    return [DriverState(**store.read_json(f"{DRIVERS}/{name}")) for name in names]
+    return [_read_driver(store, DriverState(**store.read_json(f"{DRIVERS}/{name}"))) for name in names]
+
+
+def _read_driver(store: RunStore, start: DriverState) -> DriverState:
+    """``start`` as its end file, else its latest heartbeat, says it is now."""
+    if store.exists(driver_end(start.k)):
+        return DriverState(**store.read_json(driver_end(start.k)))
+    for _ in range(3):  # the beat listed may be deleted before it is read, when the next one lands
+        beats = [n for n in store.list_names(driver_beats(start.k)) if n.startswith("beat-")]
+        if not beats:
+            return start
+        try:
+            return replace(start, **store.read_json(f"{driver_beats(start.k)}/{beats[-1]}"))
+        except FileNotFoundError:
+            continue
+    return start
 
 
 def live_driver(drivers: list[DriverState]) -> DriverState | None:
@@ -68,7 +89,7 @@ def spent_s(drivers: list[DriverState]) -> float:
 
 
 class DriverRecord:
-    """This process as the run's next driver; it alone writes its ``drivers/<k>.json``."""
+    """This process as the run's next driver; it alone writes the files of driver ``k``."""
 
     def __init__(self, store: RunStore, k: int) -> None:
         self.store = store
@@ -77,17 +98,32 @@ class DriverRecord:
             k=k, status=RUNNING, pid=os.getpid(), hostname=socket.gethostname(),
             started=now, heartbeat=now, spent_s=0.0,
         )
-        self._write()
+        self.beats = 0
+        self.ended = False
+        store.write_json(driver_start(k), asdict(self.state))
 
     def beat(self) -> None:
-        now = time.time()
-        self.state = replace(self.state, heartbeat=now, spent_s=now - self.state.started)
-        self._write()
+        """Write the next heartbeat, then delete the one before: one or two exist at a time."""
+        self._tick()
+        self.beats += 1
+        self.store.write_json(driver_beat(self.state.k, self.beats),
+                              {"heartbeat": self.state.heartbeat, "spent_s": self.state.spent_s})
+        if self.beats > 1:
+            try:
+                self.store.delete(driver_beat(self.state.k, self.beats - 1))
+            except OSError:  # a beat left behind is harmless: readers take the newest
+                pass
 
     def finish(self, status: str, asha_rungs: dict | None = None) -> None:
-        """``finished``, or ``interrupted`` (resumable: the next driver continues it)."""
+        """``finished``, or ``interrupted`` (resumable: the next driver continues it).
+        The first call writes the end file; a driver ends once."""
+        if self.ended:
+            return
+        self._tick()
         self.state = replace(self.state, status=status, asha_rungs=asha_rungs)
-        self.beat()
+        self.store.write_json(driver_end(self.state.k), asdict(self.state))
+        self.ended = True
 
-    def _write(self) -> None:
-        self.store.write_json(driver_state(self.state.k), asdict(self.state))
+    def _tick(self) -> None:
+        now = time.time()
+        self.state = replace(self.state, heartbeat=now, spent_s=now - self.state.started)

@@ -20,9 +20,24 @@ GATE_MARKDOWN = "gate.md"  # the same, for people; `tunecv report` shows it
 TRAIN_SUBDIR = "train"  # a multi-worker trial's Ray Train run, inside its Tune trial directory
 
 
-def driver_state(k: int) -> str:
-    """Driver k's state file (k counts from 1: the first driver, then each resume)."""
+def driver_start(k: int) -> str:
+    """Driver k's state at its start (k counts from 1: the first driver, then each resume)."""
     return f"{DRIVERS}/{k:03d}.json"
+
+
+def driver_beats(k: int) -> str:
+    """Driver k's directory: its heartbeats and its end file."""
+    return f"{DRIVERS}/{k:03d}"
+
+
+def driver_beat(k: int, n: int) -> str:
+    """Driver k's n-th heartbeat (its time and the search time it has spent)."""
+    return f"{driver_beats(k)}/beat-{n:06d}.json"
+
+
+def driver_end(k: int) -> str:
+    """Driver k's state at its end: finished or interrupted."""
+    return f"{driver_beats(k)}/end.json"
 
 
 def tune_experiment(k: int) -> str:

@@ -1,5 +1,5 @@
 """What the driver prints while it searches (one line per trial event), and the
-heartbeat that rewrites its ``drivers/<k>.json`` every ``HEARTBEAT_S``.
+driver's heartbeat every ``HEARTBEAT_S`` (``search/drivers.py``).
 """
 
 from __future__ import annotations
