@@ -17,6 +17,8 @@ import pytest
 import yaml
 
 from search.config import parse_config
+from search.drivers import read_drivers
+from search.storage import RunStore
 from tests.conftest import small_run_config
 from tests.test_cluster import SPACE
 
@@ -84,7 +86,8 @@ def test_search_keeps_its_whole_run_in_storage_and_reports_from_it_throughout(
 
     files = _bucket_files(run_uri)
     for name in ("config.yaml", "split.parquet", "split.json", "space.yaml", "optuna.journal",
-                 "drivers/001.json", "report.parquet", "report.md", "export/model.onnx", "export/metrics.json"):
+                 "drivers/001.json", "drivers/001/end.json", "report.parquet", "report.md",
+                 "export/model.onnx", "export/metrics.json"):
         assert name in files, name
     trial_dirs = {"/".join(f.split("/")[:3]) for f in files if f.startswith("tune/001/t0")}
     assert len(trial_dirs) == 3
@@ -104,8 +107,7 @@ def test_search_keeps_its_whole_run_in_storage_and_reports_from_it_throughout(
         table = pq.read_table(f).to_pylist()
     assert all(r["trial_id"] in done.stdout for r in table) and len(table) == 3
     assert table[0]["macro_f1"] > 0.3
-    with fs.open_input_stream(f"{base}/drivers/001.json") as f:
-        assert json.loads(f.readall())["status"] == "finished"
+    assert read_drivers(RunStore.at(run_uri))[-1].status == "finished"
 
     # `tunecv export` of another trial: it downloads that checkpoint only, and leaves no copy behind.
     other = table[1]["trial_id"]
