@@ -237,7 +237,12 @@ def main(argv: list[str] | None = None) -> dict:
     from search.export.int8 import cpu_int8_flags
     from trainables.demo_data import write_digits
 
+    from bench._common import commit
+
     results: dict[str, Any] = {
+        # A device gets the working tree without .git ("unknown"): whoever commits the
+        # result names the commit whose tree it ran.
+        "commit": commit(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
         "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
         "cuda": torch.version.cuda, "cpu_int8_flags": cpu_int8_flags(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
