@@ -57,8 +57,9 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from search.layout import GATE_MARKDOWN, REPORT_MARKDOWN
-    from search.results.report import build_report, format_table
+    from search.layout import GATE_MARKDOWN, REPORT_HTML, REPORT_MARKDOWN
+    from search.results.report import build_report
+    from search.results.table import format_table
     from search.results.trials import load_run
     from search.storage import RunStore
 
@@ -70,7 +71,7 @@ def _report(args: argparse.Namespace) -> int:
         print(store.read_text(GATE_MARKDOWN))
     if args.out:
         report.write_to(RunStore.at(args.out))
-        print(f"report: {Path(args.out) / REPORT_MARKDOWN}")
+        print(f"report: {Path(args.out) / REPORT_MARKDOWN}, {Path(args.out) / REPORT_HTML} (opens offline)")
     return 0
 
 
@@ -225,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="build and print the ranked report of a run, also mid-run")
     report.add_argument("run_dir", help="a run directory, or its URI (s3://..., gs://...)")
-    report.add_argument("--out", help="also write report.md and report.parquet into this local directory")
+    report.add_argument("--out", help="also write report.md, report.html and report.parquet into this local directory "
+                        "(the run's own copies are written once, by the driver that finishes it)")
     report.set_defaults(func=_report)
 
     export = sub.add_parser("export", help="export a run's winner (or --trial) to a verified ONNX bundle")

@@ -14,6 +14,7 @@ DRIVERS = "drivers"
 TUNE = "tune"
 REPORT_PARQUET = "report.parquet"
 REPORT_MARKDOWN = "report.md"
+REPORT_HTML = "report.html"  # self-contained: plots and plotly.js inside
 EXPORT = "export"
 GATE_JSON = "gate.json"  # a retrain's champion/challenger decision and its numbers
 GATE_MARKDOWN = "gate.md"  # the same, for people; `tunecv report` shows it

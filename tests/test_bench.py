@@ -158,3 +158,11 @@ def test_resume_tuner_restore_smoke_run_kills_and_restores(tmp_path, shared_ray)
     assert run["trials_started_before_kill"] <= run["study_trials"] <= samples
     assert "restore_failed" in run or run["trials_after"] > 0
     assert not math.isnan(run["epochs_trained_twice"])
+
+
+def test_report_html_smoke_run_times_a_page_with_every_trial(tmp_path):
+    from bench.report_html import main
+
+    result = json.loads(main(["--smoke", "--results", str(tmp_path)]).read_text())
+    assert result["trials"] == 12 and result["plots"] >= 8
+    assert 0 < result["seconds_median"] and 0 < result["bytes"] < 5_000_000

@@ -86,7 +86,7 @@ def test_search_keeps_its_whole_run_in_storage_and_reports_from_it_throughout(
 
     files = _bucket_files(run_uri)
     for name in ("config.yaml", "split.parquet", "split.json", "space.yaml", "optuna.journal",
-                 "drivers/001.json", "drivers/001/end.json", "report.parquet", "report.md",
+                 "drivers/001.json", "drivers/001/end.json", "report.parquet", "report.md", "report.html",
                  "export/model.onnx", "export/metrics.json"):
         assert name in files, name
     trial_dirs = {"/".join(f.split("/")[:3]) for f in files if f.startswith("tune/001/t0")}

@@ -2,7 +2,7 @@
 
 import math
 
-from search.results.report import _CONSOLE_COLUMNS, format_table
+from search.results.table import _CONSOLE_COLUMNS, format_table
 
 
 def _row(**values):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from search.config import ConfigError, parse_config
-from search.layout import REPORT_MARKDOWN, REPORT_PARQUET
+from search.layout import REPORT_HTML, REPORT_MARKDOWN, REPORT_PARQUET
 from search.results.trials import COMPLETED, FAILED, STOPPED_EARLY, load_run
 from search.study import read_trials
 from tests.conftest import small_run_config
@@ -129,6 +129,62 @@ def test_report_ranks_by_macro_f1_and_lists_every_trial(search_run):
         assert row["trial_id"] in md
     assert "Confusion matrix" in md and "class_3" in md
     assert any("macro_f1" in line and "epoch" in line for line in lines)  # live progress
+
+
+@pytest.mark.slow
+def test_report_html_in_a_browser_shows_stopped_and_failed_trials_and_the_export(search_run, tmp_path):
+    from tests.browser import visit
+
+    page_file = Path(search_run[0].location) / REPORT_HTML
+    seen = visit(page_file, tmp_path / "search_report.png")
+    assert seen.errors == [] and seen.requests == [page_file.resolve().as_uri()]
+    assert len(seen.plots) >= 5 and all(traces > 0 for traces in seen.plots.values()), seen.plots
+    assert {"completed", "stopped_early", "failed"} <= set(seen.statuses)
+    assert "TrialConfigError: test fault" in seen.text
+    assert "ONNX macro_f1 (recomputed)" in seen.text  # the report follows the export
+    assert page_file.stat().st_size < 5_000_000
+
+
+@pytest.mark.slow
+def test_the_study_opens_in_optuna_dashboard(search_run, tmp_path):
+    """The README's `optuna-dashboard RUN/optuna.journal`, on loopback, read back through its API."""
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    store, _ = search_run
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dashboard = Path(sys.executable).parent / "optuna-dashboard"
+    proc = subprocess.Popen([str(dashboard), str(Path(store.location) / "optuna.journal"), "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}/api/studies"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                studies = json.loads(urllib.request.urlopen(url, timeout=5).read())["study_summaries"]
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+                time.sleep(0.5)
+        (summary,) = studies
+        assert summary["study_name"] == Path(store.location).name
+        served = json.loads(urllib.request.urlopen(f"{url}/{summary['study_id']}", timeout=30).read())["trials"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    stored = read_trials(store, None)
+    assert [t["number"] for t in served] == [t.number for t in stored]
+    for got, want in zip(served, stored):
+        assert got["state"].upper() == want.state.name
+        assert {p["name"]: p["param_external_value"] for p in got["params"]} == {
+            k: str(v) if isinstance(v, str) else v for k, v in want.params.items()}
+        assert {v["step"]: v["value"] for v in got["intermediate_values"]} == want.intermediate_values
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
-"""The ranked trial report: ``report.parquet`` for tools, ``report.md`` for people, a
-table for the console. The driver that finishes a search writes the files into the
-run; ``tunecv report`` builds the same report at any time and writes it only where
+"""The ranked trial report: ``report.parquet`` for tools, ``report.md`` and
+``report.html`` (plots: ``figures.py``, page: ``html.py``) for people, a table for the
+console. The driver that finishes a search writes the files into the run; ``tunecv
+report`` builds the same report at any time, mid-run included, and writes it only where
 ``--out`` says, so the run's files keep one writer.
 """
 
@@ -12,8 +13,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from search.layout import GATE_JSON, REPORT_MARKDOWN, REPORT_PARQUET
+from search.layout import CONFIG, EXPORT, GATE_JSON, REPORT_HTML, REPORT_MARKDOWN, REPORT_PARQUET, SPACE, SPLIT, join
+from search.results.html import PageInputs, render as render_html
 from search.results.ranking import rank
+from search.results.table import format_table
 from search.results.trials import RunView, TrialView, load_run, read_epoch_details
 from search.storage import RunStore
 from trainables.losses import loss_label
@@ -26,13 +29,15 @@ TOP_DETAILED = 3
 class Report:
     rows: list[dict[str, Any]]  # one per trial, in rank order
     markdown: str
+    html: str
 
     def write_to(self, store: RunStore) -> None:
-        """``report.md`` and, once a trial exists, ``report.parquet``, each written whole."""
+        """``report.md``, ``report.html`` and, once a trial exists, ``report.parquet``, each written whole."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         store.write_text(REPORT_MARKDOWN, self.markdown)
+        store.write_text(REPORT_HTML, self.html)
         if self.rows:
             sink = io.BytesIO()
             pq.write_table(pa.Table.from_pylist(self.rows), sink)
@@ -73,48 +78,48 @@ def build_report(run: RunView) -> Report:
     """Rank the run's trials and render the report (reads the top trials' per-class metrics)."""
     ranked = rank(run.trials)
     rows = [report_row(i, t) for i, t in enumerate(ranked, start=1)]
-    return Report(rows, format_markdown(run, ranked, rows))
+    top = top_details(run.store, ranked)
+    return Report(rows, format_markdown(run, ranked, rows, top), render_html(page_inputs(run, ranked, rows, top)))
 
 
-_CONSOLE_COLUMNS = (
-    ("rank", 4), ("trial_id", 8), ("status", 13), ("backbone", 22), ("unfreeze_depth", 5),
-    ("loss", 34), ("lr_head", 9), ("lr_base", 9), (RANKING_METRIC, 8), ("val_loss", 8),
-    ("epochs_run", 6), ("wall_time_s", 7),
-)
-_HEADERS = {"unfreeze_depth": "depth", "epochs_run": "epochs", "wall_time_s": "time_s"}
+def top_details(store: RunStore, ranked: list[TrialView]) -> list[tuple[TrialView, dict, dict]]:
+    """(trial, best epoch, its per-class metrics) of the ``TOP_DETAILED`` best trials whose
+    checkpoint Ray still keeps."""
+    found = []
+    for trial in ranked:
+        if len(found) == TOP_DETAILED or trial.best_epoch is None:
+            break
+        details = read_epoch_details(store, trial)
+        if details is not None:  # else no checkpoint of it is left to read (its run was cut short)
+            found.append((trial, *details))
+    return found
 
 
-def _cell(value: Any, name: str = "") -> str:
-    if name == "wall_time_s":
-        return f"{value:.1f}"  # seconds: one decimal whatever the size
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
-        if 0 < abs(value) < 1e-2:
-            return f"{value:.2e}"
-        return f"{value:.1f}" if abs(value) >= 10 else f"{value:.4f}"
-    return "-" if value is None else str(value)
+def page_inputs(run: RunView, ranked: list[TrialView], rows: list[dict[str, Any]],
+                top: list[tuple[TrialView, dict, dict]]) -> PageInputs:
+    """Everything ``report.html`` shows, read from the run; parts not written yet are None."""
+    from search.run.scheduler import create_scheduler
+    from search.space.catalog import parse_space
+    from trainables.datasets import read_split
 
+    store = run.store
+    space_text = store.read_text(SPACE) if store.exists(SPACE) else ""
+    scheduler = create_scheduler(run.config)  # Ray's own milestones, below the last epoch: where ASHA stops
+    rungs = [int(m) for m in scheduler.rungs() if int(m) < run.config.optim.epochs] if scheduler else []
+    verification = None
+    if store.exists(join(EXPORT, "metrics.json")):
+        verification = store.read_json(join(EXPORT, "metrics.json")).get("verification")
+    gate = None
+    if store.exists(GATE_JSON):
+        from search.retrain.gate import Decision, describe
 
-def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
-    """The ranked table, as fixed-width text or as a Markdown table."""
-    names = [name for name, _ in _CONSOLE_COLUMNS]
-    headers = [_HEADERS.get(n, n) for n in names]
-    if markdown:
-        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-        lines += ["| " + " | ".join(_cell(r[n], n) for n in names) + " |" for r in rows]
-        return "\n".join(lines)
-    cells = [[_cell(r[n], n) for n in names] for r in rows]
-    # Each column as wide as its widest cell: a cut label ("vit_base_patch16_22",
-    # "label_smoothing(smoo") reads as another value.
-    widths = [max(w, len(h), *(len(row[i]) for row in cells)) for i, ((_, w), h)
-              in enumerate(zip(_CONSOLE_COLUMNS, headers))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
-    for r, row in zip(rows, cells):
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
-        if r["reason"]:
-            lines.append(f"      reason: {r['reason']}")
-    return "\n".join(lines)
+        gate = describe(Decision.from_json(store.read_text(GATE_JSON)), level=2)
+    return PageInputs(
+        run_name=store.name, ranked=ranked, rows=rows, top_details=top,
+        space=parse_space(space_text, store.uri(SPACE), check_depths=False) if space_text else None,
+        rungs=sorted(rungs), split=read_split(store.uri(SPLIT)) if store.exists(SPACE) else None,
+        verification=verification, config_text=store.read_text(CONFIG), space_text=space_text, gate_markdown=gate,
+    )
 
 
 def _per_class_markdown(details: dict[str, Any]) -> list[str]:
@@ -129,7 +134,8 @@ def _per_class_markdown(details: dict[str, Any]) -> list[str]:
     return lines
 
 
-def format_markdown(run: RunView, ranked: list[TrialView], rows: list[dict[str, Any]]) -> str:
+def format_markdown(run: RunView, ranked: list[TrialView], rows: list[dict[str, Any]],
+                    top: list[tuple[TrialView, dict, dict]]) -> str:
     counts = Counter(t.status for t in ranked)
     lines = [
         f"# Trial report: {run.store.name}",
@@ -143,15 +149,7 @@ def format_markdown(run: RunView, ranked: list[TrialView], rows: list[dict[str, 
     failed = [r for r in rows if r["reason"]]
     if failed:
         lines += ["## Failed or stopped trials", ""] + [f"- `{r['trial_id']}`: {r['reason']}" for r in failed] + [""]
-    detailed = 0
-    for trial in ranked:
-        if detailed == TOP_DETAILED or trial.best_epoch is None:
-            break
-        found = read_epoch_details(run.store, trial)
-        if found is None:
-            continue  # no checkpoint of it is left to read (its run was cut short)
-        epoch, details = found
-        detailed += 1
+    for trial, epoch, details in top:
         lines += [
             f"## `{trial.trial_id}`: {RANKING_METRIC} {epoch[RANKING_METRIC]:.4f} (epoch {epoch['epoch']})",
             "",
@@ -170,6 +168,6 @@ def write_run_report(store: RunStore, print_fn=print) -> Report:
     report = build_report(load_run(store))
     report.write_to(store)
     print_fn(format_table(report.rows))
-    print_fn(f"report: {store.uri(REPORT_MARKDOWN)}")
+    print_fn(f"report: {store.uri(REPORT_MARKDOWN)}, {store.uri(REPORT_HTML)}")
     return report
 

@@ -212,14 +212,18 @@ def _search(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverR
         driver.finish(INTERRUPTED)
         print_fn(f"search interrupted; continue it with `tunecv run --resume {store}`")
         return
-    write_run_report(store, print_fn)
+    rungs = scheduler.rungs() if scheduler else None
     try:
         if cfg.search.export:
             export_winner(store, print_fn, int8=cfg.search.int8)
     finally:
-        # The search is over even when its export fails to verify: a resume would only
-        # export again; `tunecv export RUN` retries it on its own.
-        driver.finish(FINISHED, asha_rungs=scheduler.rungs() if scheduler else None)
+        # The report comes after the export (report.html shows its verification) and is
+        # written even when the export fails to verify. The search is over then too: a
+        # resume would only export again; `tunecv export RUN` retries it on its own.
+        try:
+            write_run_report(store, print_fn)
+        finally:
+            driver.finish(FINISHED, asha_rungs=rungs)
 
 
 def _first_points(cfg: RunConfig, space: SearchSpace, warm_points, print_fn) -> list[dict[str, Any]]:

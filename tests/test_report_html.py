@@ -1,0 +1,69 @@
+"""``report.html`` in a real headless Chromium: a run with completed, ASHA-stopped,
+failed and still-running trials (built without Ray by bench/synthetic_run.py), reported
+mid-run by ``tunecv report --out``."""
+
+
+import pytest
+
+from bench.synthetic_run import write_synthetic_run
+from search.cli import main
+from search.layout import REPORT_HTML, REPORT_MARKDOWN, REPORT_PARQUET
+from tests.browser import chromium_path, visit
+
+MAX_BYTES = 5_000_000
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    chromium_path()  # skip (or fail in CI) before building anything
+    tmp = tmp_path_factory.mktemp("html")
+    run = write_synthetic_run(tmp / "runs" / "synthetic-20261130-000000", 16, running=2, finished=False)
+    assert main(["report", run.location, "--out", str(tmp / "out")]) == 0
+    page_file = tmp / "out" / REPORT_HTML
+    return page_file, visit(page_file, tmp / "report.png"), tmp
+
+
+def test_mid_run_report_writes_all_three_files(page):
+    page_file, _, tmp = page
+    assert {p.name for p in page_file.parent.iterdir()} == {REPORT_HTML, REPORT_MARKDOWN, REPORT_PARQUET}
+    assert 0 < page_file.stat().st_size < MAX_BYTES
+
+
+def test_the_page_loads_offline_without_errors(page):
+    page_file, seen, _ = page
+    assert seen.errors == []
+    assert seen.requests == [page_file.resolve().as_uri()]  # the page itself, nothing else
+
+
+def test_every_plot_is_drawn_with_data(page):
+    _, seen, _ = page
+    # history, learning curves, parallel coordinates, importances, then a confusion
+    # matrix and per-class bars for each of the top three
+    assert len(seen.plots) == 10
+    assert all(traces > 0 for traces in seen.plots.values()), seen.plots
+
+
+def test_the_table_lists_every_trial_and_sorts(page):
+    _, seen, _ = page
+    assert len(seen.statuses) == 16
+    assert {"completed", "stopped_early", "failed", "running"} <= set(seen.statuses)
+    values = [float(v) for v in seen.sorted_f1]
+    assert values == sorted(values)  # ascending after one click on the macro_f1 header
+    assert "RuntimeError: CUDA out of memory (simulated)" in seen.text
+
+
+def test_data_export_config_and_space_are_shown(page):
+    _, seen, tmp = page
+    assert "Imbalanced training set" in seen.text and "class_3/broken.png" in seen.text
+    assert "Nothing exported yet" in seen.text  # mid-run: the winner is exported at the end
+    assert "Run config" in seen.text and "Search space" in seen.text
+    assert (tmp / "report.png").stat().st_size > 10_000
+
+
+def test_too_few_trials_for_importances_says_so(tmp_path):
+    from search.results.report import build_report
+    from search.results.trials import load_run
+
+    run = write_synthetic_run(tmp_path / "runs" / "few-20261130-000000", 3, seed=1)
+    html = build_report(load_run(run)).html
+    assert "Parameter importances need at least 5 trials with a result; this run has" in html
