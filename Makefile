@@ -23,7 +23,7 @@ demo: $(STAMP) data/digits
 # report.html is checked in a real headless Chromium: the OS's package, installed here
 # when running as root (CI); elsewhere the browser tests skip and say how to install it.
 browser:
-	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } || \
 	  echo "no Chromium: report.html's browser tests will skip (apt-get install chromium)"
 

@@ -109,7 +109,7 @@ def render(page: PageInputs) -> str:
     )
     return _PAGE.format(
         title=_e(f"tunecv report: {page.run_name}"), css=_CSS, body="\n".join(s for s in sections if s),
-        specs=specs, plotly_gz=_plotly_js_gzip_b64(), ids=json.dumps([fig_id for fig_id, _ in figs]),
+        specs=specs, plotly_gz=_plotly_js_gzip_b64() if figs else "", ids=json.dumps([fig_id for fig_id, _ in figs]),
     )
 
 
@@ -192,8 +192,9 @@ def _e(text: Any) -> str:
 
 
 def _script_safe(text: str) -> str:
-    """JSON inside a <script> element: a "</" in a label must not end the element."""
-    return text.replace("</", "<\\/")
+    """JSON inside a <script> element: no "<" at all, so no label ("</script>",
+    "<!--") can end or change the element, whatever plotly's own escaping."""
+    return text.replace("<", "\\u003c")
 
 
 _CSS = """
@@ -234,7 +235,7 @@ document.querySelectorAll("table.sortable th").forEach(th => th.addEventListener
 // plotly.js travels gzip-compressed in this page; the browser inflates it, then draws.
 (async () => {{
   const ids = {ids};
-  if (!ids.length) return;
+  if (!ids.length) {{ document.body.dataset.plotted = "0"; return; }}
   try {{
     const bytes = Uint8Array.from(atob(document.getElementById("plotly-gz").textContent), c => c.charCodeAt(0));
     const code = await new Response(new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"))).text();

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from search.layout import CONFIG, EXPORT, GATE_JSON, REPORT_HTML, REPORT_MARKDOWN, REPORT_PARQUET, SPACE, SPLIT, join
+from search.layout import CONFIG, EXPORT, GATE_JSON, REPORT_HTML, REPORT_MARKDOWN, REPORT_PARQUET, SPLIT, join
 from search.results.html import PageInputs, render as render_html
 from search.results.ranking import rank
 from search.results.table import format_table
@@ -79,7 +79,18 @@ def build_report(run: RunView) -> Report:
     ranked = rank(run.trials)
     rows = [report_row(i, t) for i, t in enumerate(ranked, start=1)]
     top = top_details(run.store, ranked)
-    return Report(rows, format_markdown(run, ranked, rows, top), render_html(page_inputs(run, ranked, rows, top)))
+    gate = _gate_markdown(run.store)
+    return Report(rows, format_markdown(run, ranked, rows, top, gate),
+                  render_html(page_inputs(run, ranked, rows, top, gate)))
+
+
+def _gate_markdown(store: RunStore) -> str | None:
+    """A retrain's champion/challenger decision, when the run is a retrain's."""
+    if not store.exists(GATE_JSON):
+        return None
+    from search.retrain.gate import Decision, describe
+
+    return describe(Decision.from_json(store.read_text(GATE_JSON)), level=2)
 
 
 def top_details(store: RunStore, ranked: list[TrialView]) -> list[tuple[TrialView, dict, dict]]:
@@ -96,29 +107,23 @@ def top_details(store: RunStore, ranked: list[TrialView]) -> list[tuple[TrialVie
 
 
 def page_inputs(run: RunView, ranked: list[TrialView], rows: list[dict[str, Any]],
-                top: list[tuple[TrialView, dict, dict]]) -> PageInputs:
+                top: list[tuple[TrialView, dict, dict]], gate: str | None) -> PageInputs:
     """Everything ``report.html`` shows, read from the run; parts not written yet are None."""
     from search.run.scheduler import create_scheduler
-    from search.space.catalog import parse_space
     from trainables.datasets import read_split
 
     store = run.store
-    space_text = store.read_text(SPACE) if store.exists(SPACE) else ""
     scheduler = create_scheduler(run.config)  # Ray's own milestones, below the last epoch: where ASHA stops
     rungs = [int(m) for m in scheduler.rungs() if int(m) < run.config.optim.epochs] if scheduler else []
     verification = None
     if store.exists(join(EXPORT, "metrics.json")):
         verification = store.read_json(join(EXPORT, "metrics.json")).get("verification")
-    gate = None
-    if store.exists(GATE_JSON):
-        from search.retrain.gate import Decision, describe
-
-        gate = describe(Decision.from_json(store.read_text(GATE_JSON)), level=2)
     return PageInputs(
-        run_name=store.name, ranked=ranked, rows=rows, top_details=top,
-        space=parse_space(space_text, store.uri(SPACE), check_depths=False) if space_text else None,
-        rungs=sorted(rungs), split=read_split(store.uri(SPLIT)) if store.exists(SPACE) else None,
-        verification=verification, config_text=store.read_text(CONFIG), space_text=space_text, gate_markdown=gate,
+        run_name=store.name, ranked=ranked, rows=rows, top_details=top, space=run.space, rungs=sorted(rungs),
+        # The first driver writes the split, then space.yaml: a run with a space has its split.
+        split=read_split(store.uri(SPLIT)) if run.space is not None else None,
+        verification=verification, config_text=store.read_text(CONFIG), space_text=run.space_text,
+        gate_markdown=gate,
     )
 
 
@@ -135,7 +140,7 @@ def _per_class_markdown(details: dict[str, Any]) -> list[str]:
 
 
 def format_markdown(run: RunView, ranked: list[TrialView], rows: list[dict[str, Any]],
-                    top: list[tuple[TrialView, dict, dict]]) -> str:
+                    top: list[tuple[TrialView, dict, dict]], gate: str | None) -> str:
     counts = Counter(t.status for t in ranked)
     lines = [
         f"# Trial report: {run.store.name}",
@@ -156,10 +161,8 @@ def format_markdown(run: RunView, ranked: list[TrialView], rows: list[dict[str, 
             *_per_class_markdown(details),
             "",
         ]
-    if run.store.exists(GATE_JSON):  # a retrain's run: its champion/challenger decision
-        from search.retrain.gate import Decision, describe
-
-        lines += [describe(Decision.from_json(run.store.read_text(GATE_JSON)), level=2)]
+    if gate:  # a retrain's run: its champion/challenger decision
+        lines += [gate]
     return "\n".join(lines)
 
 

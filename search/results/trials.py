@@ -17,6 +17,7 @@ from search.drivers import live_driver, read_drivers
 from search.layout import SPACE, join
 from search.run.trial import searched_params, trial_config
 from search.space.catalog import parse_space
+from search.space.model import SearchSpace
 from search.storage import RunStore, read_config
 from search.study import (
     CHECKPOINT,
@@ -79,6 +80,8 @@ class RunView:
     store: RunStore
     config: RunConfig
     trials: tuple[TrialView, ...]
+    space: SearchSpace | None = None  # None until the first driver wrote space.yaml
+    space_text: str = ""
 
 
 def load_run(store: RunStore) -> RunView:
@@ -87,7 +90,8 @@ def load_run(store: RunStore) -> RunView:
     searching = live_driver(read_drivers(store)) is not None
     if not store.exists(SPACE):  # the first driver is still scanning the data
         return RunView(store, config, ())
-    space = parse_space(store.read_text(SPACE), store.uri(SPACE), check_depths=False)
+    space_text = store.read_text(SPACE)
+    space = parse_space(space_text, store.uri(SPACE), check_depths=False)
     base = config.trial().model_dump(mode="json")
     views = []
     for trial_id, attempts in attempts_by_id(read_trials(store, config.search.storage)).items():
@@ -103,7 +107,7 @@ def load_run(store: RunStore) -> RunView:
             epochs=tuple(recorded_epochs(latest)),
             wall_time_s=sum(_wall_time(t) for t in attempts),
         ))
-    return RunView(store, config, tuple(views))
+    return RunView(store, config, tuple(views), space, space_text)
 
 
 def _status(latest: FrozenTrial, searching: bool) -> str:

@@ -20,7 +20,7 @@ from search.drivers import FINISHED, INTERRUPTED, DriverRecord, read_drivers, sp
 from search.layout import CONFIG, SPACE, SPLIT, tune_experiment
 from search.ray_session import connect_ray
 from search.run.location import check_resumable, locate_run
-from search.run.progress import Heartbeat, ProgressCallback
+from search.run.progress import Heartbeat, ProgressCallback, SearchStatus
 from search.run.recorder import TIME_BUDGET_REASON, TrialRecorder
 from search.run.resume import ResumePlan, plan_resume
 from search.run.runners import keep_best_and_latest
@@ -264,7 +264,9 @@ def _tune(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverRec
                            cfg.search.trial_timeout_s)
     trainable = tune.with_resources(tune.with_parameters(run_search_trial, context=context), _trial_resources(cfg))
     searcher = StudySearcher(handle, space)
-    recorder = TrialRecorder(searcher, store, driver.state.k, cfg.optim.epochs)
+    progress = ProgressCallback(cfg.optim.epochs, cfg.search.max_failures, print_fn)
+    status = SearchStatus(plan.num_samples, plan.time_budget_s, print_fn)
+    recorder = TrialRecorder(searcher, store, driver.state.k, cfg.optim.epochs, listeners=(progress.ended, status.ended))
     started = time.time()
     tuner = tune.Tuner(
         trainable,
@@ -293,12 +295,15 @@ def _tune(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverRec
             checkpoint_config=keep_best_and_latest(tune.CheckpointConfig),
             # A crashed trial restarts, and continues from its latest checkpoint.
             failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
-            callbacks=[recorder, ProgressCallback(cfg.optim.epochs, cfg.search.max_failures, print_fn),
-                       Heartbeat(driver), *callbacks],
+            callbacks=[recorder, progress, status, Heartbeat(driver), *callbacks],
             verbose=0,
+            # Each trial's stdout and stderr go to files in its trial directory, in the
+            # run (tune/<k>/<trial>/stdout, stderr), not into the driver's console.
+            log_to_file=True,
         ),
     )
-    tuner.fit()
+    with status.shown():
+        tuner.fit()
     if not searcher.live:
         return True
     # Tune ends running trials without a callback when time_budget_s runs out, or when

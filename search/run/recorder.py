@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from trainables.workers import RESUMED_FROM_EPOCH
 _RESULT_KEYS = (*EPOCH_KEYS, RESUMED_FROM_EPOCH, "hostname", "pid")  # Tune adds hostname and pid
 _EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Interrupt|Exit)\b[^:]*: ")
 TIME_BUDGET_REASON = "stopped when search.time_budget_s ran out"
+COMPLETED, STOPPED, FAILED = "completed", "stopped early", "failed"  # how a trial ended, as printed
 
 
 def error_reason(trial) -> str:
@@ -45,8 +47,12 @@ def error_reason(trial) -> str:
 class TrialRecorder(tune.Callback):
     """Writes every trial event of this driver into the study (see the module docstring)."""
 
-    def __init__(self, searcher: StudySearcher, store: RunStore, driver: int, max_epochs: int) -> None:
+    def __init__(self, searcher: StudySearcher, store: RunStore, driver: int, max_epochs: int,
+                 listeners: Sequence[Callable[[str, str, str | None], None]] = ()) -> None:
         self.searcher = searcher
+        # Told (run id, COMPLETED | STOPPED | FAILED, reason) once the study is: the
+        # console says what the study and the report say.
+        self.listeners = tuple(listeners)
         self.store = store
         self.driver = driver
         self.max_epochs = max_epochs
@@ -116,11 +122,16 @@ class TrialRecorder(tune.Callback):
         study = self.searcher.handle.study
         if failed:
             study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+            outcome = FAILED
         elif epochs[-1]["epoch"] >= self.max_epochs:
             study.tell(ot_trial, max(e[RANKING_METRIC] for e in epochs))  # the checkpoint export uses
+            outcome = COMPLETED
         else:
             study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+            outcome = STOPPED
         self.searcher.handle.flush()
+        for listener in self.listeners:
+            listener(run_id, outcome, reason)
 
     def stop_unfinished(self, reason: str) -> None:
         """Settle the trials Tune stopped without a callback (the time budget ran out)."""
