@@ -297,9 +297,6 @@ def _tune(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverRec
             failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
             callbacks=[recorder, progress, status, Heartbeat(driver), *callbacks],
             verbose=0,
-            # Each trial's stdout and stderr go to files in its trial directory, in the
-            # run (tune/<k>/<trial>/stdout, stderr), not into the driver's console.
-            log_to_file=True,
         ),
     )
     with status.shown():
