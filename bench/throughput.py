@@ -330,7 +330,12 @@ def _clean_pairs(loop: list[dict], raw: list[dict]) -> int:
     return sum(_is_clean(a) and _is_clean(b) for a, b in zip(loop, raw))
 
 
-def machine_info(cfg) -> dict:
+def parts_workers(parts) -> int:
+    """The loader processes ``_build`` chose (``data.num_workers`` may say "auto")."""
+    return parts.train_loader.num_workers
+
+
+def machine_info(cfg, parts) -> dict:
     import albumentations
     import cv2
     import timm
@@ -341,7 +346,8 @@ def machine_info(cfg) -> dict:
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
-        "data_workers": cfg.data.num_workers,
+        "data_workers_config": cfg.data.num_workers,
+        "data_workers": parts_workers(parts),
         "torch": torch.__version__,
         "timm": timm.__version__,
         "albumentations": albumentations.__version__,
@@ -427,14 +433,15 @@ def measure(args: argparse.Namespace) -> Path:
     split, runtime, parts = prepare(cfg)
     steps = min(args.steps or len(parts.train_loader), len(parts.train_loader))
     print(f"{len(split.train)} train images, {steps} batches of {cfg.optim.batch_size} per epoch, "
-          f"torch threads {torch.get_num_threads()}, data workers {cfg.data.num_workers}")
+          f"torch threads {torch.get_num_threads()}, data workers {parts_workers(parts)} "
+          f"(data.num_workers: {cfg.data.num_workers})")
     pairs = run_pairs(parts, runtime, cfg, args)
     decode = measure_decode(cfg, split, parts.model, args.decode_images, repeats=5)
     summary = checked(pairs, decode, summarise(pairs, decode))
     result = {
         "benchmark": "training-loop throughput vs raw forward+backward (bundled digits)",
         "what_is_timed": WHAT_IS_TIMED,
-        "machine": machine_info(cfg),
+        "machine": machine_info(cfg, parts),
         "config_file": os.path.relpath(args.config, REPO),
         "smoke": args.smoke,
         "overrides": args.set,

@@ -31,7 +31,9 @@ class DataConfig(_Frozen):
     resize_mode: Literal["center_crop", "pad"] = "center_crop"
     strict: bool = False  # fail on any corrupt file instead of skipping and listing it
     max_image_pixels: int = Field(89_478_485, gt=0)  # PIL's decompression-bomb default
-    num_workers: int = Field(2, ge=0, le=64)  # DataLoader processes per training worker
+    # DataLoader processes per training worker; "auto" derives them (and torch's threads)
+    # from the CPUs the worker holds (trainables/loaders.py:loader_plan).
+    num_workers: Union[Annotated[int, Field(ge=0, le=64)], Literal["auto"]] = "auto"
 
 
 class ModelConfig(_Frozen):

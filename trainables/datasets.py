@@ -338,6 +338,9 @@ class ImageDataset(torch.utils.data.Dataset):
             called as ``transform(image=rgb)["image"]``; ``None`` returns the
             raw HxWx3 uint8 array.
         max_pixels: Largest ``width * height`` accepted per image.
+        cache_bytes: Keep decoded images in memory, up to this many bytes, so later
+            epochs skip the decode. Only for a dataset read by the training process
+            itself: each loader process would hold a copy of its own.
     """
 
     def __init__(
@@ -346,6 +349,7 @@ class ImageDataset(torch.utils.data.Dataset):
         samples: Sequence[Any],
         transform: Callable[..., Any] | None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        cache_bytes: int = 0,
     ):
         if transform is not None and not callable(transform):
             raise TypeError(
@@ -360,6 +364,8 @@ class ImageDataset(torch.utils.data.Dataset):
         self._labels = [int(s.label) for s in samples]
         self._transform = transform
         self._max_pixels = max_pixels
+        self._cache: dict[int, Any] = {}
+        self._cache_room = cache_bytes
 
     def reseed(self, seed: int) -> None:
         """Reseed the transform's own RNG (albumentations ignores numpy's global seed)."""
@@ -375,7 +381,13 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self._paths)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        rgb = load_rgb(self._paths[index], max_pixels=self._max_pixels)
+        rgb = self._cache.get(index)
+        if rgb is None:
+            rgb = load_rgb(self._paths[index], max_pixels=self._max_pixels)
+            if rgb.nbytes <= self._cache_room:
+                rgb.setflags(write=False)  # a transform that wrote in place would corrupt later epochs: it raises
+                self._cache[index] = rgb
+                self._cache_room -= rgb.nbytes
         label = self._labels[index]
         if self._transform is None:
             return rgb, label

@@ -49,6 +49,31 @@ class WeightedShardSampler(Sampler[int]):
         return self.num_samples
 
 
+DECODED_CACHE_BYTES = 256 * 2**20  # per dataset, when the training process decodes (digits at 64 px: 18 MB)
+GPU_MAX_LOADER_WORKERS = 8  # past this, one rank's decode rarely gains: the GPU waits on other things
+
+
+def loader_plan(num_workers: int | str, cpus: float, on_gpu: bool) -> tuple[int, int]:
+    """(DataLoader processes, torch threads) for one rank holding ``cpus`` CPUs.
+
+    On the CPU, torch's threads do the training and loader processes take cores from
+    them: on 2 cores one loader process cost the loop 12 % against raw steps (0.878 of
+    raw; bench/throughput.py), so up to 2 CPUs decode in the training process (with
+    decoded images cached) and beyond that a quarter of the CPUs load. On a GPU the
+    rank's CPUs are for feeding it: all but one load. An explicit ``num_workers`` is
+    kept; torch then gets the CPUs left over.
+    """
+    whole = max(1, int(cpus))
+    if num_workers == "auto":
+        if on_gpu:
+            workers = min(GPU_MAX_LOADER_WORKERS, max(1, whole - 1))
+        else:
+            workers = 0 if whole <= 2 else max(1, whole // 4)
+    else:
+        workers = int(num_workers)
+    return workers, max(1, whole - workers)
+
+
 def _worker_init(worker_id: int) -> None:
     import cv2
 
@@ -103,7 +128,8 @@ def create_train_loader(
             f"optim.batch_size {batch_size} is larger than the {per_rank} training images "
             f"each of {runtime.world_size} worker(s) gets; lower batch_size to at most {per_rank}."
         )
-    dataset = ImageDataset(split.root, split.train, transform, max_pixels=max_pixels)
+    dataset = ImageDataset(split.root, split.train, transform, max_pixels=max_pixels,
+                           cache_bytes=DECODED_CACHE_BYTES if num_workers == 0 else 0)
     if balanced:
         sampler = WeightedShardSampler([s.label for s in split.train], runtime, seed)
     else:
@@ -143,7 +169,8 @@ def create_val_loader(
     max_pixels: int,
 ) -> tuple[DataLoader, range]:
     """The validation loader over this rank's shard, and the shard's global indices."""
-    dataset = ImageDataset(split.root, split.val, transform, max_pixels=max_pixels)
+    dataset = ImageDataset(split.root, split.val, transform, max_pixels=max_pixels,
+                           cache_bytes=DECODED_CACHE_BYTES if num_workers == 0 else 0)
     shard = val_shard(len(dataset), runtime)
     loader = _loader(
         Subset(dataset, list(shard)),

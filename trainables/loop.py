@@ -38,7 +38,7 @@ from trainables.checkpoint import (
 )
 from trainables.config import TrialConfig
 from trainables.datasets import DataSplit
-from trainables.loaders import create_train_loader, create_val_loader
+from trainables.loaders import create_train_loader, create_val_loader, loader_plan
 from trainables.losses import create_loss
 from trainables.metrics import TOP_K, EvalMetrics, compute_metrics, top_k_classes
 from trainables.optim import create_optimizer, create_scheduler
@@ -106,7 +106,9 @@ def _build(cfg: TrialConfig, split: DataSplit, runtime: Runtime, resume_from: Pa
     size, data = cfg.data.image_size, cfg.data
     train_tf = create_train_transform(size, cfg.augment, pre["mean"], pre["std"], seed=cfg.optim.seed + runtime.rank)
     val_tf = create_eval_transform(size, data.resize_mode, pre["mean"], pre["std"], pre["crop_pct"])
-    common = dict(num_workers=data.num_workers, runtime=runtime, max_pixels=data.max_image_pixels)
+    workers, threads = loader_plan(data.num_workers, runtime.cpus, runtime.device.type == "cuda")
+    torch.set_num_threads(threads)  # the CPUs the loader processes leave to training
+    common = dict(num_workers=workers, runtime=runtime, max_pixels=data.max_image_pixels)
     train_loader = create_train_loader(
         split, train_tf, batch_size=cfg.optim.batch_size, balanced=cfg.optim.balanced_sampler,
         seed=cfg.optim.seed, **common,

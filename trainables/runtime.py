@@ -24,6 +24,7 @@ class Runtime:
     world_size: int
     device: torch.device
     use_ray_train: bool = False
+    cpus: float = 1.0  # the CPUs this process may use: Ray's assignment, else its affinity
 
     @property
     def is_chief(self) -> bool:
@@ -74,7 +75,7 @@ def local_runtime(use_gpu: bool) -> Runtime:
             "scaling.use_gpu: false to train on the CPU."
         )
     device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
-    return Runtime(rank=0, world_size=1, device=device)
+    return Runtime(rank=0, world_size=1, device=device, cpus=assigned_cpus())
 
 
 def ray_train_runtime() -> Runtime:
@@ -88,4 +89,22 @@ def ray_train_runtime() -> Runtime:
         world_size=ctx.get_world_size(),
         device=ray.train.torch.get_device(),
         use_ray_train=True,
+        cpus=assigned_cpus(),
     )
+
+
+def assigned_cpus() -> float:
+    """The CPUs Ray assigned to this process (a trial actor, a Ray Train worker), or, outside
+    Ray, the ones the OS lets it run on."""
+    import os
+
+    try:
+        import ray
+
+        if ray.is_initialized():
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+            if cpus:
+                return float(cpus)
+    except ImportError:
+        pass
+    return float(len(os.sched_getaffinity(0)))
