@@ -330,12 +330,7 @@ def _clean_pairs(loop: list[dict], raw: list[dict]) -> int:
     return sum(_is_clean(a) and _is_clean(b) for a, b in zip(loop, raw))
 
 
-def parts_workers(parts) -> int:
-    """The loader processes ``_build`` chose (``data.num_workers`` may say "auto")."""
-    return parts.train_loader.num_workers
-
-
-def machine_info(cfg, parts) -> dict:
+def machine_info(cfg, workers: int) -> dict:
     import albumentations
     import cv2
     import timm
@@ -347,7 +342,7 @@ def machine_info(cfg, parts) -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "data_workers_config": cfg.data.num_workers,
-        "data_workers": parts_workers(parts),
+        "data_workers": workers,  # what _build chose: data.num_workers may say "auto"
         "torch": torch.__version__,
         "timm": timm.__version__,
         "albumentations": albumentations.__version__,
@@ -431,9 +426,10 @@ def measure(args: argparse.Namespace) -> Path:
 
     cfg = load_run_config(args)
     split, runtime, parts = prepare(cfg)
+    workers = parts.train_loader.num_workers  # before run_pairs wraps the loader
     steps = min(args.steps or len(parts.train_loader), len(parts.train_loader))
     print(f"{len(split.train)} train images, {steps} batches of {cfg.optim.batch_size} per epoch, "
-          f"torch threads {torch.get_num_threads()}, data workers {parts_workers(parts)} "
+          f"torch threads {torch.get_num_threads()}, data workers {workers} "
           f"(data.num_workers: {cfg.data.num_workers})")
     pairs = run_pairs(parts, runtime, cfg, args)
     decode = measure_decode(cfg, split, parts.model, args.decode_images, repeats=5)
@@ -441,7 +437,7 @@ def measure(args: argparse.Namespace) -> Path:
     result = {
         "benchmark": "training-loop throughput vs raw forward+backward (bundled digits)",
         "what_is_timed": WHAT_IS_TIMED,
-        "machine": machine_info(cfg, parts),
+        "machine": machine_info(cfg, workers),
         "config_file": os.path.relpath(args.config, REPO),
         "smoke": args.smoke,
         "overrides": args.set,
