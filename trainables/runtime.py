@@ -101,7 +101,9 @@ def assigned_cpus() -> float:
     try:
         import ray
 
-        if ray.is_initialized():
+        # Only an actor (a trial, a Ray Train worker) has an assignment: a driver that
+        # started Ray (the export at a search's end) has none, and Ray asserts on it.
+        if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
             if cpus:
                 return float(cpus)
