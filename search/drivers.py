@@ -61,8 +61,10 @@ def read_drivers(store: RunStore) -> list[DriverState]:
 
 def _read_driver(store: RunStore, start: DriverState) -> DriverState:
     """``start`` as its end file, else its latest heartbeat, says it is now."""
-    if store.exists(driver_end(start.k)):
+    try:  # one read, not a check and a read: an ended driver is the common case
         return DriverState(**store.read_json(driver_end(start.k)))
+    except FileNotFoundError:
+        pass
     for _ in range(3):  # the beat listed may be deleted before it is read, when the next one lands
         beats = [n for n in store.list_names(driver_beats(start.k)) if n.startswith("beat-")]
         if not beats:

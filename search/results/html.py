@@ -20,7 +20,7 @@ from typing import Any
 import plotly.io as pio
 
 from search.results import figures
-from search.results.table import format_cell
+from search.results.table import format_cell, status_summary
 from search.results.trials import STOPPED_EARLY, TrialView
 from trainables.metrics import RANKING_METRIC
 
@@ -70,10 +70,7 @@ def render(page: PageInputs) -> str:
         figs.append((fig_id, fig))
         return f'<div class="plot" id="{fig_id}"></div>' + (f"<p class=note>{_e(note)}</p>" if note else "")
 
-    counts: dict[str, int] = {}
-    for trial in page.ranked:
-        counts[trial.status] = counts.get(trial.status, 0) + 1
-    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trials yet"
+    summary = status_summary(page.ranked) or "no trials yet"
     sections.append(f"<h1>Trial report: {_e(page.run_name)}</h1><p>{len(page.ranked)} trials ranked by best "
                     f"{RANKING_METRIC} (ties: lower val_loss, then fewer parameters): {_e(summary)}.</p>")
     sections.append("<h2>Trials</h2><p class=note>Click a column header to sort.</p>" + _table(page.rows))

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import io
 import math
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from search.layout import CONFIG, EXPORT, GATE_JSON, REPORT_HTML, REPORT_MARKDOWN, REPORT_PARQUET, SPLIT, join
 from search.results.html import PageInputs, render as render_html
 from search.results.ranking import rank
-from search.results.table import format_table
+from search.results.table import format_table, status_summary
 from search.results.trials import RunView, TrialView, load_run, read_epoch_details
 from search.storage import RunStore
 from trainables.losses import loss_label
@@ -141,12 +140,11 @@ def _per_class_markdown(details: dict[str, Any]) -> list[str]:
 
 def format_markdown(run: RunView, ranked: list[TrialView], rows: list[dict[str, Any]],
                     top: list[tuple[TrialView, dict, dict]], gate: str | None) -> str:
-    counts = Counter(t.status for t in ranked)
     lines = [
         f"# Trial report: {run.store.name}",
         "",
         f"{len(ranked)} trials ranked by best {RANKING_METRIC} (ties: lower val_loss, then fewer "
-        "parameters). " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ".",
+        "parameters). " + status_summary(ranked) + ".",
         "",
         format_table(rows, markdown=True),
         "",

@@ -4,6 +4,7 @@ Markdown table, and each value's format (``report.html`` shows values the same w
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 from trainables.metrics import RANKING_METRIC
@@ -48,3 +49,8 @@ def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
         if r["reason"]:
             lines.append(f"      reason: {r['reason']}")
     return "\n".join(lines)
+
+
+def status_summary(trials) -> str:
+    """"2 completed, 1 failed, ...": how many trials have each status (the report's headline)."""
+    return ", ".join(f"{n} {status}" for status, n in sorted(Counter(t.status for t in trials).items()))
