@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from trainables.config import TrialConfig
+from trainables.config import Location, TrialConfig
 from trainables.locations import is_uri
 
 
@@ -92,7 +92,7 @@ class RetrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # the registered model
-    snapshot: Path  # the new snapshot's data root; it replaces data.root for the search
+    snapshot: Location  # the new snapshot's data root (a folder or a bucket prefix); it replaces data.root
     # The retrain's search budget; the first retrain of a model (no champion yet) uses
     # search.num_samples and search.time_budget_s, a full search.
     num_samples: int = Field(4, ge=1, le=100_000)
@@ -182,6 +182,31 @@ def _not_a_directory(path: Path) -> str:
     return "is a file, not a directory" if path.exists() else "does not exist"
 
 
+def _location_problems(field: str, location: str, directory: bool) -> list[str]:
+    """Why the data folder or file at ``location`` cannot be read, if it cannot. For an
+    object-store URI this is one request (credentials and bucket; an object store has no
+    empty folders, so a prefix exists when it holds a file)."""
+    kind = "directory" if directory else "file"
+    if not is_uri(location):
+        path = Path(location)
+        if (path.is_dir() if directory else path.is_file()):
+            return []
+        return [f"  - {field}: {kind} '{location}' " + (_not_a_directory(path) if directory else "does not exist")]
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = pafs.FileSystem.from_uri(location)
+        found = fs.get_file_info(path).type
+    except (OSError, ValueError) as err:  # pyarrow raises ArrowInvalid (a ValueError) for a URI it cannot open
+        return [f"  - {field}: '{location}' cannot be read ({err}); check the URI, and the credentials this "
+                "machine has for it"]
+    wanted = pafs.FileType.Directory if directory else pafs.FileType.File
+    if found != wanted:
+        return [f"  - {field}: {kind} '{location}' " + ("holds no objects" if found == pafs.FileType.NotFound
+                                                         else f"is not a {kind}")]
+    return []
+
+
 def _output_dir_problem(output_dir: str) -> str | None:
     """Why ``output_dir`` (a local path) cannot hold runs, if it cannot: checked here so
     that a bad one fails before Ray starts, not when the first file is written."""
@@ -199,19 +224,17 @@ def _check_paths(cfg: RunConfig) -> list[str]:
     problems = []
     if not is_uri(cfg.output_dir) and (problem := _output_dir_problem(cfg.output_dir)):
         problems.append(problem)
-    if not cfg.data.root.is_dir():
-        problems.append(f"  - data.root: directory '{cfg.data.root}' {_not_a_directory(cfg.data.root)}")
-    if cfg.data.manifest is not None and not cfg.data.manifest.is_file():
-        problems.append(f"  - data.manifest: file '{cfg.data.manifest}' does not exist")
+    problems += _location_problems("data.root", cfg.data.root, directory=True)
+    if cfg.data.manifest is not None:
+        problems += _location_problems("data.manifest", cfg.data.manifest, directory=False)
     if cfg.model.weights_file is not None and not cfg.model.weights_file.is_file():
         problems.append(
             f"  - model.weights_file: file '{cfg.model.weights_file}' does not exist; "
             "give a local weights file or remove the key"
         )
-    if cfg.retrain is not None and not cfg.retrain.snapshot.is_dir():
-        problems.append(f"  - retrain.snapshot: directory '{cfg.retrain.snapshot}' "
-                        f"{_not_a_directory(cfg.retrain.snapshot)}; give "
-                        "the new snapshot's data root (class folders, as data.root)")
+    if cfg.retrain is not None:
+        problems += [f"{problem}; give the new snapshot's data root (class folders, as data.root)"
+                     for problem in _location_problems("retrain.snapshot", cfg.retrain.snapshot, directory=True)]
     if cfg.model.weights_dir is not None and not cfg.model.weights_dir.is_dir():
         problems.append(
             f"  - model.weights_dir: directory '{cfg.model.weights_dir}' does not exist; give the "

@@ -12,25 +12,37 @@ from __future__ import annotations
 
 import difflib
 import functools
+import os
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
+def _as_location(value):
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+# A local path or an object-store URI (s3://bucket/prefix, gs://...; what pyarrow.fs opens).
+Location = Annotated[str, BeforeValidator(_as_location), Field(min_length=1)]
+
+
 class DataConfig(_Frozen):
     """Where the images are and how they are split and decoded."""
 
-    root: Path
-    manifest: Path | None = None  # CSV or Parquet with path,label[,split]
+    root: Location  # a folder, or a bucket prefix (trainables/roots.py)
+    manifest: Location | None = None  # CSV or Parquet with path,label[,split]
     val_fraction: float = Field(0.2, ge=0.15, le=0.30)
     image_size: int = Field(224, ge=16, le=1024)
     resize_mode: Literal["center_crop", "pad"] = "center_crop"
     strict: bool = False  # fail on any corrupt file instead of skipping and listing it
     max_image_pixels: int = Field(89_478_485, gt=0)  # PIL's decompression-bomb default
+    # Read every file again instead of reusing the scan cache's rows for files whose path,
+    # size and mtime are unchanged (search/scan_cache.py says when that is not enough).
+    rescan: bool = False
     # DataLoader processes per training worker; "auto" derives them (and torch's threads)
     # from the CPUs the worker holds (trainables/loaders.py:loader_plan).
     num_workers: Union[Annotated[int, Field(ge=0, le=64)], Literal["auto"]] = "auto"

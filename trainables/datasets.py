@@ -27,9 +27,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch.utils.data
 
-from trainables.images import DEFAULT_MAX_PIXELS, BadImage, load_rgb, scan_images
-from trainables.layouts import SPLITS, Candidate, DataError, folder_candidates, manifest_candidates, relative_posix
+from trainables.images import DEFAULT_MAX_PIXELS, BadImage, decode_rgb, load_rgb
+from trainables.layouts import (SPLITS, Candidate, DataError, folder_candidates, listed_candidates,
+                                manifest_candidates)
 from trainables.locations import resolve_location
+from trainables.roots import DataRoot, FileEntry, key_inside
+from trainables.scan import scan_all
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +103,61 @@ def _check_val_fraction(val_fraction: float) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Listing:
+    """What a data root holds before any file is read: its classes, the candidate files
+    with their class and given split, and each one's size and modification time."""
+
+    root: DataRoot
+    class_names: list[str]
+    candidates: list[Candidate]
+    entries: list[FileEntry]  # one per candidate, in order; size -1 when it cannot be found
+
+
+def list_data(root: str | Path, manifest: str | Path | None = None) -> Listing:
+    """Find the candidate files under ``root`` (a local folder or an object-store URI):
+    class folders, train/val folders, or the rows of a CSV/Parquet ``manifest``.
+
+    Raises:
+        DataError: The root is missing or empty, a path escapes it, the manifest is
+            malformed, or there are fewer than two classes.
+    """
+    data_root = DataRoot.of(root)
+    data_root.check_exists()
+    manifest = None if manifest is None else os.fspath(manifest)
+    if data_root.is_local:
+        root_abs = Path(data_root.location)
+        if manifest is None:
+            class_names, candidates = folder_candidates(root_abs)
+        else:
+            class_names, candidates = manifest_candidates(root_abs, manifest)
+        entries = [_stat(root_abs, c.path) for c in candidates]
+    else:
+        listed = {entry.path: entry for entry in data_root.list_files()}
+        if manifest is None:
+            for key in listed:
+                key_inside(data_root, key)  # keys such as a/../b are objects of their own: refused
+            class_names, candidates = listed_candidates(data_root.location, list(listed))
+        else:
+            class_names, candidates = manifest_candidates(
+                Path("."), manifest, to_relative=lambda raw: key_inside(data_root, raw))
+        entries = [listed.get(c.path, FileEntry(c.path, -1, 0)) for c in candidates]
+    if len(class_names) < 2:
+        raise DataError(
+            f"found {len(class_names)} class(es) {class_names} under {data_root.location!r}; "
+            "classification needs at least 2."
+        )
+    return Listing(data_root, class_names, candidates, entries)
+
+
+def _stat(root_abs: Path, relpath: str) -> FileEntry:
+    try:
+        info = os.stat(root_abs / relpath)
+    except OSError:
+        return FileEntry(relpath, -1, 0)  # a dangling link or a missing manifest row: the scan says why
+    return FileEntry(relpath, info.st_size, info.st_mtime_ns)
+
+
 def prepare_split(
     root: str | Path,
     *,
@@ -109,10 +167,12 @@ def prepare_split(
     strict: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> DataSplit:
-    """Find, validate and split the images under ``root``.
+    """Find, validate and split the images under ``root``, scanning every file here
+    (``search/scan_cache.py`` is the cached, distributed version for runs).
 
     Args:
-        root: The data root; every image must lie inside it.
+        root: The data root (a local folder or an object-store URI); every image must
+            lie inside it.
         manifest: A CSV or Parquet file with columns ``path,label[,split]``;
             ``None`` reads class folders instead.
         val_fraction: Holdout share when no split is given, within 0.15-0.30.
@@ -130,19 +190,18 @@ def prepare_split(
             stratify.
     """
     _check_val_fraction(val_fraction)
-    root_abs = Path(os.path.abspath(root))
-    if not root_abs.is_dir():
-        raise DataError(f"data root {str(root_abs)!r} is not a directory; pass the image folder.")
-    if manifest is None:
-        class_names, candidates = folder_candidates(root_abs)
-    else:
-        class_names, candidates = manifest_candidates(root_abs, Path(manifest))
-    if len(class_names) < 2:
-        raise DataError(
-            f"found {len(class_names)} class(es) {class_names} under {str(root_abs)!r}; "
-            "classification needs at least 2."
-        )
-    labelled, bad_files = _scan(root_abs, candidates, class_names, strict, max_pixels)
+    listing = list_data(root, manifest)
+    scanned = scan_all(listing.root, listing.entries, max_pixels)
+    return split_scanned(listing, scanned, val_fraction=val_fraction, seed=seed, strict=strict)
+
+
+def split_scanned(listing: Listing, scanned: pa.Table, *, val_fraction: float = 0.2, seed: int = 0,
+                  strict: bool = False) -> DataSplit:
+    """The split of ``listing``, given its scan (``trainables.scan`` rows, any order,
+    one per listed file). Raises as :func:`prepare_split`."""
+    _check_val_fraction(val_fraction)
+    labelled, bad_files = _labelled(listing, scanned, strict)
+    candidates, class_names = listing.candidates, listing.class_names
     if all(c.split is None for c in candidates):
         train, val = _stratified_holdout([s for s, _ in labelled], class_names, val_fraction, seed)
     else:
@@ -154,43 +213,40 @@ def prepare_split(
     val.sort(key=lambda sample: sample.path)
     duplicates = _duplicates(train, val)
     return DataSplit(
-        str(root_abs), tuple(class_names), tuple(train), tuple(val), bad_files, duplicates
+        listing.root.location, tuple(class_names), tuple(train), tuple(val), bad_files, duplicates
     )
 
 
-def _scan(
-    root_abs: Path,
-    candidates: list[Candidate],
-    class_names: list[str],
-    strict: bool,
-    max_pixels: int,
-) -> tuple[list[tuple[Sample, str | None]], tuple[BadImage, ...]]:
-    """Decode every candidate; return usable samples with their split, and the bad files."""
-    good, bad = scan_images([str(root_abs / c.path) for c in candidates], max_pixels=max_pixels)
-    bad_files = tuple(BadImage(relative_posix(root_abs, Path(b.path)), b.reason) for b in bad)
+def _labelled(listing: Listing, scanned: pa.Table, strict: bool
+              ) -> tuple[list[tuple[Sample, str | None]], tuple[BadImage, ...]]:
+    """Usable samples with their split, and the bad files, in listing order."""
+    columns = [scanned.column(name).to_pylist() for name in ("path", "sha1", "bad_reason")]
+    result_of = {path: (sha1, reason) for path, sha1, reason in zip(*columns)}
+    bad_files = tuple(BadImage(c.path, result_of[c.path][1]) for c in listing.candidates
+                      if result_of[c.path][1] is not None)
+    root = listing.root.location
     if bad_files:
-        listing = "\n".join(f"  {b.path}: {b.reason}" for b in bad_files)
+        listing_text = "\n".join(f"  {b.path}: {b.reason}" for b in bad_files)
         if strict:
             raise DataError(
-                f"{len(bad_files)} bad file(s) found (strict=True):\n{listing}\n"
+                f"{len(bad_files)} bad file(s) found (strict=True):\n{listing_text}\n"
                 "Fix or remove them, or pass strict=False to skip them."
             )
         # Callers report bad_files themselves; this is for debugging a run from its log.
-        logger.info("skipping %d bad file(s):\n%s", len(bad_files), listing)
-    sha1_of = {Path(image.path).relative_to(root_abs).as_posix(): image.sha1 for image in good}
-    label_of = {name: index for index, name in enumerate(class_names)}
+        logger.info("skipping %d bad file(s):\n%s", len(bad_files), listing_text)
+    label_of = {name: index for index, name in enumerate(listing.class_names)}
     labelled = [
-        (Sample(c.path, label_of[c.class_name], sha1_of[c.path]), c.split)
-        for c in candidates
-        if c.path in sha1_of
+        (Sample(c.path, label_of[c.class_name], result_of[c.path][0]), c.split)
+        for c in listing.candidates
+        if result_of[c.path][1] is None
     ]
     train_counts = Counter(sample.label for sample, split in labelled if split != "val")
-    empty = [name for index, name in enumerate(class_names) if not train_counts[index]]
+    empty = [name for index, name in enumerate(listing.class_names) if not train_counts[index]]
     if empty:
         skipped = (f" ({len(bad_files)} unreadable file(s) skipped, e.g. {bad_files[0].path}: "
                    f"{bad_files[0].reason})" if bad_files else "")
         raise DataError(
-            f"data root '{root_abs}': classes {empty} have no valid training image{skipped}; add images "
+            f"data root '{root}': classes {empty} have no valid training image{skipped}; add images "
             "or remove the class folder."
         )
     return labelled, bad_files
@@ -329,10 +385,11 @@ def read_split(location: str | Path) -> DataSplit:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Reads samples from disk and applies an albumentations pipeline.
+    """Reads samples from disk or an object store and applies an albumentations pipeline.
 
     Args:
-        root: The data root the sample paths are relative to.
+        root: The data root the sample paths are relative to: a local folder or an
+            object-store URI.
         samples: The samples to serve, in order.
         transform: An albumentations ``Compose`` ending in ``ToTensorV2``,
             called as ``transform(image=rgb)["image"]``; ``None`` returns the
@@ -356,11 +413,12 @@ class ImageDataset(torch.utils.data.Dataset):
                 "transform must be an albumentations Compose or None, "
                 f"got {type(transform).__name__}."
             )
-        root_abs = os.path.abspath(root)
+        self._root = DataRoot.of(root)
         # Flat lists of str/int instead of Sample objects: forked DataLoader
         # workers touch refcounts of every object they read, so fewer objects
         # means fewer copy-on-write pages per worker.
-        self._paths = [os.path.join(root_abs, s.path) for s in samples]
+        self._paths = [self._root.path_of(s.path) for s in samples]
+        self._relpaths = None if self._root.is_local else [s.path for s in samples]
         self._labels = [int(s.label) for s in samples]
         self._transform = transform
         self._max_pixels = max_pixels
@@ -383,7 +441,11 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         rgb = self._cache.get(index)
         if rgb is None:
-            rgb = load_rgb(self._paths[index], max_pixels=self._max_pixels)
+            if self._relpaths is None:
+                rgb = load_rgb(self._paths[index], max_pixels=self._max_pixels)
+            else:  # the root's filesystem, opened once by the process that reads (a loader process too)
+                data = self._root.read_bytes(self._relpaths[index])
+                rgb = decode_rgb(data, max_pixels=self._max_pixels, name=self._paths[index])
             if rgb.nbytes <= self._cache_room:
                 rgb.setflags(write=False)  # a transform that wrote in place would corrupt later epochs: it raises
                 self._cache[index] = rgb

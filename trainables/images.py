@@ -20,7 +20,7 @@ import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -230,6 +230,7 @@ def scan_images(
     paths: Sequence[str],
     max_pixels: int = DEFAULT_MAX_PIXELS,
     num_threads: int | None = None,
+    read: Callable[[str], bytes] | None = None,
 ) -> tuple[list[ScannedImage], list[BadImage]]:
     """Hash and fully decode every file, sorting usable images from bad ones.
 
@@ -240,6 +241,8 @@ def scan_images(
         paths: Files to check.
         max_pixels: Largest ``width * height`` accepted.
         num_threads: Worker threads; ``None`` uses the executor's default.
+        read: How a path's bytes are read (``trainables.roots.DataRoot.read_bytes`` for
+            an object store); ``None`` opens local files.
 
     Returns:
         ``(good, bad)``, each in the order of ``paths``. A bad file's reason
@@ -257,15 +260,19 @@ def scan_images(
     good: list[ScannedImage] = []
     bad: list[BadImage] = []
     with ThreadPoolExecutor(max_workers=num_threads) as pool:
-        for result in pool.map(lambda path: _scan_one(path, max_pixels), paths):
+        for result in pool.map(lambda path: _scan_one(path, max_pixels, read or _read_file), paths):
             (good if isinstance(result, ScannedImage) else bad).append(result)
     return good, bad
 
 
-def _scan_one(path: str, max_pixels: int) -> ScannedImage | BadImage:
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def _scan_one(path: str, max_pixels: int, read: Callable[[str], bytes]) -> ScannedImage | BadImage:
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        data = read(path)
     except OSError as err:
         return BadImage(path, f"unreadable: {err}")
     if not data:

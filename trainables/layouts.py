@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from trainables.locations import resolve_location
+
 SPLITS = ("train", "val")
 
 
@@ -108,24 +110,32 @@ def _walk_files(root_abs: Path, class_dir: Path) -> list[Path]:
     return sorted(found)
 
 
-def folder_candidates(root_abs: Path) -> tuple[list[str], list[Candidate]]:
-    train_dir, val_dir = root_abs / "train", root_abs / "val"
-    if train_dir.is_dir() != val_dir.is_dir():
-        present, absent = ("train", "val") if train_dir.is_dir() else ("val", "train")
+def _check_split_folders(root: str, has_train: bool, has_val: bool) -> None:
+    if has_train != has_val:
+        present, absent = ("train", "val") if has_train else ("val", "train")
         raise DataError(
-            f"{root_abs} has a '{present}' folder but no '{absent}' folder. Use "
+            f"{root} has a '{present}' folder but no '{absent}' folder. Use "
             "root/train/<class> with root/val/<class>, or put class folders directly under "
             "the root for a holdout."
         )
+
+
+def _check_val_classes(classes_by_split: dict, val_dir: str, train_dir: str) -> None:
+    unknown = sorted(set(classes_by_split["val"]) - set(classes_by_split["train"]))
+    if unknown:
+        raise DataError(
+            f"classes {unknown} are in {val_dir} but not in {train_dir}; a model cannot be "
+            "evaluated on classes it never trained on. Add them to train or drop them."
+        )
+
+
+def folder_candidates(root_abs: Path) -> tuple[list[str], list[Candidate]]:
+    train_dir, val_dir = root_abs / "train", root_abs / "val"
+    _check_split_folders(str(root_abs), train_dir.is_dir(), val_dir.is_dir())
     layout = [("train", train_dir), ("val", val_dir)] if train_dir.is_dir() else [(None, root_abs)]
     classes_by_split = {split: _class_dirs(root_abs, parent) for split, parent in layout}
     if train_dir.is_dir():
-        unknown = sorted(set(classes_by_split["val"]) - set(classes_by_split["train"]))
-        if unknown:
-            raise DataError(
-                f"classes {unknown} are in {val_dir} but not in {train_dir}; a model cannot be "
-                "evaluated on classes it never trained on. Add them to train or drop them."
-            )
+        _check_val_classes(classes_by_split, str(val_dir), str(train_dir))
     candidates = [
         Candidate(relative_posix(root_abs, path), class_name, split)
         for split, parent in layout
@@ -135,26 +145,31 @@ def folder_candidates(root_abs: Path) -> tuple[list[str], list[Candidate]]:
     return classes_by_split[layout[0][0]], candidates
 
 
-def _read_manifest_table(manifest: Path) -> pa.Table:
-    suffix = manifest.suffix.lower()
+def _read_manifest_table(manifest: str) -> pa.Table:
+    suffix = os.path.splitext(manifest)[1].lower()
     if suffix not in (".csv", ".parquet", ".pq"):
         raise DataError(f"manifest must be a .csv or .parquet file, got {str(manifest)!r}.")
     try:
+        fs, path = resolve_location(manifest)
         if suffix == ".csv":
             as_text = {name: pa.string() for name in ("path", "label", "split")}
             options = pa_csv.ConvertOptions(column_types=as_text, strings_can_be_null=False)
-            return pa_csv.read_csv(manifest, convert_options=options)
-        return pq.read_table(manifest)
+            with fs.open_input_stream(path) as stream:
+                return pa_csv.read_csv(stream, convert_options=options)
+        return pq.read_table(path, filesystem=fs)
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"cannot read manifest {str(manifest)!r}: {err}") from err
 
 
-def _manifest_error(manifest: Path, row: int, column: str, problem: str) -> DataError:
+def _manifest_error(manifest: str, row: int, column: str, problem: str) -> DataError:
     where = f"manifest {str(manifest)!r} row {row} (after the header), column {column!r}"
     return DataError(f"{where}: {problem}.")
 
 
-def manifest_candidates(root_abs: Path, manifest: Path) -> tuple[list[str], list[Candidate]]:
+def manifest_candidates(root_abs: Path, manifest: str, to_relative=None) -> tuple[list[str], list[Candidate]]:
+    """The manifest's rows as candidates; ``to_relative(raw path)`` gives a row's path
+    relative to the root or raises a DataError (default: the local containment rule)."""
+    to_relative = to_relative or (lambda raw: relative_posix(root_abs, resolve_inside(root_abs, raw)))
     table = _read_manifest_table(manifest)
     missing = [name for name in ("path", "label") if name not in table.column_names]
     if missing:
@@ -179,7 +194,7 @@ def manifest_candidates(root_abs: Path, manifest: Path) -> tuple[list[str], list
                 problem = f"got {split!r}, expected 'train' or 'val' (or drop the column)"
                 raise _manifest_error(manifest, row, "split", problem)
         try:
-            relpath = relative_posix(root_abs, resolve_inside(root_abs, str(raw_path).strip()))
+            relpath = to_relative(str(raw_path).strip())
         except DataError as err:
             raise _manifest_error(manifest, row, "path", str(err).rstrip(".")) from err
         if relpath in first_row_of:
@@ -188,3 +203,25 @@ def manifest_candidates(root_abs: Path, manifest: Path) -> tuple[list[str], list
         first_row_of[relpath] = row
         candidates.append(Candidate(relpath, label, split))
     return sorted({c.class_name for c in candidates}), candidates
+
+
+def listed_candidates(root: str, keys: list[str]) -> tuple[list[str], list[Candidate]]:
+    """``folder_candidates`` for an object-store root, from its listing (keys relative to
+    the root): the same two layouts, class folders found from the keys, hidden segments
+    skipped, files directly in the root or in train/ and val/ ignored."""
+    visible = [key for key in keys if not any(part.startswith(".") for part in key.split("/"))]
+    tops = {key.split("/", 1)[0] for key in visible if "/" in key}
+    _check_split_folders(root, "train" in tops, "val" in tops)
+    split_layout = "train" in tops
+    candidates = []
+    for key in visible:
+        parts = key.split("/")
+        if split_layout and parts[0] in SPLITS and len(parts) >= 3:
+            candidates.append(Candidate(key, parts[1], parts[0]))
+        elif not split_layout and len(parts) >= 2:
+            candidates.append(Candidate(key, parts[0], None))
+    classes_by_split = {split: sorted({c.class_name for c in candidates if c.split == split})
+                        for split in (SPLITS if split_layout else (None,))}
+    if split_layout:
+        _check_val_classes(classes_by_split, f"{root}/val", f"{root}/train")
+    return classes_by_split["train" if split_layout else None], sorted(candidates)

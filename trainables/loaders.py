@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
 from trainables.datasets import DataSplit, ImageDataset
 from trainables.errors import TrialConfigError
+from trainables.locations import is_uri
 from trainables.runtime import Runtime
 
 
@@ -91,7 +92,8 @@ def _worker_init(worker_id: int) -> None:
         dataset.reseed(seed)
 
 
-def _loader(dataset, *, batch_size: int, sampler, drop_last: bool, num_workers: int, pin: bool, seed: int = 0):
+def _loader(dataset, *, batch_size: int, sampler, drop_last: bool, num_workers: int, pin: bool, seed: int = 0,
+            remote: bool = False):
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -103,6 +105,10 @@ def _loader(dataset, *, batch_size: int, sampler, drop_last: bool, num_workers: 
         worker_init_fn=_worker_init if num_workers > 0 else None,
         prefetch_factor=4 if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
+        # Images in an object store: the AWS SDK's threads do not survive a fork, and the
+        # trial process has already used it (its checkpoints, often its data): loader
+        # processes start fresh from a fork server instead, and open the bucket themselves.
+        multiprocessing_context="forkserver" if remote and num_workers > 0 else None,
     )
 
 
@@ -149,6 +155,7 @@ def create_train_loader(
         num_workers=num_workers,
         pin=runtime.device.type == "cuda",
         seed=seed + runtime.rank,
+        remote=is_uri(split.root),
     )
 
 
@@ -179,5 +186,6 @@ def create_val_loader(
         drop_last=False,
         num_workers=num_workers,
         pin=runtime.device.type == "cuda",
+        remote=is_uri(split.root),
     )
     return loader, shard
