@@ -1,30 +1,40 @@
-"""A run's data, scanned once: the fixed split every trial and the export use, written
-by the driver before any trial, and its printed summary (counts per class and split,
+"""A run's data: listed before Ray starts, scanned once through the scan cache (on Ray
+when connected), and split into the fixed split every trial and the export use, written
+by the driver before any trial; and its printed summary (counts per class and split,
 each skipped file with its reason).
 """
 
 from __future__ import annotations
 
 from search.config import ConfigError, RunConfig
-from trainables.datasets import DataSplit, prepare_split
+from search.scan_cache import cached_scan
+from trainables.datasets import DataSplit, Listing, list_data, split_scanned
 
 _MAX_LISTED_BAD_FILES = 20
 
 
-def scan_data(cfg: RunConfig, print_fn=print) -> DataSplit:
-    """Scan and split the data, print the summary; nothing is written.
+def list_run_data(cfg: RunConfig) -> Listing:
+    """What ``data.root`` holds, read from its listing alone (no image is opened): a bad
+    root, manifest or layout fails here, before Ray starts.
+
+    Raises:
+        trainables.layouts.DataError: The root or manifest cannot give candidates.
+    """
+    return list_data(cfg.data.root, cfg.data.manifest)
+
+
+def scan_data(cfg: RunConfig, print_fn=print, listing: Listing | None = None) -> DataSplit:
+    """Scan (reusing ``output_dir``'s scan cache; on Ray when connected) and split the
+    data, print the summary; nothing but the cache is written.
 
     Raises:
         trainables.layouts.DataError: The data cannot produce a usable split.
     """
-    split = prepare_split(
-        cfg.data.root,
-        manifest=cfg.data.manifest,
-        val_fraction=cfg.data.val_fraction,
-        seed=cfg.optim.seed,
-        strict=cfg.data.strict,
-        max_pixels=cfg.data.max_image_pixels,
-    )
+    listing = listing or list_run_data(cfg)
+    scanned, _ = cached_scan(cfg.output_dir, listing, cfg.data.max_image_pixels, print_fn,
+                             rescan=cfg.data.rescan)
+    split = split_scanned(listing, scanned, val_fraction=cfg.data.val_fraction, seed=cfg.optim.seed,
+                          strict=cfg.data.strict)
     print_fn(describe_split(split))
     return split
 

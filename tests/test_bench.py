@@ -166,3 +166,11 @@ def test_report_html_smoke_run_times_a_page_with_every_trial(tmp_path):
     result = json.loads(main(["--smoke", "--results", str(tmp_path)]).read_text())
     assert result["trials"] == 12 and result["plots"] >= 8
     assert 0 < result["seconds_median"] and 0 < result["bytes"] < 5_000_000
+
+
+def test_scan_cache_smoke_run_reads_each_file_once(tmp_path):
+    from bench.scan_cache import main
+
+    result = _stamped(main(["--smoke", "--results", str(tmp_path)]))
+    assert result["images"] == 500 and result["cold_s"] > 0
+    assert 0 < result["warm_over_cold"] < 1 and result["one_changed_s"] > 0

@@ -1,6 +1,6 @@
-"""``tunecv run``: validate the space (before any compute), find or create the run, join
-Ray and probe the storage, scan the data (a new run) or settle what a dead driver
-left (a resume), search with Tune (``StudySearcher``, ASHA, ``search/run/trial.py``),
+"""``tunecv run``: validate the space (before any compute), find or create the run, list
+the data, join Ray and probe the storage, scan the data on Ray (a new run) or settle
+what a dead driver left (a resume), search with Tune (``StudySearcher``, ASHA, ``search/run/trial.py``),
 then write the report and the export. Ray keeps the checkpoints at the run location;
 this driver alone writes the study, its ``drivers/<k>.json``, the report and export.
 """
@@ -15,7 +15,7 @@ from typing import Any
 from ray import tune
 
 from search.config import ConfigError, RunConfig, dump_config
-from search.data import check_batch_sizes, scan_data
+from search.data import check_batch_sizes, list_run_data, scan_data
 from search.drivers import FINISHED, INTERRUPTED, DriverRecord, read_drivers, spent_s
 from search.layout import CONFIG, SPACE, SPLIT, tune_experiment
 from search.ray_session import connect_ray
@@ -120,7 +120,8 @@ def run_search(
             config or a live driver, or the cluster's nodes cannot all see the run
             location; all before any training (an invalid space even before data or Ray).
         trainables.layouts.DataError: A new run's data cannot give a usable split;
-            before Ray starts and before the run directory is created.
+            before Ray starts when its listing shows it (a missing root, a bad layout or
+            manifest), and always before the run directory is created.
     """
     explicit = None  # (space, its file, a note), checked before anything else runs
     if cfg.search.space != "auto":
@@ -130,14 +131,18 @@ def run_search(
     if resuming:
         check_resumable(store, cfg)
     else:
-        # A new run's data and space are checked before Ray starts and before anything
-        # is written: a bad data root costs a scan, not a Ray start and a dead run.
-        split = split or scan_data(cfg, print_fn)
+        # A bad data root or layout fails on its listing, before Ray starts; the images
+        # are then read by Ray tasks across the cluster (or come from the scan cache).
+        listing = None if split else list_run_data(cfg)
+    connect_ray()
+    if not resuming:
+        # Nothing is written before the data and space pass their checks: a bad file
+        # (strict) or a batch too large costs a scan, not a dead run.
+        split = split or scan_data(cfg, print_fn, listing)
         space, space_path, note = explicit or (
             None, *resolve_space_name("auto", len(split.train), pretrained=cfg.model.pretrained))
         space = space or check_space(cfg, space_path.read_text(), str(space_path))
         check_batch_sizes(cfg, len(split.train), space.batch_size, str(space_path))
-    connect_ray()
     check_shared_storage(RunStore.at(store.location.rsplit("/", 1)[0]))
     earlier = read_drivers(store)
     print_fn(f"{'resuming run directory' if resuming else 'run directory'}: {store}")
