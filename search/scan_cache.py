@@ -16,6 +16,7 @@ the one reused from.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -81,7 +82,10 @@ def cached_scan(output_dir: str, listing: Listing, max_pixels: int, print_fn=pri
     fresh = scan_all(listing.root, misses, max_pixels, progress)
     table = pa.concat_tables([previous.take(pa.array(hits, pa.int64())), fresh]) if hits else fresh
     if misses or not previous.num_rows:
-        _write_once(fs, base, f"{time.time_ns():020d}-{fingerprint}.parquet", table)
+        try:
+            _write_once(fs, base, f"{time.time_ns():020d}-{fingerprint}.parquet", table)
+        except OSError as err:  # a cache, not the run's data: a full disk fails the run later, by name
+            print_fn(f"scan: not cached ({err}); the next search of this data reads it again")
     stats = ScanStats(len(entries), len(hits), len(misses), time.monotonic() - started)
     print_fn(f"scan: {stats.listed} files, {stats.reused} from the cache, {stats.scanned} read, "
              f"in {stats.seconds:.1f} s")
@@ -112,5 +116,10 @@ def _write_once(fs, base: str, name: str, table: pa.Table) -> None:
         pq.write_table(table, f"{base}/{name}", filesystem=fs)
         return
     temporary = f"{base}/.{uuid.uuid4().hex}.tmp"
-    pq.write_table(table, temporary, filesystem=fs)
-    fs.move(temporary, f"{base}/{name}")
+    try:
+        pq.write_table(table, temporary, filesystem=fs)
+        fs.move(temporary, f"{base}/{name}")
+    except OSError:
+        with contextlib.suppress(OSError):
+            fs.delete_file(temporary)
+        raise

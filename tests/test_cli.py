@@ -5,6 +5,7 @@ import sys
 
 import yaml
 
+from search.scan_cache import CACHE_DIR
 from tests.conftest import small_run_config
 
 
@@ -23,8 +24,9 @@ def test_train_prints_epochs_and_per_class_report(synthetic_root, tmp_path):
     for k in range(4):
         assert f"class_{k}" in proc.stdout
     assert "macro-F1" in proc.stdout
-    run_dirs = list((tmp_path / "runs").iterdir())
+    run_dirs = [d for d in (tmp_path / "runs").iterdir() if d.name != CACHE_DIR]
     assert len(run_dirs) == 1
+    assert list((tmp_path / "runs" / CACHE_DIR).rglob("*.parquet"))  # the scan, for the next run of this data
     for name in ("config.yaml", "split.parquet", "split.json", "metrics.jsonl", "best", "last"):
         assert (run_dirs[0] / name).exists(), name
 
@@ -95,7 +97,7 @@ def test_run_with_bad_data_fails_before_ray_and_leaves_no_run_directory(tmp_path
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "have no valid training image;" in proc.stderr  # none skipped
     assert "Ray" not in proc.stdout + proc.stderr  # no "Started a local Ray instance"
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists()  # the listing showed it: not even a scan
 
 
 def _space_file(tmp_path, **extra):
@@ -113,7 +115,10 @@ def _refused_before_ray(proc, tmp_path, *phrases):
     assert "Traceback" not in out and "Ray" not in out, out[-2000:]
     for phrase in phrases:
         assert phrase in proc.stderr, proc.stderr
-    assert not (tmp_path / "runs").exists()  # no run directory for a refused start
+    runs = tmp_path / "runs"
+    # No run directory for a refused start; the scan cache may be there (the corrected
+    # command reuses the scan).
+    assert not runs.exists() or [p.name for p in runs.iterdir()] == [CACHE_DIR]
 
 
 def test_a_batch_larger_than_the_training_set_is_refused_before_ray_and_before_a_run_directory(
@@ -140,7 +145,7 @@ def test_resume_of_a_train_directory_is_refused_before_ray(synthetic_root, tmp_p
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(small_run_config(synthetic_root, tmp_path / "trained")))
     assert _tunecv("train", "--config", str(path), "--set", "optim.epochs=1").returncode == 0
-    (train_dir,) = (tmp_path / "trained").iterdir()
+    (train_dir,) = [d for d in (tmp_path / "trained").iterdir() if d.name != CACHE_DIR]
     proc = _tunecv("run", "--resume", str(train_dir))
     _refused_before_ray(proc, tmp_path, f"'{train_dir}' is not a search run", "tunecv run --config")
     proc = _tunecv("report", str(train_dir))

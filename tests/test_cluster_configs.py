@@ -149,7 +149,7 @@ def test_cluster_run_dirs_are_on_the_shared_mount():
     cfg = _run_config()
     # Every node mounts /mnt/shared; a relative path would land in the job's temporary copy.
     assert Path(cfg.output_dir).is_absolute() and Path(cfg.output_dir).is_relative_to(SHARED)
-    assert cfg.data.root.is_relative_to(SHARED)
+    assert Path(cfg.data.root).is_relative_to(SHARED)
 
 
 def test_rayjob_entrypoint_runs_a_search_of_an_existing_run_file():

@@ -8,6 +8,7 @@ import torch
 
 from search.config import parse_config
 from search.jobs.train import train
+from search.scan_cache import CACHE_DIR
 from tests.conftest import small_run_config
 from trainables.checkpoint import load_model, read_meta
 from trainables.datasets import read_split
@@ -103,7 +104,8 @@ def test_batch_larger_than_training_set_is_refused_before_training(synthetic_roo
     cfg = parse_config(small_run_config(synthetic_root, tmp_path / "runs", optim={"batch_size": 1000}))
     with pytest.raises(ConfigError, match="set optim.batch_size to at most 128"):
         train(cfg, print_fn=lambda *_: None)
-    assert not (tmp_path / "runs").exists()  # refused before the run directory
+    runs = tmp_path / "runs"  # refused before the run directory (the scan cache is kept)
+    assert [p.name for p in runs.iterdir()] == [CACHE_DIR]
 
 
 def test_val_shards_cover_every_image_once():

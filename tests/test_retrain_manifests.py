@@ -358,8 +358,8 @@ def test_cluster_retrain_keeps_runs_and_snapshot_on_the_shared_mount():
     cfg = _retrain_config(RETRAIN_RUN)
     # The lock lives in output_dir: on /mnt/shared every cluster of the schedule sees it.
     assert Path(cfg.output_dir).is_absolute() and Path(cfg.output_dir).is_relative_to(SHARED)
-    assert cfg.retrain.snapshot.is_absolute() and cfg.retrain.snapshot.is_relative_to(SHARED)
-    assert cfg.data.root.is_relative_to(SHARED)
+    assert Path(cfg.retrain.snapshot).is_absolute() and Path(cfg.retrain.snapshot).is_relative_to(SHARED)
+    assert Path(cfg.data.root).is_relative_to(SHARED)
 
 
 def test_cluster_retrain_gate_is_set():
@@ -388,7 +388,7 @@ def test_retrain_run_file_is_its_search_plus_the_retrain_section(retrain, base):
 
 def test_local_retrain_runs_in_the_repository():
     cfg = _retrain_config(RETRAIN_LOCAL)
-    assert cfg.output_dir == "runs" and cfg.retrain.snapshot == Path("data/digits")
+    assert cfg.output_dir == "runs" and cfg.retrain.snapshot == "data/digits"
     assert (cfg.retrain.num_samples, cfg.retrain.top_k) == (4, 3)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import warnings
 from collections import Counter
@@ -113,6 +114,13 @@ class Listing:
     candidates: list[Candidate]
     entries: list[FileEntry]  # one per candidate, in order; size -1 when it cannot be found
 
+    def most_train_images(self, val_fraction: float) -> int:
+        """The training images the split can have at most (all listed files valid):
+        what batch sizes are checked against before the scan."""
+        if any(c.split is not None for c in self.candidates):
+            return sum(c.split == "train" for c in self.candidates)
+        return len(self.candidates) - math.ceil(len(self.candidates) * val_fraction)  # as train_test_split
+
 
 def list_data(root: str | Path, manifest: str | Path | None = None) -> Listing:
     """Find the candidate files under ``root`` (a local folder or an object-store URI):
@@ -147,6 +155,11 @@ def list_data(root: str | Path, manifest: str | Path | None = None) -> Listing:
             f"found {len(class_names)} class(es) {class_names} under {data_root.location!r}; "
             "classification needs at least 2."
         )
+    listed = Counter(c.class_name for c in candidates if c.split != "val")
+    empty = [name for name in class_names if not listed[name]]
+    if empty:  # known from the listing: no image needs reading to say so
+        raise DataError(f"data root '{data_root.location}': classes {empty} have no valid training image; add "
+                        "images or remove the class folder.")
     return Listing(data_root, class_names, candidates, entries)
 
 

@@ -104,7 +104,8 @@ def _scan_on_ray(root: DataRoot, entries: Sequence[FileEntry], max_pixels: int,
             index = pending.pop(ref)
             results[index] = ray.get(ref)
             done_files += len(chunks[index])
-        if progress and (time.monotonic() - last_print >= _PROGRESS_EVERY_S or not (pending or next_chunk < len(chunks))):
+        finished = not pending and next_chunk == len(chunks)
+        if progress and (finished or time.monotonic() - last_print >= _PROGRESS_EVERY_S):
             progress(done_files, len(entries))
             last_print = time.monotonic()
     return pa.concat_tables([results[i] for i in range(len(chunks))])

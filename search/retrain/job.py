@@ -86,8 +86,8 @@ def retrain(cfg: RunConfig, print_fn: PrintFn = print) -> Decision | None:
                           "/mnt/shared/runs.")
     # Resolved once: a `latest` symlink that the data pipeline moves during a long
     # retrain must not change what its later trials read.
-    snapshot = cfg.retrain.snapshot
-    section = cfg.retrain.model_copy(update={"snapshot": snapshot if is_uri(snapshot) else str(Path(snapshot).resolve())})
+    snapshot = cfg.retrain.snapshot if is_uri(cfg.retrain.snapshot) else str(Path(cfg.retrain.snapshot).resolve())
+    section = cfg.retrain.model_copy(update={"snapshot": snapshot})
     cfg = cfg.model_copy(update={"retrain": section, "data": cfg.data.model_copy(update={"root": section.snapshot})})
     out = Path(cfg.output_dir)
     with retrain_lock(out, section.model_name):

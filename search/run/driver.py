@@ -131,18 +131,16 @@ def run_search(
     if resuming:
         check_resumable(store, cfg)
     else:
-        # A bad data root or layout fails on its listing, before Ray starts; the images
-        # are then read by Ray tasks across the cluster (or come from the scan cache).
+        # A bad data root, layout or batch size fails on the data's listing, before Ray
+        # starts; the images are then read by Ray tasks across the cluster (or come from
+        # the scan cache), and the checks run again on the valid images.
         listing = None if split else list_run_data(cfg)
+        if listing is not None:
+            _check_data_and_space(cfg, explicit, listing.most_train_images(cfg.data.val_fraction))
     connect_ray()
     if not resuming:
-        # Nothing is written before the data and space pass their checks: a bad file
-        # (strict) or a batch too large costs a scan, not a dead run.
         split = split or scan_data(cfg, print_fn, listing)
-        space, space_path, note = explicit or (
-            None, *resolve_space_name("auto", len(split.train), pretrained=cfg.model.pretrained))
-        space = space or check_space(cfg, space_path.read_text(), str(space_path))
-        check_batch_sizes(cfg, len(split.train), space.batch_size, str(space_path))
+        space, space_path, note = _check_data_and_space(cfg, explicit, len(split.train))
     check_shared_storage(RunStore.at(store.location.rsplit("/", 1)[0]))
     earlier = read_drivers(store)
     print_fn(f"{'resuming run directory' if resuming else 'run directory'}: {store}")
@@ -157,6 +155,16 @@ def run_search(
     _search(cfg, space, store, driver, spent_s(earlier) if resuming else None, print_fn, callbacks, warm_points,
             history)
     return store
+
+
+def _check_data_and_space(cfg: RunConfig, explicit, num_train: int) -> tuple[SearchSpace, Path, str]:
+    """The space for ``num_train`` training images (``explicit``, or the auto tier's),
+    checked, with every batch size it may give."""
+    space, space_path, note = explicit or (
+        None, *resolve_space_name("auto", num_train, pretrained=cfg.model.pretrained))
+    space = space or check_space(cfg, space_path.read_text(), str(space_path))
+    check_batch_sizes(cfg, num_train, space.batch_size, str(space_path))
+    return space, space_path, note
 
 
 def _set_up(store: RunStore, driver: DriverRecord, split: DataSplit, space_path: Path, note: str,
