@@ -29,8 +29,7 @@ import pyarrow.parquet as pq
 import torch.utils.data
 
 from trainables.images import DEFAULT_MAX_PIXELS, BadImage, decode_rgb, load_rgb
-from trainables.layouts import (SPLITS, Candidate, DataError, folder_candidates, listed_candidates,
-                                manifest_candidates)
+from trainables.layouts import SPLITS, Candidate, DataError, listed_candidates, manifest_candidates, walk_folders
 from trainables.locations import resolve_location
 from trainables.roots import DataRoot, FileEntry, key_inside
 from trainables.scan import scan_all
@@ -136,10 +135,12 @@ def list_data(root: str | Path, manifest: str | Path | None = None) -> Listing:
     if data_root.is_local:
         root_abs = Path(data_root.location)
         if manifest is None:
-            class_names, candidates = folder_candidates(root_abs)
+            class_names, candidates, stats = walk_folders(root_abs)
+            entries = [FileEntry(c.path, -1, 0) if info is None else FileEntry(c.path, info.st_size, info.st_mtime_ns)
+                       for c, info in zip(candidates, stats)]
         else:
             class_names, candidates = manifest_candidates(root_abs, manifest)
-        entries = [_stat(root_abs, c.path) for c in candidates]
+            entries = [_stat(root_abs, c.path) for c in candidates]
     else:
         listed = {entry.path: entry for entry in data_root.list_files()}
         if manifest is None:
