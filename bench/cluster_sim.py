@@ -18,7 +18,8 @@ Measured:
   trial 20 to 200 <= 300 MB (Ray issue #64231 saw ~300 KB a finished trial in Ray 2.55).
   ``--trace-memory`` adds tracemalloc's top 10 allocation sites grown over that span;
 - the time ``write_run_report`` takes for the finished run, and the driver's time from
-  the last trial's end to its report line (Tune's teardown, the study's flush, the report).
+  the last trial's end to its report line (Tune's teardown, the study's flush, the
+  report: ``wall_s.to_report_line``).
 
     .venv/bin/python -m bench.cluster_sim [--trace-memory]
     .venv/bin/python -m bench.cluster_sim --smoke --results DIR   # 2 nodes x 2 GPUs, 12 trials (tests)
@@ -32,6 +33,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -158,13 +160,16 @@ def packing(probe: DriverProbe, placed: dict[str, dict], gpu_per_trial: float) -
     peak = running(peak_at)
     gpus = collections.Counter((placed[t]["node"], g) for t in peak for g in placed[t]["gpus"])
     nodes = collections.Counter(placed[t]["node"][:8] for t in peak)
+    everywhere = collections.Counter(placed[t]["node"][:8] for t in placed)
     return {
         "peak_running": len(peak),
         "peak_gpus_requested": len(peak) * gpu_per_trial,
         "peak_gpus_holding": len(gpus),
         "peak_trials_per_gpu": dict(sorted(collections.Counter(gpus.values()).items())),  # {trials: GPUs}
         "peak_trials_per_node": dict(sorted(nodes.items(), key=lambda kv: -kv[1])),
-        "nodes_used": len({placed[t]["node"] for t in placed}),
+        "trials_per_node": sorted(everywhere.values(), reverse=True),  # over the whole search
+        "gpu_ids_used": sorted({g for t in placed for g in placed[t]["gpus"]}, key=int),  # on any node
+        "nodes_used": len(everywhere),
         "trial_processes": len({(placed[t]["node"], placed[t]["pid"]) for t in placed}),
     }
 
@@ -235,29 +240,41 @@ def run(sizes: Sizes, trace_memory: bool, work: Path) -> dict:
         if line.startswith("report: "):
             said["report"] = time.time()
 
-    began = time.perf_counter()
+    began = time.time()
     with simulated_cluster(sizes, runtime_env(work / "placement.jsonl")):
-        started_s = time.perf_counter() - began
+        joined = time.time()
         cpu = psutil.Process().cpu_times()
         store = run_search(cfg, print_fn=note, callbacks=[probe], trial_resources=TRIAL_RESOURCES)
-        cpu_after = psutil.Process().cpu_times()
+        cpu_after, returned = psutil.Process().cpu_times(), time.time()
+    ended = time.time()
     views = load_run(store).trials
     placed = read_probe(work / "placement.jsonl")
     check(probe, placed, views, sizes)
     driver_cpu_s = (cpu_after.user + cpu_after.system) - (cpu.user + cpu.system)
     return {
         "cluster": {"nodes": sizes.nodes, "cpus_per_node": sizes.cpus_per_node, "gpus_per_node": sizes.gpus_per_node,
-                    "head_cpus": 0, "start_s": round(started_s, 1)},
+                    "head_cpus": 0},
         "trials": sizes.trials, "max_concurrent_trials": sizes.concurrent, "trial_resources": TRIAL_RESOURCES,
         "statuses": dict(collections.Counter(v.status for v in views)),
         "throughput": throughput(probe, sizes),
         "driver_cpu_s_per_trial": round(driver_cpu_s / sizes.trials, 3),
         "packing": packing(probe, placed, TRIAL_RESOURCES["gpu"]),
         "driver_memory": memory(probe, sizes),
-        "report": {"write_run_report_s": round(report_time(store), 3),
-                   "driver_last_trial_to_report_s": round(said["report"] - max(probe.end.values()), 2)},
-        "wall_s": round(time.perf_counter() - began, 1),
+        "write_run_report_s": round(report_time(store), 3),
+        # connect_ray turns Tune's JSON/CSV/TensorBoard loggers off unless this says "0".
+        "tune_auto_loggers": os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS") != "1",
+        "wall_s": wall_times(began, joined, probe, said["report"], returned, ended),
     }
+
+
+def wall_times(began: float, joined: float, probe: DriverProbe, reported: float, returned: float,
+               ended: float) -> dict:
+    """Where the benchmark's time went, in order (time.time() stamps)."""
+    first, last = min(probe.start.values()), max(probe.end.values())
+    steps = {"cluster_start": joined - began, "to_first_trial": first - joined, "search": last - first,
+             "to_report_line": reported - last, "to_search_return": returned - reported,
+             "cluster_shutdown": ended - returned}
+    return {"total": round(ended - began, 1), **{k: round(v, 1) for k, v in steps.items()}}
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -279,7 +296,7 @@ def main(argv: list[str] | None = None) -> Path:
     print(f"{sizes.trials} trials in {t['search_s']} s: {t['trials_per_min']} trials/min; at the peak "
           f"{p['peak_running']} trials asked {p['peak_gpus_requested']} GPUs and held {p['peak_gpus_holding']}; "
           f"driver RSS +{m['rss_growth_mb']} MB from trial {m['rss_from_trial']} to {m['rss_to_trial']} "
-          f"(target <= {TARGET_GROWTH_MB:g}); report {result['report']['write_run_report_s']} s -> {path}")
+          f"(target <= {TARGET_GROWTH_MB:g}); report {result['write_run_report_s']} s -> {path}")
     return path
 
 

@@ -33,6 +33,7 @@ def test_packing_counts_the_gpus_held_at_the_peak_of_concurrent_trials():
     assert result["peak_trials_per_gpu"] == {1: 1, 2: 1}  # one GPU with 1 trial, one with 2
     assert result["peak_trials_per_node"] == {"n1": 2, "n2": 1}
     assert result["nodes_used"] == 2 and result["trial_processes"] == 3  # d reused a's process
+    assert result["trials_per_node"] == [3, 1] and result["gpu_ids_used"] == ["0", "1", "3"]
 
 
 def test_check_refuses_trials_without_a_placement_or_a_gpu():
@@ -67,7 +68,8 @@ def test_cluster_sim_smoke_run_places_every_trial_on_a_logical_gpu(tmp_path):
     # Each GPU holds at most 1 / 0.5 = 2 trials, and there are 2 x 2 of them.
     assert placed["peak_gpus_requested"] <= placed["peak_gpus_holding"] <= min(placed["peak_running"], 4)
     assert sum(placed["peak_trials_per_node"].values()) == placed["peak_running"]
-    assert 1 <= placed["nodes_used"] <= SMOKE.nodes
+    assert 1 <= placed["nodes_used"] <= SMOKE.nodes and sum(placed["trials_per_node"]) == SMOKE.trials
+    assert placed["gpu_ids_used"] and all(0 <= int(g) < SMOKE.gpus_per_node for g in placed["gpu_ids_used"])
     assert placed["trial_processes"] <= SMOKE.concurrent  # actors were reused
 
     memory = result["driver_memory"]
@@ -75,4 +77,6 @@ def test_cluster_sim_smoke_run_places_every_trial_on_a_logical_gpu(tmp_path):
     assert all(mb > 100 for mb in memory["rss_mb"].values())  # a driver with torch and Ray loaded
     assert memory["rss_growth_mb"] == pytest.approx(
         memory["rss_mb"][str(SMOKE.trials)] - memory["rss_mb"][str(SMOKE.rss_from_trial)], abs=0.11)
-    assert result["report"]["write_run_report_s"] > 0 and result["report"]["driver_last_trial_to_report_s"] > 0
+    assert result["write_run_report_s"] > 0 and result["wall_s"]["to_report_line"] > 0
+    steps = [v for k, v in result["wall_s"].items() if k != "total"]
+    assert all(v >= 0 for v in steps) and sum(steps) == pytest.approx(result["wall_s"]["total"], abs=0.5)
