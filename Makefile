@@ -36,6 +36,7 @@ bench: $(STAMP) data/digits
 	$(BIN)/python -m bench.search_efficiency
 	$(BIN)/python -m bench.export_latency
 	$(BIN)/python -m bench.resume_tuner_restore
+	$(BIN)/python -m bench.cluster_sim
 
 clean:
 	rm -rf runs data/digits

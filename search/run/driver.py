@@ -93,6 +93,7 @@ def run_search(
     warm_points: Sequence[dict[str, Any]] | None = None,
     history: Sequence[HistoryTrial] = (),
     split: DataSplit | None = None,
+    trial_resources: dict[str, float] | None = None,
 ) -> RunStore:
     """Search, rank, report and export; return the run.
 
@@ -114,6 +115,12 @@ def run_search(
             budget. One the space cannot hold whole is left out, and counted.
         split: ``cfg``'s data, already scanned by the caller (a retrain needs its
             fingerprint first); a new run scans it otherwise.
+        trial_resources: The resources each trial's own process asks Tune for, as
+            ``tune.with_resources`` takes them (``{"cpu": 0.25, "gpu": 0.5}``), instead of
+            those derived from ``cfg`` (``search.cpus_per_trial``, ``scaling``). Ray
+            Train workers, if any, still ask for theirs through ``scaling``. The trial
+            trains where ``cfg`` says: logical GPUs asked for here do not make it use CUDA
+            (``bench/cluster_sim.py`` packs trials onto logical GPUs of a simulated cluster).
 
     Raises:
         ConfigError: The space is invalid, the run to resume is finished, has another
@@ -153,7 +160,7 @@ def run_search(
     else:
         _set_up(store, driver, split, space_path, note, print_fn)
     _search(cfg, space, store, driver, spent_s(earlier) if resuming else None, print_fn, callbacks, warm_points,
-            history)
+            history, trial_resources or _trial_resources(cfg))
     return store
 
 
@@ -180,8 +187,8 @@ def _set_up(store: RunStore, driver: DriverRecord, split: DataSplit, space_path:
 
 
 def _search(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverRecord, spent_before: float | None,
-            print_fn, callbacks, warm_points: Sequence[dict[str, Any]] | None = None,
-            history: Sequence[HistoryTrial] = ()) -> None:
+            print_fn, callbacks, warm_points: Sequence[dict[str, Any]] | None, history: Sequence[HistoryTrial],
+            trial_resources: dict[str, float]) -> None:
     """Tune, then report and export; ``spent_before`` is None for a new run."""
     from search.results.report import write_run_report
     from search.results.winner import export_winner
@@ -203,7 +210,7 @@ def _search(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverR
                 handle.study.enqueue_trial(point)
             _add_history(handle.study, space, history, print_fn)
         done = plan.num_samples <= 0 or _tune(cfg, space, store, driver, handle, scheduler, plan, print_fn,
-                                              callbacks)
+                                              callbacks, trial_resources)
     except BaseException as err:
         full = out_of_space(err)
         # Each step on its own: a journal that cannot be flushed must not keep the
@@ -271,11 +278,11 @@ def _add_history(study, space: SearchSpace, history: Sequence[HistoryTrial], pri
 
 
 def _tune(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverRecord, handle: StudyHandle,
-          scheduler, plan: ResumePlan, print_fn, callbacks) -> bool:
+          scheduler, plan: ResumePlan, print_fn, callbacks, trial_resources: dict[str, float]) -> bool:
     """Run Tune until ``plan``'s trials are done; False when it was interrupted instead."""
     context = TrialContext(store, driver.state.k, cfg.trial().model_dump(mode="json"), space,
                            cfg.search.trial_timeout_s)
-    trainable = tune.with_resources(tune.with_parameters(run_search_trial, context=context), _trial_resources(cfg))
+    trainable = tune.with_resources(tune.with_parameters(run_search_trial, context=context), trial_resources)
     searcher = StudySearcher(handle, space)
     progress = ProgressCallback(cfg.optim.epochs, cfg.search.max_failures, print_fn)
     status = SearchStatus(plan.num_samples, plan.time_budget_s, print_fn)
