@@ -45,7 +45,6 @@ from ray import tune
 
 from bench._common import RESULTS, BenchError, load_demo_config, machine, smoke_root, write_result
 from bench._trial_probe import read_probe, runtime_env
-from search.study import TRIAL_ID_KEY
 
 TARGET_GROWTH_MB = 300.0
 TRIAL_RESOURCES = {"cpu": 0.25, "gpu": 0.5}
