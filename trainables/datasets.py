@@ -148,16 +148,16 @@ def list_data(root: str | Path, manifest: str | Path | None = None) -> Listing:
                 key_inside(data_root, key)  # keys such as a/../b are objects of their own: refused
             class_names, candidates = listed_candidates(data_root.location, list(listed))
         else:
-            class_names, candidates = manifest_candidates(
-                Path("."), manifest, to_relative=lambda raw: key_inside(data_root, raw))
+            class_names, candidates = manifest_candidates(  # no local root: keys are checked instead
+                Path(data_root.location), manifest, to_relative=lambda raw: key_inside(data_root, raw))
         entries = [listed.get(c.path, FileEntry(c.path, -1, 0)) for c in candidates]
     if len(class_names) < 2:
         raise DataError(
             f"found {len(class_names)} class(es) {class_names} under {data_root.location!r}; "
             "classification needs at least 2."
         )
-    listed = Counter(c.class_name for c in candidates if c.split != "val")
-    empty = [name for name in class_names if not listed[name]]
+    per_class = Counter(c.class_name for c in candidates if c.split != "val")
+    empty = [name for name in class_names if not per_class[name]]
     if empty:  # known from the listing: no image needs reading to say so
         raise DataError(f"data root '{data_root.location}': classes {empty} have no valid training image; add "
                         "images or remove the class folder.")
