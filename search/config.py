@@ -152,8 +152,6 @@ def _ray_data_problems(cfg: RunConfig) -> list[str]:
     fixes = {
         "data.manifest": (cfg.data.manifest is not None, "the pack holds its split; remove data.manifest"),
         "retrain": (cfg.retrain is not None, "a retrain's snapshot is an image folder; use data.loader: dataloader"),
-        "data.num_workers": (cfg.data.num_workers == 0, "Ray Data decodes in tasks of their own; give the CPUs "
-                                                         "a trial reserves for them, or auto (1)"),
         "optim.balanced_sampler": (cfg.optim.balanced_sampler, "a pack is streamed file by file; set it to false"),
     }
     return [f"{field} is not supported with data.loader ray_data: {fix}." for field, (bad, fix) in fixes.items()

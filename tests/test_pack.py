@@ -47,8 +47,8 @@ def test_a_pack_read_through_the_dataloader_and_unsupported_combinations_are_ref
     root = _fake_pack(tmp_path / "pack")
     with pytest.raises(ConfigError, match=r"data\.loader: data\.root .* is a pack"):
         parse_config(small_run_config(root, tmp_path / "runs"))
-    with pytest.raises(ConfigError, match=r"data\.num_workers is not supported with data\.loader ray_data"):
-        parse_config(_ray_data_config(root, tmp_path, num_workers=0))
+    with pytest.raises(ConfigError, match=r"data\.manifest is not supported with data\.loader ray_data"):
+        parse_config(_ray_data_config(root, tmp_path, manifest=str(root / PACK_JSON)))
 
 
 def test_a_non_empty_out_is_refused_before_any_work(synthetic_root, tmp_path, capsys):
