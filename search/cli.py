@@ -3,7 +3,8 @@
 Subcommands: ``run`` (the search; resumes an unfinished run), ``retrain`` (a search on a
 new data snapshot, gated and registered in MLflow), ``submit`` (the search as a Ray job),
 ``report`` and ``export`` (read a run), ``evaluate`` (a checkpoint, on N workers),
-``train`` (one configuration), ``data digits|synthetic`` (demo image folders).
+``train`` (one configuration), ``data digits|synthetic`` (demo image folders), ``data pack``
+(a run's data as Parquet shards for Ray Data).
 """
 
 from __future__ import annotations
@@ -176,6 +177,14 @@ def _data_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_pack(args: argparse.Namespace) -> int:
+    from search.config import load_config
+    from search.jobs.pack import pack_dataset
+
+    pack_dataset(load_config(args.config, args.set), args.out, rows_per_file=args.rows_per_file)
+    return 0
+
+
 def _search_args(parser: argparse.ArgumentParser, config_required: bool) -> None:
     """The arguments ``run`` and ``submit`` share: the run file, overrides, the run directory."""
     parser.add_argument("--config", required=config_required, help="run YAML file (relative, for submit)")
@@ -252,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--gpu", action="store_true")
     evaluate.set_defaults(func=_evaluate)
 
-    data = sub.add_parser("data", help="write demo data as an image folder").add_subparsers(
+    from trainables.packs import ROWS_PER_FILE
+
+    data = sub.add_parser("data", help="write demo data as an image folder, or pack a run's data").add_subparsers(
         dest="dataset", required=True
     )
     digits = data.add_parser("digits", help="scikit-learn's 1,797 handwritten digits")
@@ -268,6 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--image-size", type=int, default=48)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=_data_synthetic)
+    pack = data.add_parser("pack", help="a run file's data and split as Parquet shards, for data.loader: ray_data")
+    pack.add_argument("out", help="a new or empty directory or bucket prefix (s3://bucket/packs/digits)")
+    pack.add_argument("--config", required=True, help="run YAML file: its data section and optim.seed make the split")
+    pack.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="override a config value, e.g. --set data.root=data/digits (repeatable)")
+    pack.add_argument("--rows-per-file", type=int, default=ROWS_PER_FILE,
+                      help=f"images per Parquet file (default {ROWS_PER_FILE}); a trial's rank streams whole files")
+    pack.set_defaults(func=_data_pack)
     return parser
 
 

@@ -134,6 +134,8 @@ class RunConfig(TrialConfig):
             problems.append("data.manifest cannot be used with a retrain: section, whose snapshot is an image "
                             "folder that replaces data.root (the manifest would still list the old data). "
                             "Remove data.manifest.")
+        if self.data.loader == "ray_data":
+            problems += _ray_data_problems(self)
         if self.optim.precision == "fp16" and not self.scaling.use_gpu:
             problems.append("optim.precision fp16 needs scaling.use_gpu: true; on the CPU use bf16 or fp32.")
         if problems:
@@ -143,6 +145,43 @@ class RunConfig(TrialConfig):
     def trial(self) -> TrialConfig:
         """The trial part alone, as every trial receives it."""
         return TrialConfig(**{k: getattr(self, k) for k in TrialConfig.model_fields})
+
+
+def _ray_data_problems(cfg: RunConfig) -> list[str]:
+    """What ``data.loader: ray_data`` cannot be combined with (a pack holds its own split)."""
+    fixes = {
+        "data.manifest": (cfg.data.manifest is not None, "the pack holds its split; remove data.manifest"),
+        "retrain": (cfg.retrain is not None, "a retrain's snapshot is an image folder; use data.loader: dataloader"),
+        "optim.balanced_sampler": (cfg.optim.balanced_sampler, "a pack is streamed file by file; set it to false"),
+    }
+    return [f"{field} is not supported with data.loader ray_data: {fix}." for field, (bad, fix) in fixes.items()
+            if bad]
+
+
+def _pack_problems(cfg: RunConfig) -> list[str]:
+    """``data.root`` is a pack exactly when ``data.loader`` is ray_data, and the pack's split
+    was made with this run's ``data.val_fraction`` and ``optim.seed`` (one small read)."""
+    from trainables.layouts import DataError
+    from trainables.packs import PACK_JSON, is_pack, read_pack
+
+    root = cfg.data.root
+    if cfg.data.loader == "dataloader":
+        if is_pack(root):
+            return [f"  - data.loader: data.root '{root}' is a pack (it holds {PACK_JSON}); set data.loader: "
+                    "ray_data to stream it, or point data.root at the images"]
+        return []
+    try:
+        pack = read_pack(root)
+    except DataError as err:
+        return [f"  - data.root: {err}"]
+    problems = []
+    if pack.val_fraction is not None and pack.val_fraction != cfg.data.val_fraction:
+        problems.append(f"  - data.val_fraction: {cfg.data.val_fraction} differs from the pack's {pack.val_fraction} "
+                        f"(its split was made with it); set data.val_fraction: {pack.val_fraction}, or pack again")
+    if pack.seed is not None and pack.seed != cfg.optim.seed:
+        problems.append(f"  - optim.seed: {cfg.optim.seed} differs from the seed the pack's split was made with "
+                        f"({pack.seed}); set optim.seed: {pack.seed}, or pack again with this seed")
+    return problems
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -224,7 +263,7 @@ def _check_paths(cfg: RunConfig) -> list[str]:
     problems = []
     if not is_uri(cfg.output_dir) and (problem := _output_dir_problem(cfg.output_dir)):
         problems.append(problem)
-    problems += _location_problems("data.root", cfg.data.root, directory=True)
+    problems += _location_problems("data.root", cfg.data.root, directory=True) or _pack_problems(cfg)
     if cfg.data.manifest is not None:
         problems += _location_problems("data.manifest", cfg.data.manifest, directory=False)
     if cfg.model.weights_file is not None and not cfg.model.weights_file.is_file():

@@ -1,7 +1,8 @@
 """A run's data: listed before Ray starts, scanned once through the scan cache (on Ray
 when connected), and split into the fixed split every trial and the export use, written
 by the driver before any trial; and its printed summary (counts per class and split,
-each skipped file with its reason).
+each skipped file with its reason). A pack (``data.loader: ray_data``) is not scanned:
+it holds the split it was packed with.
 """
 
 from __future__ import annotations
@@ -9,17 +10,21 @@ from __future__ import annotations
 from search.config import ConfigError, RunConfig
 from search.scan_cache import cached_scan
 from trainables.datasets import DataSplit, Listing, list_data, split_scanned
+from trainables.packs import read_pack, read_pack_split
 
 _MAX_LISTED_BAD_FILES = 20
 
 
-def list_run_data(cfg: RunConfig) -> Listing:
+def list_run_data(cfg: RunConfig) -> Listing | None:
     """What ``data.root`` holds, read from its listing alone (no image is opened): a bad
-    root, manifest or layout fails here, before Ray starts.
+    root, manifest or layout fails here, before Ray starts. None for a pack
+    (``data.loader: ray_data``): it holds its split, which ``scan_data`` reads.
 
     Raises:
         trainables.layouts.DataError: The root or manifest cannot give candidates.
     """
+    if cfg.data.loader == "ray_data":
+        return None
     return list_data(cfg.data.root, cfg.data.manifest)
 
 
@@ -30,11 +35,14 @@ def scan_data(cfg: RunConfig, print_fn=print, listing: Listing | None = None) ->
     Raises:
         trainables.layouts.DataError: The data cannot produce a usable split.
     """
-    listing = listing or list_run_data(cfg)
-    scanned, _ = cached_scan(cfg.output_dir, listing, cfg.data.max_image_pixels, print_fn,
-                             rescan=cfg.data.rescan)
-    split = split_scanned(listing, scanned, val_fraction=cfg.data.val_fraction, seed=cfg.optim.seed,
-                          strict=cfg.data.strict)
+    if cfg.data.loader == "ray_data":  # the split was made when the images were packed
+        split = read_pack_split(read_pack(cfg.data.root))
+    else:
+        listing = listing or list_run_data(cfg)
+        scanned, _ = cached_scan(cfg.output_dir, listing, cfg.data.max_image_pixels, print_fn,
+                                 rescan=cfg.data.rescan)
+        split = split_scanned(listing, scanned, val_fraction=cfg.data.val_fraction, seed=cfg.optim.seed,
+                              strict=cfg.data.strict)
     print_fn(describe_split(split))
     return split
 

@@ -174,3 +174,15 @@ def test_scan_cache_smoke_run_reads_each_file_once(tmp_path):
     result = _stamped(main(["--smoke", "--results", str(tmp_path)]))
     assert result["images"] == 500 and result["cold_s"] > 0
     assert 0 < result["warm_over_cold"] < 1 and result["one_changed_s"] > 0
+
+
+@pytest.mark.slow
+def test_data_stream_smoke_run_times_both_loaders(tmp_path, shared_ray):
+    from bench.data_stream import main
+
+    result = _stamped(main(["--smoke", "--results", str(tmp_path)]))
+    for loader in ("dataloader", "ray_data"):
+        assert len(result["passes"][loader]) == 2  # one A B B A round
+        assert all(p["images"] > 0 and p["images_per_s"] > 0 for p in result["passes"][loader])
+        assert result["first_epoch"][loader]["wall_s"] > 0
+    assert result["ray_data_over_dataloader"] > 0

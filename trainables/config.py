@@ -46,6 +46,9 @@ class DataConfig(_Frozen):
     # DataLoader processes per training worker; "auto" derives them (and torch's threads)
     # from the CPUs the worker holds (trainables/loaders.py:loader_plan).
     num_workers: Union[Annotated[int, Field(ge=0, le=64)], Literal["auto"]] = "auto"
+    # dataloader: torch's DataLoader over the image files. ray_data: root is a pack
+    # (`tunecv data pack`), streamed by Ray Data's tasks (trainables/stream.py).
+    loader: Literal["dataloader", "ray_data"] = "dataloader"
 
 
 class ModelConfig(_Frozen):

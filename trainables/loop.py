@@ -87,6 +87,7 @@ class TrialSummary:
 @dataclass
 class _Parts:
     model: nn.Module
+    # A DataLoader, or a trainables.stream.PackStream of the same shape (len, iteration, set_epoch).
     train_loader: torch.utils.data.DataLoader
     val_loader: torch.utils.data.DataLoader
     optimizer: torch.optim.Optimizer
@@ -104,16 +105,23 @@ def _build(cfg: TrialConfig, split: DataSplit, runtime: Runtime, resume_from: Pa
     head = param_groups(model).head
     pre = data_config(model)
     size, data = cfg.data.image_size, cfg.data
-    train_tf = create_train_transform(size, cfg.augment, pre["mean"], pre["std"], seed=cfg.optim.seed + runtime.rank)
-    val_tf = create_eval_transform(size, data.resize_mode, pre["mean"], pre["std"], pre["crop_pct"])
-    workers, threads = loader_plan(data.num_workers, runtime.cpus, runtime.device.type == "cuda")
-    torch.set_num_threads(threads)  # the CPUs the loader processes leave to training
-    common = dict(num_workers=workers, runtime=runtime, max_pixels=data.max_image_pixels)
-    train_loader = create_train_loader(
-        split, train_tf, batch_size=cfg.optim.batch_size, balanced=cfg.optim.balanced_sampler,
-        seed=cfg.optim.seed, **common,
-    )
-    val_loader, _ = create_val_loader(split, val_tf, batch_size=2 * cfg.optim.batch_size, **common)
+    if data.loader == "ray_data":
+        from trainables.stream import create_streams  # imports Ray Data: only when asked for
+
+        # Ray Data's tasks decode on CPUs of their own (the trial's data bundle).
+        torch.set_num_threads(max(1, int(runtime.cpus)))
+        train_loader, val_loader = create_streams(cfg, split.fingerprint(), runtime, pre)
+    else:
+        workers, threads = loader_plan(data.num_workers, runtime.cpus, runtime.device.type == "cuda")
+        torch.set_num_threads(threads)  # the CPUs the loader processes leave to training
+        common = dict(num_workers=workers, runtime=runtime, max_pixels=data.max_image_pixels)
+        train_tf = create_train_transform(size, cfg.augment, pre["mean"], pre["std"], seed=cfg.optim.seed + runtime.rank)
+        val_tf = create_eval_transform(size, data.resize_mode, pre["mean"], pre["std"], pre["crop_pct"])
+        train_loader = create_train_loader(
+            split, train_tf, batch_size=cfg.optim.batch_size, balanced=cfg.optim.balanced_sampler,
+            seed=cfg.optim.seed, **common,
+        )
+        val_loader, _ = create_val_loader(split, val_tf, batch_size=2 * cfg.optim.batch_size, **common)
     optimizer = create_optimizer(model, head, cfg.optim)  # before DDP: names still match
     # e.g. 1,437 train images / 64 = 22 batches, accumulation 2 -> 11 optimizer steps
     steps_per_epoch = math.ceil(len(train_loader) / cfg.optim.grad_accum_steps)
@@ -239,6 +247,11 @@ def evaluate(
     )
 
 
+def _set_epoch(loader, epoch: int) -> None:
+    """Reshuffle for ``epoch``: a DataLoader through its sampler, a PackStream itself."""
+    (loader.sampler if isinstance(loader, torch.utils.data.DataLoader) else loader).set_epoch(epoch)
+
+
 def _lr_of(optimizer: torch.optim.Optimizer, role: str) -> float | None:
     return next((g["lr"] for g in optimizer.param_groups if g["role"] == role), None)
 
@@ -272,7 +285,7 @@ def run_trial(
     best: EpochResult | None = None
     class_names = list(split.class_names)
     for epoch in range(done + 1, cfg.optim.epochs + 1):
-        parts.train_loader.sampler.set_epoch(epoch)
+        _set_epoch(parts.train_loader, epoch)
         lr_head, lr_base = _lr_of(parts.optimizer, "head"), _lr_of(parts.optimizer, "base")
         start = time.perf_counter()
         train_loss, seen = train_one_epoch(parts, runtime, cfg.optim.grad_accum_steps, scaler)

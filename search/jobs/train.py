@@ -41,6 +41,10 @@ def train(cfg: RunConfig, print_fn=print) -> Path:
     print_fn(f"run directory: {run_dir}")
     write_split(split, str(run_dir / SPLIT))
     if cfg.scaling.num_workers == 0:
+        if cfg.data.loader == "ray_data":
+            from search.ray_session import connect_ray
+
+            connect_ray()  # Ray Data's tasks decode the pack
         _train_in_process(cfg, split, run_dir, print_fn)
     else:
         _train_with_ray(cfg, run_dir, print_fn)

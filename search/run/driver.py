@@ -130,6 +130,12 @@ def run_search(
             before Ray starts when its listing shows it (a missing root, a bad layout or
             manifest), and always before the run directory is created.
     """
+    if cfg.data.loader == "ray_data" and cfg.scaling.num_workers == 0:
+        # Tune puts an in-process trial's child tasks in its placement group, and Ray 2.60's
+        # Ray Data then waits for ever for CPUs there (tests/test_stream.py shows it).
+        raise ConfigError("data.loader ray_data needs scaling.num_workers >= 1 in a search: an in-process trial's "
+                          "Ray Data tasks cannot get CPUs in Ray 2.60. Set scaling.num_workers: 1 (or more), or "
+                          "data.loader: dataloader.")
     explicit = None  # (space, its file, a note), checked before anything else runs
     if cfg.search.space != "auto":
         space_path, note = resolve_space_name(cfg.search.space)
