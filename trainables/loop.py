@@ -115,7 +115,8 @@ def _build(cfg: TrialConfig, split: DataSplit, runtime: Runtime, resume_from: Pa
         workers, threads = loader_plan(data.num_workers, runtime.cpus, runtime.device.type == "cuda")
         torch.set_num_threads(threads)  # the CPUs the loader processes leave to training
         common = dict(num_workers=workers, runtime=runtime, max_pixels=data.max_image_pixels)
-        train_tf = create_train_transform(size, cfg.augment, pre["mean"], pre["std"], seed=cfg.optim.seed + runtime.rank)
+        train_tf = create_train_transform(size, cfg.augment, pre["mean"], pre["std"],
+                                          seed=cfg.optim.seed + runtime.rank)
         val_tf = create_eval_transform(size, data.resize_mode, pre["mean"], pre["std"], pre["crop_pct"])
         train_loader = create_train_loader(
             split, train_tf, batch_size=cfg.optim.batch_size, balanced=cfg.optim.balanced_sampler,

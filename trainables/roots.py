@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from trainables.layouts import DataError
-from trainables.locations import is_uri
+from trainables.locations import is_uri, resolve_location
 
 _FILESYSTEMS: dict[tuple[int, str], tuple[Any, str]] = {}  # (pid, location) -> (fs, base path)
 
@@ -34,9 +34,7 @@ def _filesystem(location: str) -> tuple[Any, str]:
     """The root's pyarrow filesystem and base path, opened once per process."""
     key = (os.getpid(), location)
     if key not in _FILESYSTEMS:
-        import pyarrow.fs as pafs
-
-        fs, base = pafs.FileSystem.from_uri(location)
+        fs, base = resolve_location(location)
         _FILESYSTEMS[key] = (fs, base.rstrip("/"))
     return _FILESYSTEMS[key]
 

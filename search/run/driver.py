@@ -1,7 +1,7 @@
 """``tunecv run``: validate the space (before any compute), find or create the run, list
 the data, join Ray and probe the storage, scan the data on Ray (a new run) or settle
-what a dead driver left (a resume), search with Tune (``StudySearcher``, ASHA, ``search/run/trial.py``),
-then write the report and the export. Ray keeps the checkpoints at the run location;
+what a dead driver left (a resume), search with Tune (``StudySearcher``, ASHA,
+``search/run/trial.py``), then write the report and the export. Ray keeps the checkpoints at the run location;
 this driver alone writes the study, its ``drivers/<k>.json``, the report and export.
 """
 
@@ -137,6 +137,7 @@ def run_search(
                           "Ray Data tasks cannot get CPUs in Ray 2.60. Set scaling.num_workers: 1 (or more), or "
                           "data.loader: dataloader.")
     explicit = None  # (space, its file, a note), checked before anything else runs
+    checked = None  # the space checked against the data's listing, before Ray
     if cfg.search.space != "auto":
         space_path, note = resolve_space_name(cfg.search.space)
         explicit = (check_space(cfg, space_path.read_text(), str(space_path)), space_path, note)
@@ -149,11 +150,11 @@ def run_search(
         # the scan cache), and the checks run again on the valid images.
         listing = None if split else list_run_data(cfg)
         if listing is not None:
-            _check_data_and_space(cfg, explicit, listing.most_train_images(cfg.data.val_fraction))
+            checked = _check_data_and_space(cfg, explicit, listing.most_train_images(cfg.data.val_fraction))
     connect_ray()
     if not resuming:
         split = split or scan_data(cfg, print_fn, listing)
-        space, space_path, note = _check_data_and_space(cfg, explicit, len(split.train))
+        space, space_path, note = _check_data_and_space(cfg, explicit, len(split.train), checked)
     check_shared_storage(RunStore.at(store.location.rsplit("/", 1)[0]))
     earlier = read_drivers(store)
     print_fn(f"{'resuming run directory' if resuming else 'run directory'}: {store}")
@@ -170,11 +171,14 @@ def run_search(
     return store
 
 
-def _check_data_and_space(cfg: RunConfig, explicit, num_train: int) -> tuple[SearchSpace, Path, str]:
+def _check_data_and_space(cfg: RunConfig, explicit, num_train: int, checked=None) -> tuple[SearchSpace, Path, str]:
     """The space for ``num_train`` training images (``explicit``, or the auto tier's),
-    checked, with every batch size it may give."""
+    checked, with every batch size it may give. ``checked``: an earlier result, whose
+    space is reused when the tier is the same (parsing it reads weights headers)."""
     space, space_path, note = explicit or (
         None, *resolve_space_name("auto", num_train, pretrained=cfg.model.pretrained))
+    if space is None and checked is not None and checked[1] == space_path:
+        space = checked[0]
     space = space or check_space(cfg, space_path.read_text(), str(space_path))
     check_batch_sizes(cfg, num_train, space.batch_size, str(space_path))
     return space, space_path, note
@@ -292,7 +296,8 @@ def _tune(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverRec
     searcher = StudySearcher(handle, space)
     progress = ProgressCallback(cfg.optim.epochs, cfg.search.max_failures, print_fn)
     status = SearchStatus(plan.num_samples, plan.time_budget_s, print_fn)
-    recorder = TrialRecorder(searcher, store, driver.state.k, cfg.optim.epochs, listeners=(progress.ended, status.ended))
+    recorder = TrialRecorder(searcher, store, driver.state.k, cfg.optim.epochs,
+                             listeners=(progress.ended, status.ended))
     started = time.time()
     tuner = tune.Tuner(
         trainable,
