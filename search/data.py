@@ -42,7 +42,7 @@ def scan_data(cfg: RunConfig, print_fn=print, listing: Listing | None = None) ->
         scanned, _ = cached_scan(cfg.output_dir, listing, cfg.data.max_image_pixels, print_fn,
                                  rescan=cfg.data.rescan)
         split = split_scanned(listing, scanned, val_fraction=cfg.data.val_fraction, seed=cfg.optim.seed,
-                              strict=cfg.data.strict)
+                              strict=cfg.data.strict, test_fraction=cfg.data.test_fraction)
     print_fn(describe_split(split))
     return split
 
@@ -74,13 +74,13 @@ def check_batch_sizes(cfg: RunConfig, num_train: int, searched: tuple[int, ...] 
 
 def describe_split(split: DataSplit) -> str:
     """Counts per class and split, and every skipped file with its reason."""
-    train, val = split.class_counts("train"), split.class_counts("val")
+    train, val, test = (split.class_counts(name) for name in ("train", "val", "test"))
     lines = [
-        f"data: {len(split.train)} train / {len(split.val)} val images, "
+        f"data: {len(split.train)} train / {len(split.val)} val / {len(split.test)} test images, "
         f"{len(split.class_names)} classes, fingerprint {split.fingerprint()[:12]}"
     ]
-    for name, n_train, n_val in zip(split.class_names, train, val):
-        lines.append(f"  {name}: {n_train} train, {n_val} val")
+    for name, n_train, n_val, n_test in zip(split.class_names, train, val, test):
+        lines.append(f"  {name}: {n_train} train, {n_val} val, {n_test} test")
     if split.bad_files:
         lines.append(f"skipped {len(split.bad_files)} bad file(s):")
         for bad in split.bad_files[:_MAX_LISTED_BAD_FILES]:

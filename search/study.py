@@ -30,6 +30,9 @@ EPOCH_PREFIX = "epoch_"
 CHECKPOINT = "checkpoint"  # in an epoch's record: its checkpoint directory, relative to the run
 TIMESTAMP = "timestamp"
 REASON, FAILURES = "reason", "failures"
+# User attribute of a trial the time budget stopped before its first epoch: FAIL for the
+# sampler (it has no value to learn from), "cut" for a reader, who should not look for a bug.
+BUDGET_CUT = "tunecv_budget_cut"
 
 
 @dataclass(frozen=True)

@@ -83,8 +83,8 @@ def test_fingerprint_ignores_where_the_root_lives(tmp_path):
 
 def test_class_counts_rejects_unknown_split(tmp_path):
     split = prepare_split(_class_folders(tmp_path, {"a": 5, "b": 5}))
-    with pytest.raises(ValueError, match="split must be 'train' or 'val', got 'test'"):
-        split.class_counts("test")
+    with pytest.raises(ValueError, match=r"split must be one of \('train', 'val', 'test'\), got 'holdout'"):
+        split.class_counts("holdout")
 
 
 def test_train_val_folders_are_used_as_given(tmp_path):
@@ -193,7 +193,7 @@ def test_duplicates_across_splits_warn_and_are_recorded(tmp_path):
     _class_folders(tmp_path / "train", {"a": 3, "b": 3})
     _class_folders(tmp_path / "val", {"a": 2, "b": 2}, seed=70_000)
     shutil.copy(tmp_path / "train" / "b" / "001.png", tmp_path / "val" / "b" / "copy.png")
-    pattern = r"1 val image\(s\) have byte-identical copies in train.*train/b/001.png"
+    pattern = r"1 held-out image\(s\) have byte-identical copies in an earlier split.*train/b/001.png"
     with pytest.warns(UserWarning, match=pattern):
         split = prepare_split(tmp_path)
     assert split.duplicates_across_splits == (("train/b/001.png", "val/b/copy.png"),)
@@ -308,7 +308,7 @@ def test_manifest_missing_columns(tmp_path):
     [
         ("img/02.png,,train", r"row 3 \(after the header\), column 'label': empty"),
         (",b,train", r"row 3 \(after the header\), column 'path': empty"),
-        ("img/02.png,b,test", r"row 3 \(after the header\), column 'split': got 'test', expected 'train'"),
+        ("img/02.png,b,valid", r"row 3 \(after the header\), column 'split': got 'valid', expected 'train'"),
         ("img/00.png,b,val", r"row 3 \(after the header\), column 'path': 'img/00.png' repeats row 1"),
     ],
 )

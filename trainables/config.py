@@ -35,7 +35,10 @@ class DataConfig(_Frozen):
 
     root: Location  # a folder, or a bucket prefix (trainables/roots.py)
     manifest: Location | None = None  # CSV or Parquet with path,label[,split]
-    val_fraction: float = Field(0.2, ge=0.15, le=0.30)
+    val_fraction: float = Field(0.2, ge=0.15, le=0.30)  # of what the test split leaves
+    # Held out by path hash before anything else, scored only on the exported model after
+    # the search (trainables/datasets.py:carve_test); 0 for none. README "What the numbers mean".
+    test_fraction: float = Field(0.15, ge=0.0, le=0.30)
     image_size: int = Field(224, ge=16, le=1024)
     resize_mode: Literal["center_crop", "pad"] = "center_crop"
     strict: bool = False  # fail on any corrupt file instead of skipping and listing it

@@ -1,9 +1,10 @@
-"""The train/val split: from candidate files to a frozen, scanned, stratified split.
+"""The train/val/test split: from candidate files to a frozen, scanned, stratified split.
 
 This module owns the step from "a data root on disk" to a frozen
 :class:`DataSplit`: taking the candidates that ``trainables.layouts`` finds,
 skipping or failing on bad files found by :func:`trainables.images.scan_images`,
-the seeded stratified holdout, the duplicate check across splits, the split
+the held-out test split (:func:`carve_test`), the seeded stratified validation
+holdout, the duplicate check across splits, the split
 file written next to a run, and the torch :class:`ImageDataset` that reads the
 samples back. Decoding itself lives
 in ``trainables.images``; augmentation pipelines are built elsewhere and only
@@ -18,7 +19,7 @@ import logging
 import math
 import os
 import warnings
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -39,6 +40,8 @@ logger = logging.getLogger(__name__)
 # The reference guide asks for a 15-30 % holdout: less makes per-class val
 # metrics too noisy to rank trials, more starves training on small data sets.
 VAL_FRACTION_RANGE = (0.15, 0.30)
+TEST_FRACTION_MAX = 0.30
+_TEST_SALT = b"tunecv-test:"
 _MAX_DUPLICATE_EXAMPLES = 5
 
 
@@ -53,14 +56,22 @@ class Sample:
 
 @dataclass(frozen=True)
 class DataSplit:
-    """The exact train/val samples a trial trains and evaluates on."""
+    """The exact samples a trial trains and evaluates on (train, val), and the held-out
+    ``test`` samples that only the exported model is scored on, after the search."""
 
     root: str
     class_names: tuple[str, ...]
     train: tuple[Sample, ...]
     val: tuple[Sample, ...]
     bad_files: tuple[BadImage, ...]
-    duplicates_across_splits: tuple[tuple[str, str], ...]
+    duplicates_across_splits: tuple[tuple[str, str], ...]  # (train or val path, later split's path)
+    test: tuple[Sample, ...] = ()
+
+    def samples(self, split: str) -> tuple[Sample, ...]:
+        """The samples of ``split``: "train", "val" or "test"."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+        return getattr(self, split)
 
     def fingerprint(self) -> str:
         """Identify the data a model saw, independent of where the root lives.
@@ -71,8 +82,8 @@ class DataSplit:
         """
         rows = sorted(
             (split, sample.path, sample.label, sample.sha1)
-            for split, samples in (("train", self.train), ("val", self.val))
-            for sample in samples
+            for split in SPLITS  # a split without test hashes as it did before test existed
+            for sample in self.samples(split)
         )
         payload = json.dumps(
             {"class_names": list(self.class_names), "rows": rows}, separators=(",", ":")
@@ -80,17 +91,56 @@ class DataSplit:
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
     def class_counts(self, split: str = "train") -> list[int]:
-        """Number of samples per class index in ``split`` ("train" or "val").
+        """Number of samples per class index in ``split`` ("train", "val" or "test").
 
         Raises:
-            ValueError: ``split`` is not "train" or "val".
+            ValueError: ``split`` is not one of those.
         """
-        if split not in SPLITS:
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}.")
         counts = [0] * len(self.class_names)
-        for sample in self.train if split == "train" else self.val:
+        for sample in self.samples(split):
             counts[sample.label] += 1
         return counts
+
+
+def check_test_fraction(test_fraction: float) -> None:
+    is_number = isinstance(test_fraction, (int, float)) and not isinstance(test_fraction, bool)
+    if not is_number or not 0 <= test_fraction <= TEST_FRACTION_MAX:
+        raise DataError(
+            f"test_fraction must be between 0 and {TEST_FRACTION_MAX}, got {test_fraction!r}. Use 0 for no "
+            "held-out test split, or give root/test/<class> folders or a manifest's split=test rows."
+        )
+
+
+def test_position(path: str) -> float:
+    """Where ``path`` falls in [0, 1): a hash of the path alone, so a file keeps its side of
+    the test split whatever the seed and however the data grows around it."""
+    digest = hashlib.sha256(_TEST_SALT + path.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def carve_test(items: Sequence[Any], test_fraction: float, label_of: Callable[[Any], Any]
+               ) -> tuple[list[Any], list[Any]]:
+    """Split ``items`` (anything with a ``path``) into (rest, test), class by class.
+
+    An item is test when its :func:`test_position` is below ``test_fraction``: the share is
+    binomial, not exact, but a file never changes side as the data grows, so a retrain's
+    old model is never scored on a new draw of images it trained on. Each class of three
+    or more items gives at least one test item and keeps at least two (one train, one
+    val); smaller classes give none.
+    """
+    if not test_fraction:
+        return list(items), []
+    by_class: dict[Any, list[Any]] = defaultdict(list)
+    for item in items:
+        by_class[label_of(item)].append(item)
+    test_paths = set()
+    for members in by_class.values():
+        positions = sorted((test_position(item.path), item.path) for item in members)
+        below = sum(position < test_fraction for position, _ in positions)
+        count = min(max(below, 1), len(members) - 2) if len(members) >= 3 else 0
+        test_paths.update(path for _, path in positions[:count])
+    return ([item for item in items if item.path not in test_paths],
+            [item for item in items if item.path in test_paths])
 
 
 def _check_val_fraction(val_fraction: float) -> None:
@@ -113,12 +163,17 @@ class Listing:
     candidates: list[Candidate]
     entries: list[FileEntry]  # one per candidate, in order; size -1 when it cannot be found
 
-    def most_train_images(self, val_fraction: float) -> int:
+    def most_train_images(self, val_fraction: float, test_fraction: float = 0.0) -> int:
         """The training images the split can have at most (all listed files valid):
         what batch sizes are checked against before the scan."""
+        by_class = lambda c: c.class_name  # noqa: E731
         if any(c.split is not None for c in self.candidates):
-            return sum(c.split == "train" for c in self.candidates)
-        return len(self.candidates) - math.ceil(len(self.candidates) * val_fraction)  # as train_test_split
+            train = [c for c in self.candidates if c.split == "train"]
+            if any(c.split == "test" for c in self.candidates):
+                return len(train)
+            return len(carve_test(train, test_fraction, by_class)[0])
+        rest = len(carve_test(self.candidates, test_fraction, by_class)[0])
+        return rest - math.ceil(rest * val_fraction)  # as train_test_split
 
 
 def list_data(root: str | Path, manifest: str | Path | None = None) -> Listing:
@@ -156,7 +211,7 @@ def list_data(root: str | Path, manifest: str | Path | None = None) -> Listing:
             f"found {len(class_names)} class(es) {class_names} under {data_root.location!r}; "
             "classification needs at least 2."
         )
-    per_class = Counter(c.class_name for c in candidates if c.split != "val")
+    per_class = Counter(c.class_name for c in candidates if c.split in (None, "train"))
     empty = [name for name in class_names if not per_class[name]]
     if empty:  # known from the listing: no image needs reading to say so
         raise DataError(f"data root '{data_root.location}': classes {empty} have no valid training image; add "
@@ -180,6 +235,7 @@ def prepare_split(
     seed: int = 0,
     strict: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    test_fraction: float = 0.0,
 ) -> DataSplit:
     """Find, validate and split the images under ``root``, scanning every file here
     (``search/scan_cache.py`` is the cached, distributed version for runs).
@@ -189,10 +245,13 @@ def prepare_split(
             lie inside it.
         manifest: A CSV or Parquet file with columns ``path,label[,split]``;
             ``None`` reads class folders instead.
-        val_fraction: Holdout share when no split is given, within 0.15-0.30.
-        seed: Seed of the stratified holdout.
+        val_fraction: Validation share of what is left after the test split, when no
+            split is given, within 0.15-0.30.
+        seed: Seed of the stratified validation holdout.
         strict: Raise on any bad file instead of skipping it.
         max_pixels: Largest ``width * height`` accepted per image.
+        test_fraction: Share held out as test when the data gives no test split
+            (:func:`carve_test`), from the training images of a given split; 0 for none.
 
     Returns:
         The frozen split, samples sorted by path within each split.
@@ -204,30 +263,39 @@ def prepare_split(
             stratify.
     """
     _check_val_fraction(val_fraction)
+    check_test_fraction(test_fraction)
     listing = list_data(root, manifest)
     scanned = scan_all(listing.root, listing.entries, max_pixels)
-    return split_scanned(listing, scanned, val_fraction=val_fraction, seed=seed, strict=strict)
+    return split_scanned(listing, scanned, val_fraction=val_fraction, seed=seed, strict=strict,
+                         test_fraction=test_fraction)
 
 
 def split_scanned(listing: Listing, scanned: pa.Table, *, val_fraction: float = 0.2, seed: int = 0,
-                  strict: bool = False) -> DataSplit:
+                  strict: bool = False, test_fraction: float = 0.0) -> DataSplit:
     """The split of ``listing``, given its scan (``trainables.scan`` rows, any order,
     one per listed file). Raises as :func:`prepare_split`."""
     _check_val_fraction(val_fraction)
+    check_test_fraction(test_fraction)
     labelled, bad_files = _labelled(listing, scanned, strict)
     candidates, class_names = listing.candidates, listing.class_names
+    by_label = lambda sample: sample.label  # noqa: E731
     if all(c.split is None for c in candidates):
-        train, val = _stratified_holdout([s for s, _ in labelled], class_names, val_fraction, seed)
+        rest, test = carve_test([s for s, _ in labelled], test_fraction, by_label)
+        train, val = _stratified_holdout(rest, class_names, val_fraction, seed)
     else:
         train = [sample for sample, split in labelled if split == "train"]
         val = [sample for sample, split in labelled if split == "val"]
+        test = [sample for sample, split in labelled if split == "test"]
         if not val:
             raise DataError("the given split has no valid 'val' image; add some or drop the split.")
-    train.sort(key=lambda sample: sample.path)
-    val.sort(key=lambda sample: sample.path)
-    duplicates = _duplicates(train, val)
+        if not test and not any(c.split == "test" for c in candidates):
+            train, test = carve_test(train, test_fraction, by_label)
+    for samples in (train, val, test):
+        samples.sort(key=lambda sample: sample.path)
+    duplicates = _duplicates(train, val) + _duplicates(train + val, test)
     return DataSplit(
-        listing.root.location, tuple(class_names), tuple(train), tuple(val), bad_files, duplicates
+        listing.root.location, tuple(class_names), tuple(train), tuple(val), bad_files, duplicates,
+        tuple(test),
     )
 
 
@@ -254,7 +322,7 @@ def _labelled(listing: Listing, scanned: pa.Table, strict: bool
         for c in listing.candidates
         if result_of[c.path][1] is None
     ]
-    train_counts = Counter(sample.label for sample, split in labelled if split != "val")
+    train_counts = Counter(sample.label for sample, split in labelled if split in (None, "train"))
     empty = [name for index, name in enumerate(listing.class_names) if not train_counts[index]]
     if empty:
         skipped = (f" ({len(bad_files)} unreadable file(s) skipped, e.g. {bad_files[0].path}: "
@@ -295,7 +363,7 @@ def _stratified_holdout(
 
 
 def _duplicates(train: Sequence[Sample], val: Sequence[Sample]) -> tuple[tuple[str, str], ...]:
-    """Pair each val image with the first train image of identical bytes."""
+    """Pair each image of ``val`` (a later split) with the first of ``train`` of identical bytes."""
     train_path_of: dict[str, str] = {}
     for sample in train:
         train_path_of.setdefault(sample.sha1, sample.path)
@@ -303,8 +371,8 @@ def _duplicates(train: Sequence[Sample], val: Sequence[Sample]) -> tuple[tuple[s
     if pairs:
         examples = ", ".join(f"{t} == {v}" for t, v in pairs[:_MAX_DUPLICATE_EXAMPLES])
         warnings.warn(
-            f"{len(pairs)} val image(s) have byte-identical copies in train, which inflates val "
-            f"metrics; e.g. {examples}. Remove the copies from one split.",
+            f"{len(pairs)} held-out image(s) have byte-identical copies in an earlier split, which "
+            f"inflates their metrics; e.g. {examples}. Remove the copies from one split.",
             UserWarning,
             stacklevel=3,
         )
@@ -332,7 +400,7 @@ def write_split(split: DataSplit, location: str | Path) -> None:
     """
     fs, path = resolve_location(location)
     sidecar = _sidecar(path)
-    rows = [("train", s) for s in split.train] + [("val", s) for s in split.val]
+    rows = [(name, s) for name in SPLITS for s in split.samples(name)]
     table = pa.table(
         {
             "split": pa.array([name for name, _ in rows], pa.string()),
@@ -370,7 +438,7 @@ def read_split(location: str | Path) -> DataSplit:
         class_names = tuple(meta["class_names"])
         # class_name is a convenience column for people reading the file; labels rule.
         columns = [table.column(name).to_pylist() for name in ("split", "path", "label", "sha1")]
-        by_split: dict[str, list[Sample]] = {"train": [], "val": []}
+        by_split: dict[str, list[Sample]] = {name: [] for name in SPLITS}
         for split, rel, label, sha1 in zip(*columns):
             if not 0 <= label < len(class_names):
                 raise ValueError(f"label {label} of {rel!r} is not a class index")
@@ -382,6 +450,7 @@ def read_split(location: str | Path) -> DataSplit:
             val=tuple(by_split["val"]),
             bad_files=tuple(BadImage(b["path"], b["reason"]) for b in meta["bad_files"]),
             duplicates_across_splits=tuple((t, v) for t, v in meta["duplicates_across_splits"]),
+            test=tuple(by_split["test"]),
         )
         expected = meta["fingerprint"]
     except (OSError, KeyError, ValueError, TypeError, pa.ArrowException) as err:

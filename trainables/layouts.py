@@ -19,7 +19,9 @@ import pyarrow.parquet as pq
 
 from trainables.locations import resolve_location
 
-SPLITS = ("train", "val")
+# train and val are required together; test is optional and never seen by the search
+# (``trainables/datasets.py`` carves one out of train when the data gives none).
+SPLITS = ("train", "val", "test")
 
 
 class DataError(ValueError):
@@ -120,12 +122,13 @@ def _walk_files(root_abs: Path, class_dir: Path) -> list[tuple[str, os.stat_resu
 
 def walk_folders(root_abs: Path) -> tuple[list[str], list[Candidate], list[os.stat_result | None]]:
     """``folder_candidates``, with each candidate's ``stat`` (None when it cannot be read)."""
-    train_dir, val_dir = root_abs / "train", root_abs / "val"
+    train_dir, val_dir, test_dir = (root_abs / split for split in SPLITS)
     _check_split_folders(str(root_abs), train_dir.is_dir(), val_dir.is_dir())
-    layout = [("train", train_dir), ("val", val_dir)] if train_dir.is_dir() else [(None, root_abs)]
+    layout = [(split, root_abs / split) for split in SPLITS if (root_abs / split).is_dir()] \
+        if train_dir.is_dir() else [(None, root_abs)]
     classes_by_split = {split: _class_dirs(root_abs, parent) for split, parent in layout}
     if train_dir.is_dir():
-        _check_val_classes(classes_by_split, str(val_dir), str(train_dir))
+        _check_val_classes(classes_by_split, str(root_abs), str(train_dir))
     prefix = os.fspath(root_abs) + os.sep
     candidates, stats = [], []
     for split, parent in layout:
@@ -147,13 +150,14 @@ def _check_split_folders(root: str, has_train: bool, has_val: bool) -> None:
         )
 
 
-def _check_val_classes(classes_by_split: dict, val_dir: str, train_dir: str) -> None:
-    unknown = sorted(set(classes_by_split["val"]) - set(classes_by_split["train"]))
-    if unknown:
-        raise DataError(
-            f"classes {unknown} are in {val_dir} but not in {train_dir}; a model cannot be "
-            "evaluated on classes it never trained on. Add them to train or drop them."
-        )
+def _check_val_classes(classes_by_split: dict, root: str, train_dir: str) -> None:
+    for split in ("val", "test"):
+        unknown = sorted(set(classes_by_split.get(split, ())) - set(classes_by_split["train"]))
+        if unknown:
+            raise DataError(
+                f"classes {unknown} are in {root}/{split} but not in {train_dir}; a model cannot be "
+                "evaluated on classes it never trained on. Add them to train or drop them."
+            )
 
 
 def folder_candidates(root_abs: Path) -> tuple[list[str], list[Candidate]]:
@@ -208,7 +212,7 @@ def manifest_candidates(root_abs: Path, manifest: str, to_relative=None) -> tupl
         if splits is not None:
             split = "" if splits[index] is None else str(splits[index]).strip()
             if split not in SPLITS:
-                problem = f"got {split!r}, expected 'train' or 'val' (or drop the column)"
+                problem = f"got {split!r}, expected 'train', 'val' or 'test' (or drop the column)"
                 raise _manifest_error(manifest, row, "split", problem)
         try:
             relpath = to_relative(str(raw_path).strip())
@@ -240,5 +244,5 @@ def listed_candidates(root: str, keys: list[str]) -> tuple[list[str], list[Candi
     classes_by_split = {split: sorted({c.class_name for c in candidates if c.split == split})
                         for split in (SPLITS if split_layout else (None,))}
     if split_layout:
-        _check_val_classes(classes_by_split, f"{root}/val", f"{root}/train")
+        _check_val_classes(classes_by_split, root, f"{root}/train")
     return classes_by_split["train" if split_layout else None], sorted(candidates)

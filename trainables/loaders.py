@@ -174,9 +174,11 @@ def create_val_loader(
     num_workers: int,
     runtime: Runtime,
     max_pixels: int,
+    which: str = "val",
 ) -> tuple[DataLoader, range]:
-    """The validation loader over this rank's shard, and the shard's global indices."""
-    dataset = ImageDataset(split.root, split.val, transform, max_pixels=max_pixels,
+    """The evaluation loader over this rank's shard of ``which`` ("val", or "test" after the
+    search), and the shard's global indices."""
+    dataset = ImageDataset(split.root, split.samples(which), transform, max_pixels=max_pixels,
                            cache_bytes=DECODED_CACHE_BYTES if num_workers == 0 else 0)
     shard = val_shard(len(dataset), runtime)
     loader = _loader(

@@ -9,11 +9,12 @@ set (all ranks) and hands them here.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 RANKING_METRIC = "macro_f1"
+PREDICTIONS = "predictions"  # the key of the per-image predictions in a checkpoint's metrics.json
 TOP_K = 5
 METRIC_KEYS = (RANKING_METRIC, "accuracy", "balanced_accuracy", "val_loss", "top5_accuracy")  # scalars()
 
@@ -37,6 +38,9 @@ class EvalMetrics:
     val_loss: float  # plain cross-entropy, whatever the training loss
     per_class: dict[str, ClassMetrics]
     confusion_matrix: list[list[int]]  # rows = true class, columns = predicted
+    # The predicted class of every image, in split order: one integer each, kept with the
+    # checkpoint so the report can bootstrap intervals and compare trials image by image.
+    predictions: list[int] = field(default_factory=list)
 
     def scalars(self) -> dict[str, float]:
         """The flat numbers a scheduler or progress line needs."""
@@ -102,6 +106,7 @@ def compute_metrics(
         val_loss=float(np.mean(losses)),
         per_class=per_class,
         confusion_matrix=confusion_matrix(labels, preds, labels=indices).tolist(),
+        predictions=[int(p) for p in preds],
     )
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from trainables.checkpoint import TRAIN_STATE_DIR
-from trainables.metrics import METRIC_KEYS, RANKING_METRIC, EvalMetrics, format_report
+from trainables.metrics import METRIC_KEYS, PREDICTIONS, RANKING_METRIC, EvalMetrics, format_report
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class EpochResult:
         return {
             "per_class": {k: vars(v) for k, v in self.metrics.per_class.items()},
             "confusion_matrix": self.metrics.confusion_matrix,
+            PREDICTIONS: self.metrics.predictions,
         }
 
 

@@ -75,6 +75,7 @@ class ExportResult:
     reported_macro_f1: float  # from the checkpoint's meta.json
     tensorrt: dict[str, Any] | None  # engine precision and agreement; None when not run
     int8: dict[str, Any] | None = None  # the static int8 check (search/export/int8.py); None when not asked
+    test: dict[str, Any] | None = None  # the fp32 ONNX model on the held-out test split; None without one
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,8 @@ def export_checkpoint(
     try:
         image_size = meta["preprocessing"]["image_size"]
         actual_opset = export_onnx(model, onnx_path, image_size=image_size, opset=opset)
-        preds = _predict(model, create_session(onnx_path), loader)
+        session = create_session(onnx_path)
+        preds = _predict(model, session, loader)
         onnx_metrics = _metrics_from_logits(preds.onnx, preds.labels, meta["class_names"])
         eager_metrics = _metrics_from_logits(preds.eager, preds.labels, meta["class_names"])
         _check_macro_f1(onnx_metrics, eager_metrics, preds, meta)
@@ -143,6 +145,7 @@ def export_checkpoint(
             argmax_agreement=float((preds.onnx.argmax(1) == preds.eager.argmax(1)).mean()),
             onnx_macro_f1=onnx_metrics.macro_f1, eager_macro_f1=eager_metrics.macro_f1,
             reported_macro_f1=float(meta["metrics"][RANKING_METRIC]), tensorrt=trt_report, int8=int8_report,
+            test=test_report(session, split, meta, batch_size),
         )
         _write_bundle(staging, meta, result, onnx_metrics)
         _publish(staging, out_dir)
@@ -249,9 +252,10 @@ def _check_meta(meta: dict[str, Any], split: DataSplit, checkpoint_dir: Path) ->
         )
 
 
-def eval_loader(split: DataSplit, meta: dict[str, Any], batch_size: int):
-    """The split's validation images, preprocessed as ``meta`` (a checkpoint's or a bundle's
-    ``preprocessing`` and ``config``) says: what the export check and the retrain gate read."""
+def eval_loader(split: DataSplit, meta: dict[str, Any], batch_size: int, which: str = "val"):
+    """The split's validation (or ``which``) images, preprocessed as ``meta`` (a checkpoint's
+    or a bundle's ``preprocessing`` and ``config``) says: what the export check and the
+    retrain gate read."""
     spec = meta["preprocessing"]
     try:
         transform = eval_transform_from_spec(spec)
@@ -263,7 +267,7 @@ def eval_loader(split: DataSplit, meta: dict[str, Any], batch_size: int):
     max_pixels = meta["config"].get("data", {}).get("max_image_pixels", DEFAULT_MAX_PIXELS)
     loader, _ = create_val_loader(
         split, transform, batch_size=batch_size, num_workers=0, runtime=local_runtime(False),
-        max_pixels=max_pixels,
+        max_pixels=max_pixels, which=which,
     )
     return loader
 
@@ -293,6 +297,29 @@ def _predict(model: nn.Module, session, loader) -> _Predictions:
     if not labels:
         raise ExportError("the split has no validation images; export needs some to verify.")
     return _Predictions(np.concatenate(labels), np.concatenate(eager), np.concatenate(onnx_logits))
+
+
+def test_report(session, split: DataSplit, meta: dict[str, Any], batch_size: int) -> dict[str, Any] | None:
+    """The exported ONNX model (``session``) scored on the split's held-out test images,
+    which nothing in the search saw: macro-F1 with its bootstrap interval, per-class
+    metrics and the confusion matrix. None when the split has no test images."""
+    from search.results.intervals import macro_f1_interval
+
+    if not split.test:
+        return None
+    labels, logits = [], []
+    for x, y in eval_loader(split, meta, batch_size, which="test"):
+        logits.append(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
+        labels.append(y.numpy())
+    names = meta["class_names"]
+    metrics = _metrics_from_logits(np.concatenate(logits), np.concatenate(labels), names)
+    interval = macro_f1_interval(np.concatenate(labels), metrics.predictions, len(names))
+    return {
+        "num_images": len(split.test), "scored_by": f"ONNX Runtime, {ONNX_FILE} (fp32)",
+        **metrics.scalars(), "macro_f1_interval": interval.to_json(),
+        "per_class": {name: vars(m) for name, m in metrics.per_class.items()},
+        "confusion_matrix": metrics.confusion_matrix,
+    }
 
 
 def _metrics_from_logits(logits: np.ndarray, labels: np.ndarray, class_names) -> EvalMetrics:
@@ -365,8 +392,10 @@ def _write_bundle(staging: Path, meta: dict, result: ExportResult, onnx_m: EvalM
     files = {
         "class_names.json": meta["class_names"],
         "preprocessing.json": meta["preprocessing"],
+        # "test": the held-out score users should quote; the rest is the validation epoch
+        # that chose this model (optimistic: it won a search on those images).
         "metrics.json": {**meta["metrics"], "ranking_metric": RANKING_METRIC,
-                         "verification": verification},
+                         "verification": verification, "test": result.test},
         "config.json": meta["config"],
     }
     for name, payload in files.items():
@@ -399,7 +428,7 @@ def _readme(meta: dict[str, Any], result: ExportResult) -> str:
 Exported by tunecv; verified on {result.num_images} validation images: ONNX macro-F1
 {result.onnx_macro_f1:.6f} equals the reported {result.reported_macro_f1:.6f}, largest logit
 difference to PyTorch {result.max_abs_logit_diff:.1e}. Serving it needs nothing from tunecv.
-
+{_test_line(result)}
 `model.onnx` (opset {result.opset}){_int8_line(result)}; `class_names.json` (output index -> name);
 `preprocessing.json` (the steps below); `metrics.json`, `config.json`, `fingerprint.txt`
 (quality, training config, identity of the data).
@@ -424,6 +453,17 @@ TensorRT engines are tied to a GPU and TensorRT version; build one on the servin
 `trtexec --onnx=model.onnx --minShapes={shape.format(1)} --optShapes={shape.format(32)} \\
 --maxShapes={shape.format(32)} --fp16 --saveEngine=model.plan`
 """
+
+
+def _test_line(result: ExportResult) -> str:
+    """The held-out score: the number to quote, since validation chose this model."""
+    if not result.test:
+        return ("No held-out test split (data.test_fraction: 0): the validation macro-F1 above chose\n"
+                "this model and is optimistic.\n")
+    test, interval = result.test, result.test["macro_f1_interval"]
+    return (f"On {test['num_images']} held-out test images, which the search never saw: macro-F1 "
+            f"{test['macro_f1']:.4f}\n(95 % bootstrap interval {interval['low']:.4f}-{interval['high']:.4f}; "
+            "per class in metrics.json, \"test\").\n")
 
 
 def _int8_line(result: ExportResult) -> str:

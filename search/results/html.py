@@ -28,7 +28,8 @@ IMBALANCE_WARN_RATIO = 3.0  # largest / smallest class in training: above it the
 
 _TABLE_COLUMNS = (  # (row key, header)
     ("rank", "rank"), ("trial_id", "trial"), ("status", "status"), ("stop_epoch", "stopped at"),
-    (RANKING_METRIC, RANKING_METRIC), ("val_loss", "val_loss"), ("backbone", "backbone"),
+    (RANKING_METRIC, RANKING_METRIC), ("interval", "95 % interval"), ("vs_leader", "vs leader"),
+    ("val_loss", "val_loss"), ("backbone", "backbone"),
     ("unfreeze_depth", "depth"), ("loss", "loss"), ("lr_head", "lr_head"), ("lr_base", "lr_base"),
     ("batch_size", "batch"), ("epochs_run", "epochs"), ("wall_time_s", "time_s"), ("reason", "reason"),
 )
@@ -49,6 +50,8 @@ class PageInputs:
     config_text: str
     space_text: str
     gate_markdown: str | None
+    test: dict[str, Any] | None = None  # export/metrics.json's "test": the held-out score
+    test_sentence: str = ""
 
 
 @lru_cache(maxsize=1)
@@ -71,9 +74,18 @@ def render(page: PageInputs) -> str:
         return f'<div class="plot" id="{fig_id}"></div>' + (f"<p class=note>{_e(note)}</p>" if note else "")
 
     summary = status_summary(page.ranked) or "no trials yet"
-    sections.append(f"<h1>Trial report: {_e(page.run_name)}</h1><p>{len(page.ranked)} trials ranked by best "
+    sections.append(f"<h1>Trial report: {_e(page.run_name)}</h1>"
+                    f'<p id="test-score"><strong>{_e(page.test_sentence)}</strong></p>'
+                    f"<p>{len(page.ranked)} trials ranked by best validation "
                     f"{RANKING_METRIC} (ties: lower val_loss, then fewer parameters): {_e(summary)}.</p>")
-    sections.append("<h2>Trials</h2><p class=note>Click a column header to sort.</p>" + _table(page.rows))
+    sections.append("<h2>Trials</h2><p class=note>Click a column header to sort. The interval is a bootstrap 95 % "
+                    "interval over the validation images; <em>tied</em>: a paired bootstrap cannot tell the trial "
+                    "from the leader, so their order is noise.</p>" + _table(page.rows))
+    if page.test:
+        sections.append("<h2>Exported model on the held-out test split</h2><div class=pair>"
+                        + plot(figures.confusion_matrix(page.test, "test: confusion matrix"))
+                        + plot(figures.per_class_bars(page.test, "test: precision, recall, F1"))
+                        + "</div>")
 
     sections.append("<h2>Search</h2>")
     sections.append(plot(figures.optimisation_history(page.ranked)))
@@ -116,7 +128,9 @@ def _table(rows: list[dict[str, Any]]) -> str:
     head = "".join(f'<th data-col="{i}">{_e(h)}</th>' for i, (_, h) in enumerate(_TABLE_COLUMNS))
     body = []
     for row in rows:
-        row = {**row, "stop_epoch": row["epochs_run"] if row["status"] == STOPPED_EARLY else ""}
+        row = {**row, "stop_epoch": row["epochs_run"] if row["status"] == STOPPED_EARLY else "",
+               "interval": "" if row["macro_f1_low"] != row["macro_f1_low"]  # NaN: no predictions kept
+               else f"{row['macro_f1_low']:.3f}-{row['macro_f1_high']:.3f}"}
         cells = "".join(f'<td data-v="{_e(_sort_key(row[key]))}">{_e(_cell(row[key], key))}</td>'
                         for key, _ in _TABLE_COLUMNS)
         body.append(f'<tr class="{_e(row["status"])}">{cells}</tr>')
@@ -137,21 +151,22 @@ def _sort_key(value: Any) -> str:
 def _data_section(split) -> str:
     if split is None:
         return "<h2>Data</h2><p>The data has not been scanned yet.</p>"
-    train, val = split.class_counts("train"), split.class_counts("val")
-    rows = "".join(f"<tr><td>{_e(name)}</td><td>{t}</td><td>{v}</td></tr>"
-                   for name, t, v in zip(split.class_names, train, val))
+    train, val, test = (split.class_counts(name) for name in ("train", "val", "test"))
+    rows = "".join(f"<tr><td>{_e(name)}</td><td>{t}</td><td>{v}</td><td>{n}</td></tr>"
+                   for name, t, v, n in zip(split.class_names, train, val, test))
     warnings = []
     if split.duplicates_across_splits:
-        warnings.append(f"{len(split.duplicates_across_splits)} image(s) appear in both training and validation "
-                        "(same content): validation scores are optimistic.")
+        warnings.append(f"{len(split.duplicates_across_splits)} held-out image(s) also appear in an earlier split "
+                        "(same content): their scores are optimistic.")
     smallest, largest = min(train), max(train)
     if smallest == 0 or largest / smallest > IMBALANCE_WARN_RATIO:
         ratio = "a class has no training image" if smallest == 0 else f"{largest / smallest:.1f}:1"
         warnings.append(f"Imbalanced training set ({ratio} between the largest and smallest class): macro-F1 "
                         "weighs every class equally, and class-weighted or focal losses may help.")
-    out = [f"<h2>Data</h2><p>{len(split.train)} training and {len(split.val)} validation images, "
-           f"{len(split.class_names)} classes, fingerprint <code>{_e(split.fingerprint()[:12])}</code>.</p>",
-           '<table id="classes"><thead><tr><th>class</th><th>train</th><th>val</th></tr></thead>'
+    out = [f"<h2>Data</h2><p>{len(split.train)} training, {len(split.val)} validation and {len(split.test)} "
+           f"held-out test images, {len(split.class_names)} classes, fingerprint "
+           f"<code>{_e(split.fingerprint()[:12])}</code>.</p>",
+           '<table id="classes"><thead><tr><th>class</th><th>train</th><th>val</th><th>test</th></tr></thead>'
            f"<tbody>{rows}</tbody></table>"]
     out += [f'<p class="warning">{_e(w)}</p>' for w in warnings]
     if split.bad_files:

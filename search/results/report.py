@@ -19,9 +19,12 @@ from search.results.table import format_table, status_summary
 from search.results.trials import RunView, TrialView, load_run, read_epoch_details
 from search.storage import RunStore
 from trainables.losses import loss_label
-from trainables.metrics import RANKING_METRIC
+from trainables.metrics import PREDICTIONS, RANKING_METRIC
 
 TOP_DETAILED = 3
+LEADER, TIED, BEHIND = "leader", "tied", "behind"  # the vs_leader column
+TIED_NOTE = (f"vs_leader `{TIED}`: a paired bootstrap over the validation images cannot tell the trial "
+             "from the leader at 95 %; the ranking among tied trials is noise.")
 
 
 @dataclass(frozen=True)
@@ -70,17 +73,69 @@ def report_row(rank_: int, trial: TrialView) -> dict[str, Any]:
         "wall_time_s": round(trial.wall_time_s, 2),
         "num_params": trial.num_params or 0,
         "trainable_params": (trial.epochs[-1].get("trainable_params") or 0) if trial.epochs else 0,
+        "macro_f1_low": math.nan,  # its bootstrap 95 % interval on the validation split
+        "macro_f1_high": math.nan,
+        "vs_leader": "",  # leader | tied (the split cannot tell it from the leader) | behind
     }
 
 
 def build_report(run: RunView) -> Report:
-    """Rank the run's trials and render the report (reads the top trials' per-class metrics)."""
+    """Rank the run's trials and render the report (reads each trial's kept checkpoint metrics)."""
+    from trainables.datasets import read_split
+
     ranked = rank(run.trials)
     rows = [report_row(i, t) for i, t in enumerate(ranked, start=1)]
-    top = top_details(run.store, ranked)
+    # The first driver writes the split, then space.yaml: a run with a space has its split.
+    split = read_split(run.store.uri(SPLIT)) if run.space is not None else None
+    details = {t.trial_id: d for t in ranked if t.best_epoch is not None
+               for d in [read_epoch_details(run.store, t)] if d is not None}
+    if split is not None:
+        _add_intervals(rows, details, [s.label for s in split.val], len(split.class_names))
+    top = [(t, *details[t.trial_id]) for t in ranked if t.trial_id in details][:TOP_DETAILED]
     gate = _gate_markdown(run.store)
-    return Report(rows, format_markdown(run, ranked, rows, top, gate),
-                  render_html(page_inputs(run, ranked, rows, top, gate)))
+    test = _export_test(run.store)
+    return Report(rows, format_markdown(run, ranked, rows, top, gate, test),
+                  render_html(page_inputs(run, ranked, rows, top, gate, split)))
+
+
+def _add_intervals(rows: list[dict[str, Any]], details: dict[str, tuple[dict, dict]], labels: list[int],
+                   num_classes: int) -> None:
+    """Each trial's validation interval, and whether the split can tell it from the leader
+    (the paired bootstrap interval of their difference holds 0): from the per-image
+    predictions its kept checkpoint holds. Checkpoints from before they were kept get none."""
+    from search.results.intervals import macro_f1_interval, paired_difference
+
+    predictions = {trial_id: d[PREDICTIONS] for trial_id, (_, d) in details.items()
+                   if len(d.get(PREDICTIONS, ())) == len(labels) > 0}
+    leader = next((r["trial_id"] for r in rows if r["trial_id"] in predictions), None)
+    for row in rows:
+        preds = predictions.get(row["trial_id"])
+        if preds is None:
+            continue
+        interval = macro_f1_interval(labels, preds, num_classes)
+        row["macro_f1_low"], row["macro_f1_high"] = interval.low, interval.high
+        if row["trial_id"] == leader:
+            row["vs_leader"] = LEADER
+        else:
+            gap = paired_difference(labels, predictions[leader], preds, num_classes)
+            row["vs_leader"] = TIED if gap.low <= 0 else BEHIND
+
+
+def _export_test(store: RunStore) -> dict[str, Any] | None:
+    """The export's held-out test score (``export/metrics.json``, "test"), once exported."""
+    path = join(EXPORT, "metrics.json")
+    return store.read_json(path).get("test") if store.exists(path) else None
+
+
+def test_sentence(test: dict[str, Any] | None) -> str:
+    """What the exported model scored on the held-out test split, in one sentence."""
+    if not test:
+        return ("No held-out test score: nothing is exported yet, or the run has no test split "
+                "(data.test_fraction: 0).")
+    interval = test["macro_f1_interval"]
+    return (f"Exported model on {test['num_images']} held-out test images (never seen by the search): "
+            f"{RANKING_METRIC} {test[RANKING_METRIC]:.4f}, 95 % interval {interval['low']:.4f}-{interval['high']:.4f}. "
+            "Validation chose the model, so its validation numbers are optimistic; this is the one to quote.")
 
 
 def _gate_markdown(store: RunStore) -> str | None:
@@ -92,37 +147,22 @@ def _gate_markdown(store: RunStore) -> str | None:
     return describe(Decision.from_json(store.read_text(GATE_JSON)), level=2)
 
 
-def top_details(store: RunStore, ranked: list[TrialView]) -> list[tuple[TrialView, dict, dict]]:
-    """(trial, best epoch, its per-class metrics) of the ``TOP_DETAILED`` best trials whose
-    checkpoint Ray still keeps."""
-    found = []
-    for trial in ranked:
-        if len(found) == TOP_DETAILED or trial.best_epoch is None:
-            break
-        details = read_epoch_details(store, trial)
-        if details is not None:  # else no checkpoint of it is left to read (its run was cut short)
-            found.append((trial, *details))
-    return found
-
-
 def page_inputs(run: RunView, ranked: list[TrialView], rows: list[dict[str, Any]],
-                top: list[tuple[TrialView, dict, dict]], gate: str | None) -> PageInputs:
+                top: list[tuple[TrialView, dict, dict]], gate: str | None, split) -> PageInputs:
     """Everything ``report.html`` shows, read from the run; parts not written yet are None."""
     from search.run.scheduler import create_scheduler
-    from trainables.datasets import read_split
 
     store = run.store
     scheduler = create_scheduler(run.config)  # Ray's own milestones, below the last epoch: where ASHA stops
     rungs = [int(m) for m in scheduler.rungs() if int(m) < run.config.optim.epochs] if scheduler else []
-    verification = None
+    verification = test = None
     if store.exists(join(EXPORT, "metrics.json")):
-        verification = store.read_json(join(EXPORT, "metrics.json")).get("verification")
+        exported = store.read_json(join(EXPORT, "metrics.json"))
+        verification, test = exported.get("verification"), exported.get("test")
     return PageInputs(
         run_name=store.name, ranked=ranked, rows=rows, top_details=top, space=run.space, rungs=sorted(rungs),
-        # The first driver writes the split, then space.yaml: a run with a space has its split.
-        split=read_split(store.uri(SPLIT)) if run.space is not None else None,
-        verification=verification, config_text=store.read_text(CONFIG), space_text=run.space_text,
-        gate_markdown=gate,
+        split=split, verification=verification, config_text=store.read_text(CONFIG), space_text=run.space_text,
+        gate_markdown=gate, test=test, test_sentence=test_sentence(test),
     )
 
 
@@ -139,16 +179,21 @@ def _per_class_markdown(details: dict[str, Any]) -> list[str]:
 
 
 def format_markdown(run: RunView, ranked: list[TrialView], rows: list[dict[str, Any]],
-                    top: list[tuple[TrialView, dict, dict]], gate: str | None) -> str:
+                    top: list[tuple[TrialView, dict, dict]], gate: str | None,
+                    test: dict[str, Any] | None = None) -> str:
     lines = [
         f"# Trial report: {run.store.name}",
         "",
-        f"{len(ranked)} trials ranked by best {RANKING_METRIC} (ties: lower val_loss, then fewer "
-        "parameters). " + status_summary(ranked) + ".",
+        test_sentence(test),
+        "",
+        f"{len(ranked)} trials ranked by best validation {RANKING_METRIC} (ties: lower val_loss, then fewer "
+        "parameters). " + status_summary(ranked) + ". " + TIED_NOTE,
         "",
         format_table(rows, markdown=True),
         "",
     ]
+    if test:
+        lines += ["## Exported model on the held-out test split", "", *_per_class_markdown(test), ""]
     failed = [r for r in rows if r["reason"]]
     if failed:
         lines += ["## Failed or stopped trials", ""] + [f"- `{r['trial_id']}`: {r['reason']}" for r in failed] + [""]

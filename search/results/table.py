@@ -11,10 +11,10 @@ from trainables.metrics import RANKING_METRIC
 
 _CONSOLE_COLUMNS = (
     ("rank", 4), ("trial_id", 8), ("status", 13), ("backbone", 22), ("unfreeze_depth", 5),
-    ("loss", 34), ("lr_head", 9), ("lr_base", 9), (RANKING_METRIC, 8), ("val_loss", 8),
+    ("loss", 34), ("lr_head", 9), ("lr_base", 9), (RANKING_METRIC, 8), ("vs_leader", 6), ("val_loss", 8),
     ("epochs_run", 6), ("wall_time_s", 7),
 )
-_HEADERS = {"unfreeze_depth": "depth", "epochs_run": "epochs", "wall_time_s": "time_s"}
+_HEADERS = {"unfreeze_depth": "depth", "epochs_run": "epochs", "wall_time_s": "time_s", "vs_leader": "vs_best"}
 
 
 def format_cell(value: Any, name: str = "") -> str:

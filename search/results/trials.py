@@ -20,6 +20,7 @@ from search.space.catalog import parse_space
 from search.space.model import SearchSpace
 from search.storage import RunStore, read_config
 from search.study import (
+    BUDGET_CUT,
     CHECKPOINT,
     FAILURES,
     REASON,
@@ -33,6 +34,7 @@ from trainables.config import TrialConfig
 from trainables.metrics import RANKING_METRIC
 
 COMPLETED, STOPPED_EARLY, FAILED = "completed", "stopped_early", "failed"
+CUT = "cut"  # the time budget stopped it before its first epoch: not a failure
 RUNNING, INTERRUPTED, QUEUED = "running", "interrupted", "queued"
 _STATUS = {TrialState.COMPLETE: COMPLETED, TrialState.PRUNED: STOPPED_EARLY, TrialState.FAIL: FAILED}
 
@@ -44,7 +46,7 @@ class TrialView:
     trial_id: str
     params: dict[str, Any]  # the searcher's flat parameters
     config: TrialConfig  # the run's settings with this trial's overrides: what it trained
-    status: str  # completed | stopped_early | failed | running | interrupted | queued
+    status: str  # completed | stopped_early | failed | cut | running | interrupted | queued
     reason: str | None  # why it failed or was stopped, in one line
     failures: tuple[str, ...]  # why earlier attempts ended (crash retries, drivers that died)
     epochs: tuple[dict[str, Any], ...]  # per-epoch scalars, timestamp and checkpoint, in order
@@ -111,6 +113,8 @@ def load_run(store: RunStore) -> RunView:
 
 
 def _status(latest: FrozenTrial, searching: bool) -> str:
+    if latest.state == TrialState.FAIL and latest.user_attrs.get(BUDGET_CUT):
+        return CUT
     if latest.state in _STATUS:
         return _STATUS[latest.state]
     if latest.state == TrialState.WAITING:

@@ -65,6 +65,10 @@ def export_winner(store: RunStore, print_fn=print, int8=None):
         f"{result.reported_macro_f1:.4f}), argmax agreement {result.argmax_agreement:.4f}, "
         f"max |logit diff| {result.max_abs_logit_diff:.2e}"
     )
+    if result.test:
+        interval = result.test["macro_f1_interval"]
+        print_fn(f"held-out test: macro-F1 {result.test['macro_f1']:.4f} on {result.test['num_images']} images "
+                 f"(95 % interval {interval['low']:.4f}-{interval['high']:.4f}); the search never saw them")
     if result.int8:
         print_fn(describe_int8(result.int8))
     return result

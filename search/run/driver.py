@@ -150,7 +150,8 @@ def run_search(
         # the scan cache), and the checks run again on the valid images.
         listing = None if split else list_run_data(cfg)
         if listing is not None:
-            checked = _check_data_and_space(cfg, explicit, listing.most_train_images(cfg.data.val_fraction))
+            most_train = listing.most_train_images(cfg.data.val_fraction, cfg.data.test_fraction)
+            checked = _check_data_and_space(cfg, explicit, most_train)
     connect_ray()
     if not resuming:
         split = split or scan_data(cfg, print_fn, listing)

@@ -14,7 +14,7 @@ import time
 from ray import tune
 
 from search.drivers import HEARTBEAT_S, DriverRecord
-from search.run.recorder import COMPLETED, FAILED, STOPPED
+from search.run.recorder import COMPLETED, CUT, FAILED, STOPPED
 from search.run.trial import FINAL_ERROR_KEY, STORAGE_FULL_KEY, searched_params
 from search.study import TRIAL_ID_KEY
 from trainables.metrics import RANKING_METRIC
@@ -99,7 +99,7 @@ class SearchStatus(tune.Callback):
         self.time_budget_s = time_budget_s
         self.print = print_fn
         self.started = time.time()
-        self.counts = {COMPLETED: 0, STOPPED: 0, FAILED: 0}
+        self.counts = {COMPLETED: 0, STOPPED: 0, FAILED: 0, CUT: 0}
         self.running = 0
         self.best: tuple[float, str] | None = None  # (macro-F1, trial id)
         self.live = None  # the rich Live display, while one is shown
@@ -113,7 +113,9 @@ class SearchStatus(tune.Callback):
         elapsed = _clock(time.time() - self.started)
         budget = f"{elapsed} of {_clock(self.time_budget_s)}" if self.time_budget_s else elapsed
         return (f"trials {done}/{self.num_samples} done ({self.counts[COMPLETED]} completed, "
-                f"{self.counts[STOPPED]} stopped early, {self.counts[FAILED]} failed), {self.running} running"
+                f"{self.counts[STOPPED]} stopped early, {self.counts[FAILED]} failed"
+                + (f", {self.counts[CUT]} cut by the time budget" if self.counts[CUT] else "")
+                + f"), {self.running} running"
                 f" | {best} | {budget}")
 
     @contextlib.contextmanager

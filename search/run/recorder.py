@@ -22,7 +22,7 @@ from search.layout import join, trial_dir
 from search.run.searcher import StudySearcher
 from search.run.trial import FINAL_ERROR_KEY, STORAGE_FULL_KEY
 from search.storage import RunStorageFullError, RunStore
-from search.study import CHECKPOINT, FAILURES, REASON, TIMESTAMP, TRIAL_ID_KEY, epoch_key, recorded_epochs
+from search.study import BUDGET_CUT, CHECKPOINT, FAILURES, REASON, TIMESTAMP, TRIAL_ID_KEY, epoch_key, recorded_epochs
 from trainables.metrics import RANKING_METRIC
 from trainables.reporting import EPOCH_KEYS
 from trainables.workers import RESUMED_FROM_EPOCH
@@ -30,7 +30,8 @@ from trainables.workers import RESUMED_FROM_EPOCH
 _RESULT_KEYS = (*EPOCH_KEYS, RESUMED_FROM_EPOCH, "hostname", "pid")  # Tune adds hostname and pid
 _EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Interrupt|Exit)\b[^:]*: ")
 TIME_BUDGET_REASON = "stopped when search.time_budget_s ran out"
-COMPLETED, STOPPED, FAILED = "completed", "stopped early", "failed"  # how a trial ended, as printed
+# How a trial ended, as printed; CUT: the time budget stopped it before its first epoch.
+COMPLETED, STOPPED, FAILED, CUT = "completed", "stopped early", "failed", "cut by the time budget"
 
 
 def error_reason(trial) -> str:
@@ -111,18 +112,22 @@ class TrialRecorder(tune.Callback):
         announced = self._trial(trial).user_attrs.get(REASON)
         self.finish(trial.config[TRIAL_ID_KEY], reason=announced or error_reason(trial), failed=True)
 
-    def finish(self, run_id: str, reason: str | None = None, failed: bool = False) -> None:
-        """Tell the study how trial ``run_id`` ended: COMPLETE, PRUNED or FAIL."""
+    def finish(self, run_id: str, reason: str | None = None, failed: bool = False, cut: bool = False) -> None:
+        """Tell the study how trial ``run_id`` ended: COMPLETE, PRUNED or FAIL (``cut``: the
+        time budget stopped it, a FAIL marked ``BUDGET_CUT`` when it has no epoch yet)."""
         ot_trial = self.searcher.live.pop(run_id)
         epochs = recorded_epochs(ot_trial)
-        if not failed and not epochs:
+        cut = cut and not failed and not epochs
+        if not failed and not epochs and not cut:
             failed, reason = True, reason or "ended without reporting an epoch"
         if reason:
             ot_trial.set_user_attr(REASON, reason)
+        if cut:
+            ot_trial.set_user_attr(BUDGET_CUT, True)
         study = self.searcher.handle.study
-        if failed:
+        if failed or cut:
             study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
-            outcome = FAILED
+            outcome = CUT if cut else FAILED
         elif epochs[-1]["epoch"] >= self.max_epochs:
             study.tell(ot_trial, max(e[RANKING_METRIC] for e in epochs))  # the checkpoint export uses
             outcome = COMPLETED
@@ -136,4 +141,4 @@ class TrialRecorder(tune.Callback):
     def stop_unfinished(self, reason: str) -> None:
         """Settle the trials Tune stopped without a callback (the time budget ran out)."""
         for run_id in list(self.searcher.live):
-            self.finish(run_id, reason=reason)
+            self.finish(run_id, reason=reason, cut=True)
