@@ -53,6 +53,25 @@ class Int8Config(BaseModel):
     seed: int = 0  # which training images calibrate
 
 
+class FinalistsConfig(BaseModel):
+    """``search.finalists``: after the search, the ``k`` best configurations train
+    ``repeats`` more times with other seeds, and the best mean over all their runs wins."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    k: int = Field(3, ge=0, le=20)  # 0 or 1: no finalists, the top trial is exported
+    repeats: int = Field(2, ge=1, le=10)  # new runs of each finalist, seeds optim.seed + 1..repeats
+    # Of search.time_budget_s, kept back from the search for the finalists.
+    budget_share: float = Field(0.25, ge=0.0, lt=1.0)
+    # Below this many validation images the finalists always run; from it on, only when
+    # the leader cannot be told apart from the next trials (a paired bootstrap).
+    always_below: int = Field(2000, ge=0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.k >= 2
+
+
 class SearchConfig(BaseModel):
     """How ``tunecv run`` searches: space, budget, searcher, scheduler, concurrency."""
 
@@ -72,6 +91,9 @@ class SearchConfig(BaseModel):
     max_failures: int = Field(2, ge=0, le=100)  # retries of a crashed trial, from its last epoch
     # Each attempt's wall-clock limit: a trial past it (a hung step) fails, not retried.
     trial_timeout_s: float | None = Field(None, gt=0)
+    # The top configurations trained again with other seeds before one is exported
+    # (search/run/finalists.py); README "What the numbers mean".
+    finalists: FinalistsConfig = Field(default_factory=lambda: FinalistsConfig())
     export: bool = True  # export the winner to ONNX at the end of the run
     int8: Int8Config | None = None  # also a gated static int8 model in the export; null: fp32 only
 

@@ -41,14 +41,15 @@ def driver_end(k: int) -> str:
     return f"{driver_beats(k)}/end.json"
 
 
-def tune_experiment(k: int) -> str:
-    """Driver k's Ray Tune experiment: one per driver, so no file of Ray's has two writers."""
-    return f"{TUNE}/{k:03d}"
+def tune_experiment(k: int, finalists: bool = False) -> str:
+    """Driver k's Ray Tune experiment: one per driver and phase (the search, then its
+    finalists), so no file of Ray's has two writers."""
+    return f"{TUNE}/{k:03d}" + ("-finalists" if finalists else "")
 
 
-def trial_dir(k: int, trial_id: str) -> str:
+def trial_dir(k: int, trial_id: str, finalists: bool = False) -> str:
     """Where Ray keeps trial ``trial_id``'s checkpoints while driver k runs it."""
-    return f"{tune_experiment(k)}/{trial_id}"
+    return f"{tune_experiment(k, finalists)}/{trial_id}"
 
 
 def join(first: str, *rest: str) -> str:

@@ -33,6 +33,9 @@ REASON, FAILURES = "reason", "failures"
 # User attribute of a trial the time budget stopped before its first epoch: FAIL for the
 # sampler (it has no value to learn from), "cut" for a reader, who should not look for a bug.
 BUDGET_CUT = "tunecv_budget_cut"
+# A finalist repeat: user attributes naming the trial whose configuration it re-runs, and
+# its seed; the study's FINALISTS attribute records which trials were chosen, once.
+FINALIST_OF, SEED_KEY, FINALISTS = "tunecv_finalist_of", "tunecv_seed", "tunecv_finalists"
 
 
 @dataclass(frozen=True)

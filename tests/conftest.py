@@ -29,6 +29,8 @@ def small_run_config(data_root: Path, output_dir: Path, **sections) -> dict:
             "epochs": 2, "batch_size": 16, "lr_head": 3e-3, "lr_base": 3e-3, "warmup_epochs": 0.2,
         },
         "augment": {"strength": 0.3, "coarse_dropout_p": 0.0},
+        # No finalists unless a test is about them: they re-run the top trials.
+        "search": {"finalists": {"k": 0}},
     }
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value

@@ -167,7 +167,7 @@ def test_submitted_job_writes_ranked_report_and_model_to_storage(head, synthetic
         _cli("submit", "--config", "configs/demo.yaml", "--address", head["address"], "--wait",
              "--run-dir", str(run_dir),
              "--set", f"data.root={synthetic_root}", "--set", "data.image_size=32",
-             "--set", f"search.space={space}", "--set", "search.num_samples=2",
+             "--set", f"search.space={space}", "--set", "search.num_samples=2", "--set", "search.finalists.k=0",
              "--set", "optim.epochs=2", "--set", "search.asha.grace_period=1", "--set", "optim.batch_size=16"),
         cwd=REPO, env={k: v for k, v in head["env"].items() if k != "RAY_ADDRESS"},
         capture_output=True, text=True, timeout=900,
@@ -191,7 +191,7 @@ def test_ray_job_submit_runs_the_cli_as_documented(head, synthetic_root):
         [ray_cli, "job", "submit", "--address", head["address"], "--runtime-env", "cluster/runtime_env.yaml",
          "--working-dir", ".", "--", "tunecv", "run", "--config", "configs/demo.yaml",
          "--set", f"output_dir={storage}", "--set", f"data.root={synthetic_root}", "--set", "data.image_size=32",
-         "--set", f"search.space={space}", "--set", "search.num_samples=1", "--set", "optim.epochs=1",
+         "--set", f"search.space={space}", "--set", "search.num_samples=1", "--set", "search.finalists.k=0", "--set", "optim.epochs=1",
          "--set", "search.asha.grace_period=1", "--set", "optim.batch_size=16", "--set", "search.export=false"],
         cwd=REPO, env={k: v for k, v in head["env"].items() if k != "RAY_ADDRESS"},
         capture_output=True, text=True, timeout=600,
@@ -287,6 +287,43 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(head, synthetic_
         expected = {t.trial_id: next(e["macro_f1"] for e in t.epochs if e["epoch"] >= int(milestone))
                     for t in trials.values() if t.epochs and t.epochs[-1]["epoch"] >= int(milestone)}
         assert recorded == pytest.approx(expected), (milestone, recorded, expected)
+
+
+@pytest.mark.parametrize("attempt", range(STRESS_REPEAT))
+def test_killed_driver_finishes_its_finalists_without_rerunning_one(head, synthetic_root, attempt):
+    """The driver dies during the finalists: one repeat finished, the other mid-training.
+    The next driver starts no search trial, keeps the finished repeat as it was and
+    continues the other from its checkpoint, under the same id and seed."""
+    config = _write_config(head, synthetic_root, f"finalists-{attempt}", num_samples=2, max_concurrent_trials=1,
+                           scheduler="fifo", finalists={"k": 2, "repeats": 1})
+    first = subprocess.Popen(_cli("run", "--config", str(config)), env=head["env"], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def one_repeat_done_one_mid_training():
+        repeats = [t for t in _trials(config).values() if t.finalist_of is not None]
+        done = [t for t in repeats if t.status in TERMINAL]
+        mid = [t for t in repeats if t.status == RUNNING and 1 <= _checkpointed_epoch(t) < 3]
+        return (done, mid) if done and mid else None
+
+    done, mid = _wait_until(one_repeat_done_one_mid_training, 600, "a finished and a checkpointed repeat", first)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    time.sleep(2)  # Ray stops the dead driver's trials; let their last writes land
+    second = subprocess.run(_cli("run", "--config", str(config)), env=head["env"], cwd=REPO,
+                            capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "finalists: " not in second.stdout  # chosen once, by the first driver
+
+    trials = _trials(config)
+    assert len(trials) == 4 and all(t.status == COMPLETED for t in trials.values()), [
+        (t.trial_id, t.status, t.reason) for t in trials.values()]
+    (finished,), (continued,) = done, mid
+    assert trials[finished.trial_id].epochs == finished.epochs and trials[finished.trial_id].attempts == 1
+    again = trials[continued.trial_id]
+    assert again.attempts == 2 and again.finalist_of == continued.finalist_of
+    assert again.config.optim.seed == continued.config.optim.seed == 1
+    assert max(e.get("resumed_from_epoch") or 0 for e in again.epochs) >= 1
+    assert [e["epoch"] for e in again.epochs] == [1, 2, 3, 4]
 
 
 def test_crashed_trial_retries_from_its_last_checkpoint(head, synthetic_root):

@@ -213,6 +213,22 @@ def test_winner_is_exported_and_verified(search_run):
     low, high = test["macro_f1_interval"]["low"], test["macro_f1_interval"]["high"]
     assert 0.0 <= low <= test["macro_f1"] <= high <= 1.0
     assert set(test["per_class"]) == set(json.loads((export / "class_names.json").read_text()))
+    # Recomputed as a user would: the bundle's preprocessing, ONNX Runtime, scikit-learn.
+    import numpy as np
+    import onnxruntime as ort
+    from PIL import Image
+    from sklearn.metrics import f1_score
+
+    from trainables.transforms import eval_transform_from_spec
+
+    transform = eval_transform_from_spec(json.loads((export / "preprocessing.json").read_text()))
+    session = ort.InferenceSession(str(export / "model.onnx"), providers=["CPUExecutionProvider"])
+    batch = np.stack([np.asarray(transform(image=np.asarray(Image.open(Path(split.root) / s.path).convert("RGB")))
+                                 ["image"]) for s in split.test]).astype(np.float32)
+    predicted = session.run(["logits"], {"input": batch})[0].argmax(1)
+    labels = [s.label for s in split.test]
+    recomputed = f1_score(labels, predicted, average="macro", labels=range(len(split.class_names)), zero_division=0)
+    assert test["macro_f1"] == pytest.approx(recomputed, abs=1e-9)
 
 
 @pytest.mark.slow

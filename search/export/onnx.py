@@ -76,6 +76,7 @@ class ExportResult:
     tensorrt: dict[str, Any] | None  # engine precision and agreement; None when not run
     int8: dict[str, Any] | None = None  # the static int8 check (search/export/int8.py); None when not asked
     test: dict[str, Any] | None = None  # the fp32 ONNX model on the held-out test split; None without one
+    annotations: dict[str, Any] | None = None  # extra metrics.json keys (search/results/winner.py)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ def export_checkpoint(
     batch_size: int = 32,
     tensorrt: bool | None = None,
     int8: Int8Config | None = None,
+    annotations: dict[str, Any] | None = None,
 ) -> ExportResult:
     """Export ``checkpoint_dir`` to ONNX in ``out_dir`` and prove it reproduces the checkpoint.
 
@@ -108,6 +110,8 @@ def export_checkpoint(
             in ``ExportResult.tensorrt["error"]``); ``True`` requires it; ``False`` skips it.
         int8: Also quantize to static int8, calibrated on training images, and ship
             ``model.int8.onnx`` if it passes the accuracy gate (``ExportResult.int8`` says).
+        annotations: Keys added to ``metrics.json`` as they are: where the checkpoint
+            came from ("source"), the finalists' test scores ("finalists").
 
     Returns:
         The paths and the verification numbers.
@@ -145,7 +149,7 @@ def export_checkpoint(
             argmax_agreement=float((preds.onnx.argmax(1) == preds.eager.argmax(1)).mean()),
             onnx_macro_f1=onnx_metrics.macro_f1, eager_macro_f1=eager_metrics.macro_f1,
             reported_macro_f1=float(meta["metrics"][RANKING_METRIC]), tensorrt=trt_report, int8=int8_report,
-            test=test_report(session, split, meta, batch_size),
+            test=test_report(session, split, meta, batch_size), annotations=annotations or {},
         )
         _write_bundle(staging, meta, result, onnx_metrics)
         _publish(staging, out_dir)
@@ -303,19 +307,37 @@ def test_report(session, split: DataSplit, meta: dict[str, Any], batch_size: int
     """The exported ONNX model (``session``) scored on the split's held-out test images,
     which nothing in the search saw: macro-F1 with its bootstrap interval, per-class
     metrics and the confusion matrix. None when the split has no test images."""
-    from search.results.intervals import macro_f1_interval
-
     if not split.test:
         return None
+    run = lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]  # noqa: E731
+    return _test_scores(run, split, meta, batch_size, f"ONNX Runtime, {ONNX_FILE} (fp32)")
+
+
+def checkpoint_test_report(checkpoint_dir: Path, split: DataSplit, batch_size: int = 64) -> dict[str, Any] | None:
+    """``test_report`` for a checkpoint in PyTorch: a finalist that is not exported."""
+    if not split.test:
+        return None
+    model, meta = load_model(checkpoint_dir)
+
+    def run(x: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return model(x).numpy()
+
+    return _test_scores(run, split, meta, batch_size, "PyTorch, the checkpoint")
+
+
+def _test_scores(run, split: DataSplit, meta: dict[str, Any], batch_size: int, scored_by: str) -> dict[str, Any]:
+    from search.results.intervals import macro_f1_interval
+
     labels, logits = [], []
     for x, y in eval_loader(split, meta, batch_size, which="test"):
-        logits.append(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
+        logits.append(run(x))
         labels.append(y.numpy())
     names = meta["class_names"]
     metrics = _metrics_from_logits(np.concatenate(logits), np.concatenate(labels), names)
     interval = macro_f1_interval(np.concatenate(labels), metrics.predictions, len(names))
     return {
-        "num_images": len(split.test), "scored_by": f"ONNX Runtime, {ONNX_FILE} (fp32)",
+        "num_images": len(split.test), "scored_by": scored_by,
         **metrics.scalars(), "macro_f1_interval": interval.to_json(),
         "per_class": {name: vars(m) for name, m in metrics.per_class.items()},
         "confusion_matrix": metrics.confusion_matrix,
@@ -395,7 +417,8 @@ def _write_bundle(staging: Path, meta: dict, result: ExportResult, onnx_m: EvalM
         # "test": the held-out score users should quote; the rest is the validation epoch
         # that chose this model (optimistic: it won a search on those images).
         "metrics.json": {**meta["metrics"], "ranking_metric": RANKING_METRIC,
-                         "verification": verification, "test": result.test},
+                         "verification": verification, "test": result.test,
+                         **(result.annotations or {})},
         "config.json": meta["config"],
     }
     for name, payload in files.items():

@@ -13,7 +13,7 @@ import base64
 import gzip
 import html
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -52,6 +52,8 @@ class PageInputs:
     gate_markdown: str | None
     test: dict[str, Any] | None = None  # export/metrics.json's "test": the held-out score
     test_sentence: str = ""
+    finalists: list = field(default_factory=list)  # FinalistGroup, best mean first (search/results/selection.py)
+    finalists_test: dict = field(default_factory=dict)  # source trial -> its best run's test score, once exported
 
 
 @lru_cache(maxsize=1)
@@ -86,6 +88,9 @@ def render(page: PageInputs) -> str:
                         + plot(figures.confusion_matrix(page.test, "test: confusion matrix"))
                         + plot(figures.per_class_bars(page.test, "test: precision, recall, F1"))
                         + "</div>")
+
+    if page.finalists:
+        sections.append(_finalists_section(page.finalists, page.finalists_test))
 
     sections.append("<h2>Search</h2>")
     sections.append(plot(figures.optimisation_history(page.ranked)))
@@ -146,6 +151,26 @@ def _sort_key(value: Any) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return repr(float(value)) if value == value else ""  # NaN sorts as empty
     return str(value)
+
+
+def _finalists_section(groups, tests: dict) -> str:
+    from search.results.report import test_cell
+    from search.results.selection import FINALISTS_NOTE
+
+    head = "".join(f"<th>{_e(h)}</th>" for h in (
+        "configuration of", "runs", f"{RANKING_METRIC} per run", "mean", "std over seeds",
+        f"test {RANKING_METRIC} (best run, 95 % interval)", "exported"))
+    body = []
+    for i, group in enumerate(groups):
+        exported = group.best_member().trial_id if i == 0 and group.mean is not None else ""
+        body.append("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in (
+            group.source, ", ".join(m.trial_id for m in group.members),
+            ", ".join(f"{v:.4f}" for v in group.scores) or "-",
+            "-" if group.mean is None else f"{group.mean:.4f}",
+            "-" if group.spread is None else f"{group.spread:.4f}", test_cell(tests.get(group.source)),
+            exported)) + "</tr>")
+    return (f'<h2>Finalists</h2><p class=note>{_e(FINALISTS_NOTE)}</p>'
+            f'<table id="finalists"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
 
 
 def _data_section(split) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 from search.layout import CONFIG, EXPORT, GATE_JSON, REPORT_HTML, REPORT_MARKDOWN, REPORT_PARQUET, SPLIT, join
 from search.results.html import PageInputs, render as render_html
 from search.results.ranking import rank
+from search.results.selection import FINALISTS_NOTE, FinalistGroup, finalist_groups
 from search.results.table import format_table, status_summary
 from search.results.trials import RunView, TrialView, load_run, read_epoch_details
 from search.storage import RunStore
@@ -76,6 +77,7 @@ def report_row(rank_: int, trial: TrialView) -> dict[str, Any]:
         "macro_f1_low": math.nan,  # its bootstrap 95 % interval on the validation split
         "macro_f1_high": math.nan,
         "vs_leader": "",  # leader | tied (the split cannot tell it from the leader) | behind
+        "finalist_of": trial.finalist_of or "",  # a finalist repeat: the trial whose configuration it ran again
     }
 
 
@@ -127,6 +129,14 @@ def _export_test(store: RunStore) -> dict[str, Any] | None:
     return store.read_json(path).get("test") if store.exists(path) else None
 
 
+def finalists_test(store: RunStore) -> dict[str, dict[str, Any]]:
+    """Each finalist configuration's test score (``export/metrics.json``, "finalists"), by
+    the trial it came from; empty before the export."""
+    path = join(EXPORT, "metrics.json")
+    entries = store.read_json(path).get("finalists") or [] if store.exists(path) else []
+    return {e["configuration_of"]: e["test"] for e in entries if e.get("test")}
+
+
 def test_sentence(test: dict[str, Any] | None) -> str:
     """What the exported model scored on the held-out test split, in one sentence."""
     if not test:
@@ -163,6 +173,7 @@ def page_inputs(run: RunView, ranked: list[TrialView], rows: list[dict[str, Any]
         run_name=store.name, ranked=ranked, rows=rows, top_details=top, space=run.space, rungs=sorted(rungs),
         split=split, verification=verification, config_text=store.read_text(CONFIG), space_text=run.space_text,
         gate_markdown=gate, test=test, test_sentence=test_sentence(test),
+        finalists=finalist_groups(ranked), finalists_test=finalists_test(store),
     )
 
 
@@ -194,6 +205,7 @@ def format_markdown(run: RunView, ranked: list[TrialView], rows: list[dict[str, 
     ]
     if test:
         lines += ["## Exported model on the held-out test split", "", *_per_class_markdown(test), ""]
+    lines += finalists_markdown(finalist_groups(ranked), finalists_test(run.store))
     failed = [r for r in rows if r["reason"]]
     if failed:
         lines += ["## Failed or stopped trials", ""] + [f"- `{r['trial_id']}`: {r['reason']}" for r in failed] + [""]
@@ -207,6 +219,33 @@ def format_markdown(run: RunView, ranked: list[TrialView], rows: list[dict[str, 
     if gate:  # a retrain's run: its champion/challenger decision
         lines += [gate]
     return "\n".join(lines)
+
+
+def finalists_markdown(groups: list[FinalistGroup], tests: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """The finalists' table: each configuration's runs, their mean and spread, and its
+    best run's held-out test score (``tests``, by source trial), the winner first."""
+    if not groups:
+        return []
+    lines = ["## Finalists", "", FINALISTS_NOTE, "",
+             f"| configuration of | runs | {RANKING_METRIC} per run | mean | std over seeds | test {RANKING_METRIC} "
+             "(best run, 95 % interval) | exported |",
+             "|---|---|---|---|---|---|---|"]
+    for i, group in enumerate(groups):
+        scores = ", ".join(f"{v:.4f}" for v in group.scores) or "-"
+        mean = f"{group.mean:.4f}" if group.mean is not None else "-"
+        spread = f"{group.spread:.4f}" if group.spread is not None else "-"
+        exported = f"yes (`{group.best_member().trial_id}`)" if i == 0 and group.mean is not None else ""
+        lines.append(f"| `{group.source}` | {', '.join(m.trial_id for m in group.members)} | {scores} | {mean} "
+                     f"| {spread} | {test_cell((tests or {}).get(group.source))} | {exported} |")
+    return lines + [""]
+
+
+def test_cell(test: dict[str, Any] | None) -> str:
+    """A test score with its interval, in one cell ("-" before the export)."""
+    if not test:
+        return "-"
+    interval = test["macro_f1_interval"]
+    return f"{test[RANKING_METRIC]:.4f} ({interval['low']:.4f}-{interval['high']:.4f})"
 
 
 def write_run_report(store: RunStore, print_fn=print) -> Report:

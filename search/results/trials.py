@@ -23,7 +23,9 @@ from search.study import (
     BUDGET_CUT,
     CHECKPOINT,
     FAILURES,
+    FINALIST_OF,
     REASON,
+    SEED_KEY,
     TIMESTAMP,
     attempts_by_id,
     read_trials,
@@ -51,6 +53,7 @@ class TrialView:
     failures: tuple[str, ...]  # why earlier attempts ended (crash retries, drivers that died)
     epochs: tuple[dict[str, Any], ...]  # per-epoch scalars, timestamp and checkpoint, in order
     wall_time_s: float  # summed over attempts
+    finalist_of: str | None = None  # a finalist repeat: the search trial whose configuration it runs again
 
     @property
     def attempts(self) -> int:
@@ -102,12 +105,13 @@ def load_run(store: RunStore) -> RunView:
         views.append(TrialView(
             trial_id=trial_id,
             params=params,
-            config=trial_config(base, space.to_overrides(params)),
+            config=trial_config(base, space.to_overrides(params), latest.user_attrs.get(SEED_KEY)),
             status=_status(latest, searching),
             reason=latest.user_attrs.get(REASON),
             failures=tuple(latest.user_attrs.get(FAILURES, ())),
             epochs=tuple(recorded_epochs(latest)),
             wall_time_s=sum(_wall_time(t) for t in attempts),
+            finalist_of=latest.user_attrs.get(FINALIST_OF),
         ))
     return RunView(store, config, tuple(views), space, space_text)
 

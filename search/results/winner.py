@@ -1,5 +1,5 @@
-"""Exporting the winner (or a named trial): the top-ranked trial whose best checkpoint Ray
-still keeps, its weights and metadata fetched alone, handed with the run's split to
+"""Exporting the winner (or a named trial): the first trial in the selection order
+(``search/results/selection.py``) whose best checkpoint Ray still keeps, its weights and metadata fetched alone, handed with the run's split to
 ``search/export/onnx.py``. The finishing driver exports into ``export/``; ``tunecv
 export`` writes where ``--out`` says.
 """
@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from search.layout import EXPORT, SPLIT, join
-from search.results.ranking import rank
+from search.results.selection import finalist_groups, selection_order, selection_rule
 from search.results.trials import load_run
 from search.storage import RunStore
 from trainables.checkpoint import META_FILE, WEIGHTS_FILE
@@ -20,9 +20,10 @@ class NothingToExportError(ValueError):
     """The run (or the named trial) has no checkpoint to export."""
 
 
-def best_checkpoint(store: RunStore, trial_id: str | None = None) -> tuple[str, str]:
-    """(trial id, checkpoint relative to the run) of ``trial_id`` or the top-ranked trial."""
-    ranked = rank(load_run(store).trials)
+def best_checkpoint(store: RunStore, trial_id: str | None = None, trials=None) -> tuple[str, str]:
+    """(trial id, checkpoint relative to the run) of ``trial_id``, or else of the winner:
+    the top-ranked trial, or the best run of the best finalist (``search/results/selection.py``)."""
+    ranked = selection_order(load_run(store).trials if trials is None else trials)
     if trial_id is not None:
         known = [t.trial_id for t in ranked]
         if trial_id not in known:
@@ -49,10 +50,35 @@ def export_trial(store: RunStore, out_dir: Path, trial_id: str | None = None, in
     from search.export.onnx import export_checkpoint
     from trainables.datasets import read_split
 
-    _, rel = best_checkpoint(store, trial_id)
+    trials = load_run(store).trials
+    chosen, rel = best_checkpoint(store, trial_id, trials)
     split = read_split(store.uri(SPLIT))
+    annotations = {"source": {"trial_id": chosen, "checkpoint": rel,
+                              "chosen_by": "asked for" if trial_id else selection_rule(trials)}}
+    if trial_id is None and finalist_groups(trials):
+        annotations["finalists"] = finalists_on_test(store, trials, split)
     with store.local_files(rel, (WEIGHTS_FILE, META_FILE)) as checkpoint:
-        return export_checkpoint(checkpoint, split, out_dir, int8=int8)
+        return export_checkpoint(checkpoint, split, out_dir, int8=int8, annotations=annotations)
+
+
+def finalists_on_test(store: RunStore, trials, split) -> list[dict]:
+    """Each finalist configuration's best run scored on the held-out test split (best
+    mean first): what choosing another finalist would have shipped. Reported only;
+    nothing chooses on it."""
+    from search.export.onnx import checkpoint_test_report
+
+    scores = []
+    for group in finalist_groups(trials):
+        member = group.best_member()
+        rel = next((r for r in member.checkpoints_by_rank() if store.exists(join(r, WEIGHTS_FILE))), None)
+        test = None
+        if rel is not None:
+            with store.local_files(rel, (WEIGHTS_FILE, META_FILE)) as checkpoint:
+                test = checkpoint_test_report(checkpoint, split)
+        scores.append({"configuration_of": group.source, "runs": [m.trial_id for m in group.members],
+                       "validation_mean": group.mean, "validation_scores": list(group.scores),
+                       "trial_id": member.trial_id, "checkpoint": rel, "test": test})
+    return scores
 
 
 def export_winner(store: RunStore, print_fn=print, int8=None):
@@ -61,7 +87,8 @@ def export_winner(store: RunStore, print_fn=print, int8=None):
         result = export_trial(store, Path(tmp) / EXPORT, int8=int8)
         store.upload_dir(Path(tmp) / EXPORT, EXPORT)
     print_fn(
-        f"exported {store.uri(EXPORT)}: ONNX macro-F1 {result.onnx_macro_f1:.4f} (reported "
+        f"exported {store.uri(EXPORT)} (trial {result.annotations['source']['trial_id']}, "
+        f"{result.annotations['source']['chosen_by']}): ONNX macro-F1 {result.onnx_macro_f1:.4f} (reported "
         f"{result.reported_macro_f1:.4f}), argmax agreement {result.argmax_agreement:.4f}, "
         f"max |logit diff| {result.max_abs_logit_diff:.2e}"
     )

@@ -220,8 +220,13 @@ def _search(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverR
             for point in _first_points(cfg, space, warm_points, print_fn):
                 handle.study.enqueue_trial(point)
             _add_history(handle.study, space, history, print_fn)
-        done = plan.num_samples <= 0 or _tune(cfg, space, store, driver, handle, scheduler, plan, print_fn,
+        started = time.time()
+        main = _main_phase(cfg, plan)
+        done = main.num_samples <= 0 or _tune(cfg, space, store, driver, handle, scheduler, main, print_fn,
                                               callbacks, trial_resources)
+        if done and cfg.search.finalists.enabled:
+            left = None if plan.time_budget_s is None else plan.time_budget_s - (time.time() - started)
+            done = _finalists(cfg, space, store, driver, handle, left, print_fn, callbacks, trial_resources)
     except BaseException as err:
         full = out_of_space(err)
         # Each step on its own: a journal that cannot be flushed must not keep the
@@ -257,6 +262,43 @@ def _search(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverR
             driver.finish(FINISHED, asha_rungs=rungs)
 
 
+def _main_phase(cfg: RunConfig, plan: ResumePlan) -> ResumePlan:
+    """``plan`` for the search itself: with finalists, their share of the time budget is
+    kept back, and nothing new starts once they were chosen (a resumed run)."""
+    settings = cfg.search.finalists
+    if not settings.enabled or plan.time_budget_s is None:
+        return plan
+    budget = plan.time_budget_s - settings.budget_share * cfg.search.time_budget_s
+    return ResumePlan(plan.finished, plan.continuing, plan.num_samples if budget > 0 else 0, budget)
+
+
+def _finalists(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverRecord, handle: StudyHandle,
+               time_left_s: float | None, print_fn, callbacks, trial_resources: dict[str, float]) -> bool:
+    """Choose the finalists once, queue their repeats, run what is queued; False when
+    interrupted (``search/run/finalists.py``)."""
+    from search.results.trials import load_run
+    from search.run.finalists import chosen_finalists, choose_finalists, enqueue_finalists, queued_finalists
+    from trainables.datasets import read_split
+
+    study = handle.study
+    if chosen_finalists(study) is None:
+        trials = load_run(store).trials
+        chosen, why = choose_finalists(store, trials, read_split(store.uri(SPLIT)), cfg)
+        enqueue_finalists(study, trials, chosen, cfg)
+        handle.flush()
+        print_fn(f"finalists: {', '.join(chosen)} ({why}); each runs {cfg.search.finalists.repeats} more time(s) "
+                 "with other seeds, and the best mean wins" if chosen else f"finalists: none ({why})")
+    queued = len(queued_finalists(study))
+    if queued == 0:
+        return True
+    if time_left_s is not None and time_left_s <= 0:
+        print_fn(f"finalists: {queued} run(s) left out: the time budget is spent")
+        return True
+    plan = ResumePlan((), (), queued, time_left_s)
+    return _tune(cfg, space, store, driver, handle, None, plan, print_fn, callbacks, trial_resources,
+                 finalists=True)
+
+
 def _first_points(cfg: RunConfig, space: SearchSpace, warm_points, print_fn) -> list[dict[str, Any]]:
     """What a new run tries first: ``warm_points`` fitted to the space, or its recipes."""
     if warm_points is None:
@@ -289,16 +331,18 @@ def _add_history(study, space: SearchSpace, history: Sequence[HistoryTrial], pri
 
 
 def _tune(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverRecord, handle: StudyHandle,
-          scheduler, plan: ResumePlan, print_fn, callbacks, trial_resources: dict[str, float]) -> bool:
-    """Run Tune until ``plan``'s trials are done; False when it was interrupted instead."""
+          scheduler, plan: ResumePlan, print_fn, callbacks, trial_resources: dict[str, float],
+          finalists: bool = False) -> bool:
+    """Run Tune until ``plan``'s trials are done; False when it was interrupted instead.
+    ``finalists``: run the queued finalist repeats (FIFO) in the driver's second experiment."""
     context = TrialContext(store, driver.state.k, cfg.trial().model_dump(mode="json"), space,
-                           cfg.search.trial_timeout_s)
+                           cfg.search.trial_timeout_s, finalists)
     trainable = tune.with_resources(tune.with_parameters(run_search_trial, context=context), trial_resources)
-    searcher = StudySearcher(handle, space)
+    searcher = StudySearcher(handle, space, finalists)
     progress = ProgressCallback(cfg.optim.epochs, cfg.search.max_failures, print_fn)
     status = SearchStatus(plan.num_samples, plan.time_budget_s, print_fn)
     recorder = TrialRecorder(searcher, store, driver.state.k, cfg.optim.epochs,
-                             listeners=(progress.ended, status.ended))
+                             listeners=(progress.ended, status.ended), finalists=finalists)
     started = time.time()
     tuner = tune.Tuner(
         trainable,
@@ -321,7 +365,7 @@ def _tune(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverRec
             # One experiment per driver: Tune's own files (tuner.pkl, experiment state)
             # then have one writer each, and a continued trial's checkpoints never
             # collide with those an earlier driver wrote (Tune numbers them from 0).
-            name=tune_experiment(driver.state.k),
+            name=tune_experiment(driver.state.k, finalists),
             storage_path=store.fs_path(),
             storage_filesystem=store.filesystem,
             checkpoint_config=keep_best_and_latest(tune.CheckpointConfig),

@@ -49,7 +49,7 @@ class TrialRecorder(tune.Callback):
     """Writes every trial event of this driver into the study (see the module docstring)."""
 
     def __init__(self, searcher: StudySearcher, store: RunStore, driver: int, max_epochs: int,
-                 listeners: Sequence[Callable[[str, str, str | None], None]] = ()) -> None:
+                 listeners: Sequence[Callable[[str, str, str | None], None]] = (), finalists: bool = False) -> None:
         self.searcher = searcher
         # Told (run id, COMPLETED | STOPPED | FAILED, reason) once the study is: the
         # console says what the study and the report say.
@@ -57,6 +57,7 @@ class TrialRecorder(tune.Callback):
         self.store = store
         self.driver = driver
         self.max_epochs = max_epochs
+        self.finalists = finalists  # the finalists' phase writes its own Tune experiment
         # Trials that announced a FinalTrialError: a result their training thread still
         # sends (it was waiting to report when the timeout fired) is not an epoch of theirs.
         self.ending: set[str] = set()
@@ -93,7 +94,7 @@ class TrialRecorder(tune.Callback):
     def _checkpoint(self, run_id: str, result: dict) -> str | None:
         """Where this epoch's checkpoint went, relative to the run."""
         if result.get("checkpoint_dir_name"):  # Tune's own checkpoint (in-process trials)
-            return join(trial_dir(self.driver, run_id), result["checkpoint_dir_name"])
+            return join(trial_dir(self.driver, run_id, self.finalists), result["checkpoint_dir_name"])
         if result.get("checkpoint_path"):  # Ray Train's, forwarded by TuneReportCallback
             root = self.store.fs_path().rstrip("/") + "/"
             path = str(result["checkpoint_path"])

@@ -22,6 +22,8 @@ from search.study import (
     CHECKPOINT,
     EPOCH_PREFIX,
     FAILURES,
+    FINALIST_OF,
+    FINALISTS,
     RESUME_FROM_KEY,
     TIMESTAMP,
     TRIAL_ID_KEY,
@@ -64,16 +66,21 @@ def plan_resume(handle: StudyHandle, store: RunStore, cfg: RunConfig, scheduler:
             study.tell(trial.number, state=TrialState.FAIL)
     latest = _latest_by_id(study)
     kept = {i: _kept_epochs(store, t) for i, t in latest.items()}
-    decisions = scheduler.replay(_arrivals(kept)) if scheduler else {}
+    # Finalist runs went FIFO after the search: ASHA never saw them, and they continue.
+    searched = {i: epochs for i, epochs in kept.items() if FINALIST_OF not in latest[i].user_attrs}
+    decisions = scheduler.replay(_arrivals(searched)) if scheduler else {}
     for trial_id, trial in latest.items():
         if trial.state == TrialState.RUNNING:
             _settle(study, trial, kept[trial_id], decisions.get(trial_id), cfg.optim.epochs)
     handle.flush()
-    states = {i: t.state for i, t in _latest_by_id(study).items()}
+    latest = _latest_by_id(study)
+    states = {i: t.state for i, t in latest.items()}
     finished = tuple(sorted(i for i, s in states.items() if s not in (TrialState.WAITING, TrialState.RUNNING)))
     continuing = tuple(sorted(i for i, s in states.items() if s == TrialState.WAITING))
     budget = cfg.search.time_budget_s
-    left = cfg.search.num_samples - len(finished)
+    searched = [i for i in finished if FINALIST_OF not in latest[i].user_attrs]  # search.num_samples counts these
+    # Once the finalists are chosen the search is over: only their queued runs are left.
+    left = 0 if FINALISTS in study.user_attrs else cfg.search.num_samples - len(searched)
     if budget is not None:
         budget -= spent_s
         if budget <= 0:

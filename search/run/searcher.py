@@ -14,17 +14,18 @@ import optuna
 from ray.tune.search import Searcher
 
 from search.space.model import SearchSpace
-from search.study import RESUME_FROM_KEY, TRIAL_ID_KEY, StudyHandle, run_trial_id
+from search.study import FINALIST_OF, RESUME_FROM_KEY, SEED_KEY, TRIAL_ID_KEY, StudyHandle, run_trial_id
 from trainables.metrics import RANKING_METRIC
 
 
 class StudySearcher(Searcher):
     """Asks the study for each trial Tune starts; keeps the live Optuna trials for the recorder."""
 
-    def __init__(self, handle: StudyHandle, space: SearchSpace) -> None:
+    def __init__(self, handle: StudyHandle, space: SearchSpace, finalists: bool = False) -> None:
         super().__init__(metric=RANKING_METRIC, mode="max")
         self.handle = handle
         self.space = space
+        self.finalists = finalists  # hand out only the queued finalist runs (search/run/finalists.py)
         self.live: dict[str, optuna.Trial] = {}  # run-level id -> the Optuna trial it runs as
 
     def __getstate__(self) -> dict:
@@ -35,6 +36,15 @@ class StudySearcher(Searcher):
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         """Ask the study (queued trials first: warm starts, continuations) for a trial."""
         trial = self.handle.study.ask()
+        while self.finalists and FINALIST_OF not in trial.user_attrs:
+            # A warm start queued but never reached before the search ended, or a fresh
+            # sample: not a finalist's run. It fails with no run-level id, so no reader
+            # counts it (attempts_by_id), and the next queued trial is asked for.
+            self.handle.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            if not any(FINALIST_OF in t.user_attrs for t in self.handle.study.get_trials(
+                    deepcopy=False, states=(optuna.trial.TrialState.WAITING,))):
+                return Searcher.FINISHED
+            trial = self.handle.study.ask()
         self.space.define_by_run(trial)  # a queued trial's parameters are fixed already
         run_id = run_trial_id(trial)
         if TRIAL_ID_KEY not in trial.user_attrs:  # last: until it is set, readers skip the trial
@@ -44,8 +54,9 @@ class StudySearcher(Searcher):
         # resume after a crash could hand the number to another trial.
         self.handle.flush()
         config = {**trial.params, TRIAL_ID_KEY: run_id}
-        if trial.user_attrs.get(RESUME_FROM_KEY):
-            config[RESUME_FROM_KEY] = trial.user_attrs[RESUME_FROM_KEY]
+        for key in (RESUME_FROM_KEY, SEED_KEY):  # a continuation's checkpoint; a finalist repeat's seed
+            if trial.user_attrs.get(key) is not None:
+                config[key] = trial.user_attrs[key]
         return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from search.layout import SPLIT, trial_dir
 from search.space.model import SearchSpace
 from search.storage import RunStore, out_of_space
-from search.study import RESUME_FROM_KEY, TRIAL_ID_KEY
+from search.study import RESUME_FROM_KEY, SEED_KEY, TRIAL_ID_KEY
 from trainables.config import TrialConfig
 from trainables.errors import FinalTrialError, TrialConfigError, TrialTimeoutError, nested_errors
 
@@ -37,17 +37,21 @@ class TrialContext:
     base_config: dict[str, Any]  # TrialConfig as JSON: the run's fixed settings
     space: SearchSpace
     timeout_s: float | None = None  # search.trial_timeout_s: each attempt's wall-clock limit
+    finalists: bool = False  # the finalists' phase: its own Tune experiment (search/layout.py)
 
 
-def trial_config(base_config: dict[str, Any], overrides: dict[str, Any]) -> TrialConfig:
-    """The fully resolved config of one trial: each section's fields, then the space's overrides."""
+def trial_config(base_config: dict[str, Any], overrides: dict[str, Any], seed: int | None = None) -> TrialConfig:
+    """The fully resolved config of one trial: each section's fields, then the space's
+    overrides, then ``seed`` (a finalist repeat's) for ``optim.seed``."""
     merged = {name: {**fields, **overrides.get(name, {})} for name, fields in base_config.items()}
+    if seed is not None:
+        merged["optim"] = {**merged["optim"], "seed": seed}
     return TrialConfig.model_validate(merged)
 
 
 def searched_params(config: dict[str, Any]) -> dict[str, Any]:
     """A Tune trial config without tunecv's own keys: what the space suggested."""
-    return {k: v for k, v in config.items() if k not in (TRIAL_ID_KEY, RESUME_FROM_KEY)}
+    return {k: v for k, v in config.items() if k not in (TRIAL_ID_KEY, RESUME_FROM_KEY, SEED_KEY)}
 
 
 def run_search_trial(params: dict[str, Any], context: TrialContext) -> None:
@@ -65,10 +69,11 @@ def run_search_trial(params: dict[str, Any], context: TrialContext) -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
     try:
-        cfg = trial_config(context.base_config, context.space.to_overrides(searched_params(params)))
+        cfg = trial_config(context.base_config, context.space.to_overrides(searched_params(params)),
+                           params.get(SEED_KEY))
     except ValueError as err:
         _fail_for_good(TrialConfigError(f"the space gave an invalid trial config: {err}"), err)
-    trial_store = context.run.child(trial_dir(context.driver, params[TRIAL_ID_KEY]))
+    trial_store = context.run.child(trial_dir(context.driver, params[TRIAL_ID_KEY], context.finalists))
     resume_from = params.get(RESUME_FROM_KEY)
     runner = create_runner(cfg, context.run.uri(SPLIT), trial_store)
     try:
