@@ -223,3 +223,18 @@ def test_vit_family_exports_and_verifies(tmp_path, split):
     assert result.max_abs_logit_diff < 1e-4
     assert result.argmax_agreement == 1.0
     assert abs(result.onnx_macro_f1 - result.reported_macro_f1) <= 1e-6
+
+
+def test_the_retrain_gate_scores_a_bundle_on_the_held_out_test_split(exported, data_root):
+    """The gate compares champion and challenger on the new snapshot's test images (the
+    validation split is re-drawn per snapshot; test images keep their side by path)."""
+    from search.retrain.gate import decide, describe, score_bundle
+
+    result, _, _ = exported
+    held_out = prepare_split(data_root, test_fraction=0.2)
+    score = score_bundle(result.out_dir, held_out)
+    assert score.scored_on == "test" and score.num_images == len(held_out.test) != len(held_out.val)
+    plain = score_bundle(result.out_dir, prepare_split(data_root))
+    assert plain.scored_on == "val" and plain.num_images == 12
+    assert "held-out test split" in describe(decide(score, None, None, min_gain=0.0, max_class_drop=0.1))
+    assert "it has no test split" in describe(decide(plain, None, None, min_gain=0.0, max_class_drop=0.1))

@@ -1,5 +1,13 @@
-"""Champion against challenger: both ONNX exports scored on the new snapshot's validation
-split, and the rule that decides whether the challenger takes over.
+"""Champion against challenger: both ONNX exports scored on the new snapshot's held-out
+test split, and the rule that decides whether the challenger takes over.
+
+Why the test split: the validation split is re-drawn per snapshot, so the champion had
+trained on many of the new validation images (161 of 360 on a grown snapshot), and the
+challenger's search chose it on them. Test images are picked by a hash of their path
+(``trainables.datasets.carve_test``): with the same ``data.test_fraction`` a file held
+out of the champion's snapshot is held out of every later one, and a new file is new
+to both models. A snapshot without a test split (``data.test_fraction: 0``) is scored
+on its validation split, and the gate says so.
 
 Both bundles run in ONNX Runtime, the artefact that will serve, each with the
 preprocessing recorded in its bundle, over the same images. Scores are over the **new
@@ -32,12 +40,13 @@ from trainables.datasets import DataSplit
 
 @dataclass(frozen=True)
 class Score:
-    """One model's F1 on the new validation split, per new class and averaged."""
+    """One model's F1 on the new snapshot's test (or validation) split, per new class and averaged."""
 
     macro_f1: float
     per_class_f1: dict[str, float]
     num_images: int
     known_classes: list[str]  # the classes the model was trained on
+    scored_on: str = "val"  # which split of the new snapshot: "test", or "val" when it has none
 
 
 @dataclass(frozen=True)
@@ -65,14 +74,20 @@ class Decision:
         return Decision(**{**raw, **scores})
 
 
+def gate_split(split: DataSplit) -> str:
+    """The split the gate scores on: the held-out test split, or validation without one."""
+    return "test" if split.test else "val"
+
+
 def score_bundle(bundle: Path, split: DataSplit, batch_size: int = 64) -> Score:
-    """F1 of the ONNX bundle in ``bundle`` on ``split``'s validation images."""
+    """F1 of the ONNX bundle in ``bundle`` on ``split``'s test images (``gate_split``)."""
+    which = gate_split(split)
     meta = {"preprocessing": json.loads((bundle / "preprocessing.json").read_text()),
             "config": json.loads((bundle / "config.json").read_text())}
     known = json.loads((bundle / "class_names.json").read_text())
     session = create_session(bundle / ONNX_FILE)
     labels, outputs = [], []
-    for x, y in eval_loader(split, meta, batch_size):
+    for x, y in eval_loader(split, meta, batch_size, which=which):
         outputs.append(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0].argmax(1))
         labels.append(y.numpy())
     new_index = {name: i for i, name in enumerate(split.class_names)}
@@ -82,7 +97,8 @@ def score_bundle(bundle: Path, split: DataSplit, batch_size: int = 64) -> Score:
     truth = np.concatenate(labels)
     per_class = f1_score(truth, predicted, labels=list(range(len(split.class_names))), average=None,
                          zero_division=0.0)
-    return Score(float(np.mean(per_class)), dict(zip(split.class_names, map(float, per_class))), len(truth), known)
+    return Score(float(np.mean(per_class)), dict(zip(split.class_names, map(float, per_class))), len(truth), known,
+                 which)
 
 
 def refuse_export(error: str, champion_version: str | None, min_gain: float, max_class_drop: float) -> Decision:
@@ -133,7 +149,9 @@ def describe(decision: Decision, level: int = 1) -> str:
     ):
         lines += [f"- Class {c!r} {name} in the new snapshot: {rule}." for c in classes]
     champion = decision.champion
-    lines += ["", f"Scored on the new validation split ({decision.challenger.num_images} images), ONNX Runtime.", "",
+    where = ("held-out test split" if decision.challenger.scored_on == "test"
+             else "validation split (it has no test split, data.test_fraction: 0)")
+    lines += ["", f"Scored on the new snapshot's {where} ({decision.challenger.num_images} images), ONNX Runtime.", "",
               "| class | champion F1 | challenger F1 | drop |", "|---|---|---|---|"]
     for c, f1 in decision.challenger.per_class_f1.items():
         old = "" if champion is None else f"{champion.per_class_f1[c]:.4f}"

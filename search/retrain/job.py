@@ -11,7 +11,7 @@ The steps, each safe to repeat (a schedule may tick twice, a retrain may be kill
    top-k configurations first and the ``retrain`` section's budget. An interrupted
    search there is continued; one that never got past its set-up is started over in
    the next ``n``. Either is said.
-4. Score both ONNX exports on the new validation split and decide (``gate``); the
+4. Score both ONNX exports on the new held-out test split and decide (``gate``); the
    decision goes into the run directory as ``gate.json`` and ``gate.md`` (written once,
    by this job) before the registry hears of it. A challenger whose export failed the
    parity check is refused there, and nothing is registered.
