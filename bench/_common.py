@@ -55,15 +55,15 @@ def machine() -> dict:
 
 
 @contextlib.contextmanager
-def local_ray():
-    """A 2-CPU local Ray for the benchmark, or the one this process already started (the
-    smoke tests share one between benchmarks: a Ray start is most of a smoke run)."""
+def local_ray(num_cpus: int = 2):
+    """A local Ray of ``num_cpus`` CPUs for the benchmark, or the one this process already
+    started (the smoke tests share one between benchmarks: a Ray start is most of a smoke run)."""
     import ray
 
     if ray.is_initialized():
         yield
         return
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(num_cpus=num_cpus, include_dashboard=False)
     try:
         yield
     finally:

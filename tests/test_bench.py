@@ -83,6 +83,20 @@ def test_search_overhead_smoke_run_measures_every_trial(tmp_path, shared_ray):
 
 
 @pytest.mark.slow
+def test_selection_smoke_run_scores_every_trial_on_its_own_test_glyphs(tmp_path, shared_ray):
+    from bench.selection import main
+
+    result = _stamped(main(["--smoke", "--results", str(tmp_path)]))
+    (run,) = result["runs"]
+    # 2 search trials, both finalists, one repeat each: every one scored on the test glyphs.
+    assert run["trials"] == 4 and len(run["test_macro_f1"]) == 4
+    assert run["oracle"] == max(run["test_macro_f1"].values()) >= run["exported"]
+    assert run["regret"] == pytest.approx(run["oracle"] - run["exported"])
+    assert run["exported"] == run["test_macro_f1"][run["exported_trial"]]
+    assert run["test_images"] > run["validation_images"] > 0
+
+
+@pytest.mark.slow
 def test_search_efficiency_smoke_run_has_a_curve_per_method(tmp_path, shared_ray):
     from bench.search_efficiency import SMOKE_EPOCHS, SMOKE_SAMPLES, main
 

@@ -55,6 +55,25 @@ def write_digits(out_dir: Path, image_size: int = 64) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def render_hard_digit(image: np.ndarray, rng: np.random.Generator, image_size: int) -> Image.Image:
+    """One of scikit-learn's 8x8 digits (values 0..16) as ``write_hard_digits`` draws it:
+    rotated, scaled, shifted, on a random grey background with contrast and noise."""
+    ink = Image.fromarray(np.rint(image * (255.0 / 16.0)).astype(np.uint8), "L")
+    scale = rng.uniform(0.8, 1.05)
+    side = max(_MIN_SIDE, round(image_size * scale))
+    glyph = ink.resize((side, side), Image.Resampling.BICUBIC).rotate(
+        rng.uniform(-15, 15), Image.Resampling.BILINEAR, expand=False
+    )
+    canvas = Image.new("L", (image_size, image_size))
+    shift = rng.uniform(-0.1, 0.1, size=2) * image_size
+    offset = ((image_size - side) // 2 + round(shift[0]), (image_size - side) // 2 + round(shift[1]))
+    canvas.paste(glyph, offset)
+    background, contrast = rng.uniform(0, 120), rng.uniform(0.5, 1.0)
+    pixels = background + contrast * np.asarray(canvas, dtype=np.float64)
+    pixels += rng.normal(0, 18, size=pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L")
+
+
 def write_hard_digits(out_dir: Path, image_size: int = 32, seed: int = 0) -> dict[str, int]:
     """Write a harder, imbalanced variant of the digits as grayscale PNGs.
 
@@ -77,22 +96,9 @@ def write_hard_digits(out_dir: Path, image_size: int = 32, seed: int = 0) -> dic
         label = str(int(target))
         if counts.get(label, 0) >= int(180 * 0.85 ** int(target)):
             continue
-        ink = Image.fromarray(np.rint(image * (255.0 / 16.0)).astype(np.uint8), "L")
-        scale = rng.uniform(0.8, 1.05)
-        side = max(_MIN_SIDE, round(image_size * scale))
-        glyph = ink.resize((side, side), Image.Resampling.BICUBIC).rotate(
-            rng.uniform(-15, 15), Image.Resampling.BILINEAR, expand=False
-        )
-        canvas = Image.new("L", (image_size, image_size))
-        shift = rng.uniform(-0.1, 0.1, size=2) * image_size
-        offset = ((image_size - side) // 2 + round(shift[0]), (image_size - side) // 2 + round(shift[1]))
-        canvas.paste(glyph, offset)
-        background, contrast = rng.uniform(0, 120), rng.uniform(0.5, 1.0)
-        pixels = background + contrast * np.asarray(canvas, dtype=np.float64)
-        pixels += rng.normal(0, 18, size=pixels.shape)
         class_dir = Path(out_dir) / label
         class_dir.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L").save(class_dir / f"{index:04d}.png")
+        render_hard_digit(image, rng, image_size).save(class_dir / f"{index:04d}.png")
         counts[label] = counts.get(label, 0) + 1
     return dict(sorted(counts.items()))
 

@@ -1,0 +1,185 @@
+"""Selection under noise: does tunecv export the best model its search trained?
+
+The data are hard digits (``trainables.demo_data.render_hard_digit``) split by glyph:
+scikit-learn's 1,797 digits, two glyphs in three for the run and the third for an
+independent test set, so no drawing is on both sides. The run's data are imbalanced
+(``120 * 0.78**k`` images for digit k, 120 down to 12): with ``data.val_fraction`` 0.2
+the two smallest classes hold 2 or 3 validation images. The test set renders each of
+its glyphs ``TEST_RENDERINGS`` times with other random draws: over 5,000 images that
+nothing in the run saw.
+
+Per seed, one ``tunecv run`` as a user starts it (``--space auto`` without pretrained
+weights: ``scratch_lt1k``, its warm-start recipe first, TPE, ASHA, the default
+finalists), then every trial's kept best checkpoint is scored on the test set in
+PyTorch. Three numbers, as the issue defines them:
+
+- ``exported``: the checkpoint tunecv exports (``search.results.winner.best_checkpoint``);
+- ``oracle``: the best test macro-F1 among all the run's trials (finalist runs included);
+- ``recipe``: the warm-start recipe's trial (the run's first).
+
+``regret`` = oracle - exported; ``gain`` = exported - recipe; and ``top_ranked``: what
+ranking by one run's best validation epoch (tunecv before the finalists) would export.
+Targets: mean regret <= 0.5 points, mean gain >= 1 point.
+
+    .venv/bin/python -m bench.selection [--seeds 0 1 2] [--cpus 2]
+    .venv/bin/python -m bench.selection --smoke --results DIR   # 1 seed, tiny: checks, not numbers
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+from bench._common import REPO, RESULTS, BenchError, load_demo_config, local_ray, machine, write_result
+
+EPOCHS, NUM_SAMPLES, IMAGE_SIZE = 8, 10, 32
+TEST_RENDERINGS = 9  # each test glyph drawn this many times: ~600 glyphs -> ~5,400 images
+SMOKE = {"epochs": 2, "num_samples": 2, "image_size": 32, "per_class": 12, "renderings": 1}
+TARGET_REGRET, TARGET_GAIN = 0.005, 0.01
+
+
+def write_selection_data(out: Path, image_size: int, run_per_class: int | None = None,
+                         renderings: int = TEST_RENDERINGS) -> tuple[Path, Path]:
+    """``out/run/<digit>/`` (imbalanced, 2 glyphs in 3) and ``out/test/<digit>/`` (the
+    other glyphs, each ``renderings`` times); written once, same bytes every time."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from trainables.demo_data import render_hard_digit
+
+    run_root, test_root = out / "run", out / "test"
+    if run_root.is_dir() and test_root.is_dir():
+        return run_root, test_root
+    digits = load_digits()
+    rng = np.random.default_rng(0)
+    kept: dict[int, int] = {}
+    for index, (image, target) in enumerate(zip(digits.images, digits.target)):
+        digit = int(target)
+        if index % 3 == 0:
+            for r in range(renderings):
+                path = test_root / str(digit) / f"{index:04d}-{r}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                render_hard_digit(image, rng, image_size).save(path)
+            continue
+        if kept.get(digit, 0) >= (run_per_class or int(120 * 0.78 ** digit)):
+            continue
+        path = run_root / str(digit) / f"{index:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        render_hard_digit(image, rng, image_size).save(path)
+        kept[digit] = kept.get(digit, 0) + 1
+    return run_root, test_root
+
+
+def test_split(test_root: Path, class_names: tuple[str, ...]):
+    """The test folder as a split's ``test`` part, in the run's class order."""
+    from trainables.datasets import DataSplit, Sample
+
+    samples = tuple(Sample(f"{name}/{p.name}", label, "")
+                    for label, name in enumerate(class_names) for p in sorted((test_root / name).glob("*.png")))
+    return DataSplit(str(test_root), class_names, (), (), (), (), samples)
+
+
+def score_trials(store, split) -> dict[str, float]:
+    """Test macro-F1 of every trial's kept best checkpoint."""
+    from search.export.onnx import checkpoint_test_report
+    from search.results.trials import load_run
+
+    scores = {}
+    for trial in load_run(store).trials:
+        kept = [rel for rel in trial.checkpoints_by_rank() if (Path(store.location) / rel / "model.safetensors").is_file()]
+        if kept:
+            scores[trial.trial_id] = checkpoint_test_report(Path(store.location) / kept[0], split)["macro_f1"]
+    return scores
+
+
+def run_one(seed: int, out: Path, data: tuple[Path, Path], smoke: bool, cpus: int) -> dict:
+    from search.results.ranking import rank
+    from search.results.trials import load_run
+    from search.results.winner import best_checkpoint
+    from search.run.driver import run_search
+    from trainables.datasets import read_split
+
+    run_root, test_root = data
+    epochs, samples, size = ((SMOKE["epochs"], SMOKE["num_samples"], SMOKE["image_size"]) if smoke
+                             else (EPOCHS, NUM_SAMPLES, IMAGE_SIZE))
+    overrides = [
+        f"data.root={run_root}", f"data.image_size={size}", "data.test_fraction=0", f"output_dir={out}",
+        f"name=selection-{seed}", f"optim.epochs={epochs}", "search.space=auto", f"search.num_samples={samples}",
+        f"search.seed={seed}", f"optim.seed={seed}", "search.export=false", "search.time_budget_s=null",
+        f"search.max_concurrent_trials={max(1, cpus)}", "search.asha.grace_period=null",
+        "search.finalists.k=3", "search.finalists.repeats=2",
+    ]
+    if smoke:
+        # FIFO: both trials complete, so both are finalists whatever ASHA would say.
+        overrides += ["search.finalists.k=2", "search.finalists.repeats=1", "search.scheduler=fifo"]
+    with local_ray(cpus):
+        store = run_search(load_demo_config(overrides), print_fn=lambda *_: None)
+    trials = load_run(store).trials
+    scores = score_trials(store, test_split(test_root, read_split(Path(store.location) / "split.parquet").class_names))
+    exported, _ = best_checkpoint(store)
+    searched = [t for t in rank(trials) if t.finalist_of is None and t.trial_id in scores]
+    recipe = min(t.trial_id for t in trials)  # the first trial: the warm-start recipe
+    problems = [f"{t.trial_id} kept no checkpoint" for t in trials if t.epochs and t.trial_id not in scores]
+    if exported not in scores or recipe not in scores or not searched:
+        problems.append(f"exported {exported} / recipe {recipe} / ranked trials not all scored: {sorted(scores)}")
+    if not smoke and not any(t.finalist_of for t in trials):
+        problems.append("the run had no finalists")
+    if problems:
+        raise BenchError(f"selection measured nothing trustworthy in {store}: " + "; ".join(problems))
+    oracle = max(scores.values())
+    return {
+        "seed": seed, "run": str(store.location), "trials": len(trials),
+        "validation_images": len(read_split(Path(store.location) / "split.parquet").val),
+        "test_images": sum(1 for _ in test_root.rglob("*.png")),
+        "exported_trial": exported, "exported": scores[exported], "oracle": oracle,
+        "oracle_trial": max(scores, key=scores.get), "recipe": scores[recipe],
+        "top_ranked_trial": searched[0].trial_id, "top_ranked": scores[searched[0].trial_id],
+        "regret": oracle - scores[exported], "gain_over_recipe": scores[exported] - scores[recipe],
+        "test_macro_f1": scores,
+        "validation_macro_f1": {t.trial_id: t.best_epoch["macro_f1"] for t in trials if t.best_epoch},
+    }
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray (trials run 1 CPU each)")
+    parser.add_argument("--smoke", action="store_true", help="seed 0, 2 trials of 2 epochs on 120 images: checks, not numbers")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.seeds = [0]
+    size = SMOKE["image_size"] if args.smoke else IMAGE_SIZE
+    data_dir = REPO / "data" / (f"selection_smoke_{size}" if args.smoke else f"selection_{size}")
+    data = write_selection_data(data_dir, size, SMOKE["per_class"] if args.smoke else None,
+                                SMOKE["renderings"] if args.smoke else TEST_RENDERINGS)
+    out = Path(tempfile.mkdtemp(prefix="tunecv-bench-selection-"))
+    runs = []
+    for seed in args.seeds:
+        run = run_one(seed, out, data, args.smoke, args.cpus)
+        runs.append(run)
+        print(f"seed {seed}: exported {run['exported_trial']} {run['exported']:.4f}, oracle {run['oracle_trial']} "
+              f"{run['oracle']:.4f}, recipe {run['recipe']:.4f}, top-ranked {run['top_ranked_trial']} "
+              f"{run['top_ranked']:.4f} (test macro-F1 on {run['test_images']} images)", flush=True)
+    mean = {k: statistics.mean(r[k] for r in runs) for k in ("exported", "oracle", "recipe", "top_ranked",
+                                                             "regret", "gain_over_recipe")}
+    payload = {
+        "what": "test macro-F1 (independent glyphs) of what tunecv exports, of the best trial of the run (oracle) "
+                "and of the warm-start recipe; regret = oracle - exported",
+        "targets": {"mean_regret_at_most": TARGET_REGRET, "mean_gain_over_recipe_at_least": TARGET_GAIN},
+        "setup": (f"hard digits {size} px split by glyph; {'smoke' if args.smoke else f'{NUM_SAMPLES} trials'}, "
+                  "space auto (scratch), ASHA, default finalists (k 3, repeats 2)"),
+        "machine": {**machine(), "ray_cpus": args.cpus},
+        "runs": runs,
+        "mean": mean,
+        "met": {"regret": mean["regret"] <= TARGET_REGRET, "gain": mean["gain_over_recipe"] >= TARGET_GAIN},
+    }
+    path = write_result("selection", payload, args.results)
+    print(f"mean: {mean} -> {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
