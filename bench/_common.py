@@ -40,7 +40,9 @@ def smoke_root() -> Path:
 def load_demo_config(overrides: list[str]):
     from search.config import load_config
 
-    return load_config(REPO / "configs" / "demo.yaml", overrides)
+    # No finalists unless a benchmark asks (bench/selection.py): the others measure the
+    # search itself, and count its trials.
+    return load_config(REPO / "configs" / "demo.yaml", ["search.finalists.k=0", *overrides])
 
 
 def machine() -> dict:

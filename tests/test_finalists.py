@@ -170,3 +170,13 @@ def test_a_search_runs_its_finalists_with_new_seeds_and_exports_the_best_mean(sy
     assert all(f["test"]["num_images"] == metrics["test"]["num_images"] > 0 for f in finalists)
     report = (Path(store.location) / "report.md").read_text()
     assert "## Finalists" in report and f"{finalists[1]['test']['macro_f1']:.4f} (" in report
+
+    # The page, in headless Chromium: the held-out score, the intervals and the finalists.
+    from tests.browser import visit
+
+    seen = visit(Path(store.location) / "report.html", tmp_path / "report.png")
+    assert seen.errors == [], seen.errors
+    assert f"{metrics['test']['macro_f1']:.4f}, 95 % interval" in seen.text
+    assert "Finalists" in seen.text and "std over seeds" in seen.text
+    assert "95 % interval" in seen.text and ("tied" in seen.text or "behind" in seen.text)
+    assert len(seen.statuses) == 5
