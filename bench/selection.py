@@ -94,6 +94,52 @@ def score_trials(store, split) -> dict[str, float]:
     return scores
 
 
+FRACTIONS = (0.05, 0.10, 0.15, 0.20, 0.30)  # data.test_fraction values whose test estimate is measured
+DRAWS = 300
+
+
+def predictions(checkpoint: Path, split) -> tuple[list[int], list[int]]:
+    """(labels, predicted classes) of a checkpoint on the split's test images, in PyTorch."""
+    import torch
+
+    from search.export.onnx import eval_loader
+    from trainables.checkpoint import load_model
+
+    model, meta = load_model(checkpoint)
+    labels, predicted = [], []
+    with torch.inference_mode():
+        for x, y in eval_loader(split, meta, 256, which="test"):
+            predicted += model(x).argmax(1).tolist()
+            labels += y.tolist()
+    return labels, predicted
+
+
+def test_fraction_noise(labels, predicted, class_counts: list[int], seed: int = 0) -> dict[str, dict]:
+    """How far a test split of ``data.test_fraction`` f of this run's data would put its
+    macro-F1 estimate: per f, ``DRAWS`` stratified test splits of the sizes tunecv carves
+    (f of each class, at least 1), drawn from the large test set's images of one model,
+    and the standard deviation of their macro-F1; with the training images f costs."""
+    import numpy as np
+
+    from sklearn.metrics import f1_score
+
+    labels, predicted = np.asarray(labels), np.asarray(predicted)
+    rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(labels == c) for c in range(len(class_counts))]
+    result = {}
+    for fraction in FRACTIONS:
+        sizes = [max(1, round(fraction * n)) for n in class_counts]
+        scores = []
+        for _ in range(DRAWS):
+            pick = np.concatenate([rng.choice(m, size, replace=False) for m, size in zip(members, sizes)])
+            scores.append(f1_score(labels[pick], predicted[pick], average="macro",
+                                   labels=range(len(class_counts)), zero_division=0))
+        # test_images: also the images the split takes from training and validation
+        result[f"{fraction:.2f}"] = {"test_images": int(sum(sizes)), "macro_f1_std": float(np.std(scores)),
+                                     "macro_f1_mean": float(np.mean(scores))}
+    return result
+
+
 def run_one(seed: int, out: Path, data: tuple[Path, Path], smoke: bool, cpus: int) -> dict:
     from search.results.ranking import rank
     from search.results.trials import load_run
@@ -129,6 +175,12 @@ def run_one(seed: int, out: Path, data: tuple[Path, Path], smoke: bool, cpus: in
     if problems:
         raise BenchError(f"selection measured nothing trustworthy in {store}: " + "; ".join(problems))
     oracle = max(scores.values())
+    split = read_split(Path(store.location) / "split.parquet")
+    counts = [sum(1 for smp in (*split.train, *split.val) if smp.label == c) for c in range(len(split.class_names))]
+    rel = next(r for t in trials if t.trial_id == exported for r in t.checkpoints_by_rank()
+               if (Path(store.location) / r / "model.safetensors").is_file())
+    noise = test_fraction_noise(*predictions(Path(store.location) / rel, test_split(test_root, split.class_names)),
+                                counts, seed)
     return {
         "seed": seed, "run": str(store.location), "trials": len(trials),
         "validation_images": len(read_split(Path(store.location) / "split.parquet").val),
@@ -138,6 +190,7 @@ def run_one(seed: int, out: Path, data: tuple[Path, Path], smoke: bool, cpus: in
         "top_ranked_trial": searched[0].trial_id, "top_ranked": scores[searched[0].trial_id],
         "regret": oracle - scores[exported], "gain_over_recipe": scores[exported] - scores[recipe],
         "test_macro_f1": scores,
+        "test_fraction_noise": noise,
         "validation_macro_f1": {t.trial_id: t.best_epoch["macro_f1"] for t in trials if t.best_epoch},
     }
 
@@ -174,6 +227,8 @@ def main(argv: list[str] | None = None) -> Path:
         "machine": {**machine(), "ray_cpus": args.cpus},
         "runs": runs,
         "mean": mean,
+        "test_fraction_noise_mean_std": {f"{f:.2f}": statistics.mean(r["test_fraction_noise"][f"{f:.2f}"]["macro_f1_std"]
+                                                                    for r in runs) for f in FRACTIONS},
         "met": {"regret": mean["regret"] <= TARGET_REGRET, "gain": mean["gain_over_recipe"] >= TARGET_GAIN},
     }
     path = write_result("selection", payload, args.results)
