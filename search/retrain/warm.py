@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from search.results.ranking import rank
+from search.results.selection import selection_order
 from search.results.trials import load_run
 from search.storage import RunStore
 from search.study import HistoryTrial
@@ -13,11 +13,12 @@ from trainables.metrics import RANKING_METRIC
 
 
 def top_configurations(store: RunStore, k: int) -> list[dict[str, Any]]:
-    """The searcher parameters of the run's ``k`` best trials (by macro-F1, as its report
-    ranks them), best first; trials that never finished an epoch are left out, and a
-    configuration that ran twice counts once."""
+    """The searcher parameters of the run's ``k`` best trials, best first, in the order its
+    export chose (``selection_order``: the best finalist first, else by macro-F1); trials
+    that never finished an epoch are left out, and a configuration that ran twice (a
+    finalist's repeats) counts once."""
     configurations: list[dict[str, Any]] = []
-    for trial in rank(load_run(store).trials):
+    for trial in selection_order(load_run(store).trials):
         if trial.best_epoch is None or trial.params in configurations:
             continue
         configurations.append(dict(trial.params))
