@@ -322,7 +322,17 @@ def parse_config(raw: Any, source: str = "<dict>", check_paths: bool = True) -> 
     problems = _check_paths(cfg) if check_paths else []
     if problems:
         raise ConfigError("\n".join([f"invalid config {source}:", *problems]))
-    return cfg
+    return _weights_made_absolute(cfg) if check_paths else cfg
+
+
+def _weights_made_absolute(cfg: RunConfig) -> RunConfig:
+    """Local weight paths, checked above against this process's working directory, made
+    absolute: trials load them from their own trial directories (Tune's working
+    directory), where a relative path finds nothing."""
+    model = cfg.model
+    absolute = {key: path.absolute() for key in ("weights_file", "weights_dir")
+                if (path := getattr(model, key)) is not None and not path.is_absolute()}
+    return cfg.model_copy(update={"model": model.model_copy(update=absolute)}) if absolute else cfg
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = (), check_paths: bool = True) -> RunConfig:

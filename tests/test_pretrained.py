@@ -94,15 +94,20 @@ def _search_config(second, weights, tmp_path, space_path):
 
 
 @pytest.mark.slow
-def test_a_search_loads_each_backbones_own_weights(digits_halves, tmp_path):
+def test_a_search_loads_each_backbones_own_weights(digits_halves, tmp_path, monkeypatch):
     import ray
 
     from search.run.driver import run_search
 
     second, weights = digits_halves
+    # As the README's example writes it: `weights_dir: weights`, relative to where tunecv
+    # runs. Trials run in their own directories, so the driver hands them an absolute path.
+    monkeypatch.chdir(weights.parent)
+    cfg = _search_config(second, weights.relative_to(weights.parent), tmp_path, _space(tmp_path))
+    assert cfg.model.weights_dir == weights
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        store = run_search(_search_config(second, weights, tmp_path, _space(tmp_path)), print_fn=lambda *_: None)
+        store = run_search(cfg, print_fn=lambda *_: None)
     finally:
         ray.shutdown()
     trials = load_run(store).trials
