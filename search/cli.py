@@ -94,7 +94,8 @@ def _export(args: argparse.Namespace) -> int:
     from search.storage import RunStore
 
     store = RunStore.at(args.run_dir)
-    out = Path(args.out or f"export-{store.name}" + (f"-{args.trial}" if args.trial else ""))
+    out = _out_dir(args.out or f"export-{store.name}" + (f"-{args.trial}" if args.trial else ""), args.overwrite,
+                   "the bundle")
     result = export_trial(store, out, args.trial, int8=_int8_config(args))
     print(f"exported {result.onnx_path} (ONNX macro-F1 {result.onnx_macro_f1:.4f})")
     if result.int8:
@@ -134,26 +135,27 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data_out(args: argparse.Namespace) -> Path:
-    """OUT for ``data digits|synthetic``: new, empty, or ``--overwrite`` given; never a file."""
+def _out_dir(out: str, overwrite: bool, what: str) -> Path:
+    """A command's OUT: new, empty, or ``--overwrite`` given; never a file. Checked
+    before any work, so a refusal loses nothing and overwrites nothing."""
     from search.config import ConfigError
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"OUT '{out}' is a file; give a directory to write the image folders into.")
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if entries and not args.overwrite:
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"OUT '{path}' is a file; give a directory to write {what} into.")
+    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if entries and not overwrite:
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-        raise ConfigError(f"OUT '{out}' is not empty ({len(entries)} entries: {shown}); nothing was written. "
+        raise ConfigError(f"OUT '{path}' is not empty ({len(entries)} entries: {shown}); nothing was written. "
                           "Give a new or empty directory, or --overwrite to replace files of the same names.")
-    return out
+    return path
 
 
 def _demo_data(write, args: argparse.Namespace, **kwargs) -> dict[str, int]:
     """``write(OUT, **kwargs)``, with an out-of-range argument reported as the user's error."""
     from search.config import ConfigError
 
-    out = _data_out(args)
+    out = _out_dir(args.out, args.overwrite, "the image folders")
     try:
         return write(out, **kwargs)
     except ValueError as err:
@@ -242,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export a run's winner (or --trial) to a verified ONNX bundle")
     export.add_argument("run_dir", help="a run directory, or its URI")
     export.add_argument("--trial", help="trial id (default: the top-ranked trial)")
-    export.add_argument("--out", help="local directory for the bundle (default: ./export-RUN[-TRIAL])")
+    export.add_argument("--out", help="a new or empty local directory for the bundle (default: ./export-RUN[-TRIAL])")
+    export.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT (a previous export), "
+                                                                 "replacing files of the same names")
     export.add_argument("--int8", action="store_true",
                         help="also a static int8 model (model.int8.onnx), shipped only if it passes the accuracy gate")
     export.add_argument("--int8-images", type=int, help="training images to calibrate on (default 256)")

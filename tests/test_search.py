@@ -247,6 +247,25 @@ def test_report_rebuilds_from_the_run_via_cli_without_writing_into_it(search_run
     assert (Path(store.location) / REPORT_PARQUET).read_bytes() == before  # the driver's file is untouched
 
 
+@pytest.mark.slow
+def test_export_into_a_folder_of_the_users_files_is_refused_unless_told(search_run, tmp_path):
+    store, _ = search_run
+    project = tmp_path / "myproject"
+    project.mkdir()
+    (project / "README.md").write_text("my project\n")
+    cli = [sys.executable, "-m", "search.cli", "export", store.location, "--out", str(project)]
+    proc = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"tunecv: error: OUT '{project}' is not empty (1 entries: README.md); nothing was written. Give a new or "
+        "empty directory, or --overwrite to replace files of the same names.")
+    assert [p.name for p in project.iterdir()] == ["README.md"]
+    assert (project / "README.md").read_text() == "my project\n"
+    proc = subprocess.run([*cli, "--overwrite"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (project / "model.onnx").is_file() and (project / "README.md").read_text() != "my project\n"
+
+
 def test_bad_space_fails_before_ray_or_data(tmp_path, synthetic_root):
     import ray
 
