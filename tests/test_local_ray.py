@@ -72,3 +72,24 @@ def test_a_local_search_listens_on_loopback_only(synthetic_root, tmp_path):
     assert "epoch 3/3" in out
     exposed = sorted(s for s in seen if not s[0].startswith(LOOPBACK))
     assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+@pytest.mark.slow
+def test_a_trial_larger_than_any_node_is_refused_before_any_trial(synthetic_root, tmp_path):
+    """Ray waits forever for a node that can hold a request no node has ("No available
+    node types can fulfill ..."): the driver checks one trial against the nodes it has,
+    and says which field asks for how much, before the scan, a run directory or a trial."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(small_run_config(synthetic_root, tmp_path / "runs", search={"export": False})))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own: this machine's CPUs
+    done = subprocess.run([sys.executable, "-m", "search.cli", "run", "--config", str(config), "--set",
+                           "search.cpus_per_trial=64"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    cpus = os.cpu_count()
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"tunecv: error: search.cpus_per_trial: a trial asks for 64 CPUs, but the largest node of this Ray cluster "
+        f"has {cpus}; Ray would wait for such a node forever. Set search.cpus_per_trial to at most {cpus}, or add "
+        "a node that large.")
+    runs = tmp_path / "runs"
+    assert not runs.exists() or not list(runs.iterdir())  # no scan, no run directory

@@ -19,6 +19,7 @@ from search.data import check_batch_sizes, list_run_data, scan_data
 from search.drivers import FINISHED, INTERRUPTED, DriverRecord, read_drivers, spent_s
 from search.layout import CONFIG, SPACE, SPLIT, tune_experiment
 from search.ray_session import connect_ray
+from search.run.capacity import check_trials_fit
 from search.run.location import check_resumable, locate_run
 from search.run.progress import Heartbeat, ProgressCallback, SearchStatus
 from search.run.recorder import TIME_BUDGET_REASON, TrialRecorder
@@ -153,6 +154,8 @@ def run_search(
             most_train = listing.most_train_images(cfg.data.val_fraction, cfg.data.test_fraction)
             checked = _check_data_and_space(cfg, explicit, most_train)
     connect_ray()
+    trial_resources = trial_resources or _trial_resources(cfg)
+    check_trials_fit(cfg, trial_resources)
     if not resuming:
         split = split or scan_data(cfg, print_fn, listing)
         space, space_path, note = _check_data_and_space(cfg, explicit, len(split.train), checked)
@@ -168,7 +171,7 @@ def run_search(
     else:
         _set_up(store, driver, split, space_path, note, print_fn)
     _search(cfg, space, store, driver, spent_s(earlier) if resuming else None, print_fn, callbacks, warm_points,
-            history, trial_resources or _trial_resources(cfg))
+            history, trial_resources)
     return store
 
 
