@@ -100,6 +100,24 @@ def test_run_with_bad_data_fails_before_ray_and_leaves_no_run_directory(tmp_path
     assert not (tmp_path / "runs").exists()  # the listing showed it: not even a scan
 
 
+def test_a_symlink_looping_back_into_the_data_root_is_one_line_before_any_work(synthetic_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    (root / "class_0" / "loop").symlink_to("..")  # would label the other classes' images class_0
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(small_run_config(root, tmp_path / "runs")))
+    proc = _tunecv("train", "--config", str(path))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "tunecv: error: symlink 'class_0/loop' -> '..' points back to the data root itself, which contains "
+        "the link: the scan would walk into it again and count images twice or under the wrong class. Remove "
+        "the link, or point it at a folder inside the root that does not contain it."]
+    assert "Ray" not in proc.stdout  # refused while listing, before Ray, the scan or a run directory
+    assert not (tmp_path / "runs").exists()
+
+
 def _space_file(tmp_path, **extra):
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump({

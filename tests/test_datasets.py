@@ -245,6 +245,39 @@ def test_symlinks_inside_the_root_are_followed(tmp_path):
     assert "b/linked.png" in {s.path for s in split.train + split.val}
 
 
+@pytest.mark.parametrize(("link", "target", "where"), [
+    ("a/loop", "..", "the data root itself"),  # would label b's images 'a'
+    ("a/loop", ".", "'a' in the data root"),
+    ("a/deep/loop", "..", "'a' in the data root"),
+    ("all", ".", "the data root itself"),  # a class folder holding every class
+    ("a/loop", "../..", "'{outside}', above the data root"),  # outside too: the loop is the clearer message
+])
+def test_symlinked_folder_looping_back_into_its_own_ancestry_is_an_error(tmp_path, link, target, where):
+    root = _class_folders(tmp_path / "data", {"a": 4, "b": 4})
+    (root / link).parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(target, root / link)
+    with pytest.raises(DataError) as caught:
+        prepare_split(root)
+    message = str(caught.value)
+    where = where.format(outside=os.path.realpath(tmp_path))
+    assert message.startswith(f"symlink '{link}' -> '{target}' points back to {where}, which contains the link")
+    assert "Remove the link, or point it at a folder inside the root that does not contain it." in message
+    assert "\n" not in message
+
+
+@pytest.mark.filterwarnings("ignore:.*byte-identical copies:UserWarning")  # today's duplicate report
+def test_symlinked_folder_to_a_sibling_is_followed(tmp_path):
+    root = _class_folders(tmp_path / "data", {"a": 4, "b": 4, "c": 4})
+    _class_folders(root / "c" / "sub", {"d": 2}, seed=500)
+    os.symlink("../c/sub", root / "a" / "more")
+    os.symlink("../../a", root / "c" / "sub" / "back")  # a folder the walk of 'c' is not inside
+    split = prepare_split(root)
+    labels = {s.path: split.class_names[s.label] for s in split.train + split.val}
+    assert labels["a/more/d/000.png"] == "a" and labels["c/sub/d/000.png"] == "c"
+    assert labels["c/sub/back/000.png"] == "c"
+    assert "a/more/back/000.png" not in labels  # 'a' is walked once
+
+
 def _manifest_root(tmp_path: Path) -> Path:
     root = tmp_path / "data"
     for index in range(12):

@@ -2,7 +2,8 @@
 
 This module owns finding candidate files (``root/train|val/<class>``, ``root/<class>``,
 or a CSV/Parquet manifest with ``path,label[,split]``) and rejecting any path that
-escapes the data root (``..``, absolute paths elsewhere, symlinks out). It does not
+escapes the data root (``..``, absolute paths elsewhere, symlinks out) or a folder
+symlink that loops back into its own ancestry (``class_0/loop -> ..``). It does not
 decode, scan or split anything: ``trainables.datasets`` turns candidates into a split.
 """
 
@@ -73,12 +74,44 @@ def relative_posix(root_abs: Path, path: Path) -> str:
         return Path(os.path.realpath(path)).relative_to(os.path.realpath(root_abs)).as_posix()
 
 
+def _refuse_loop(root_abs: Path, link: str, parent_real: str, target_real: str) -> None:
+    """Refuse a folder symlink whose target is the folder it sits in or one above it.
+
+    The walk would re-enter a folder it is already inside: ``class_0/loop -> ..``
+    labels every other class's images ``class_0``. Checked before the escape rule, so a
+    link to the root's own parent gets this message too. A link to a sibling folder is
+    not a loop and is followed (its copies are reported as duplicates).
+
+    Raises:
+        DataError: Naming the link relative to the root, its target, and the fix.
+    """
+    if os.path.commonpath([parent_real, target_real]) != target_real:
+        return
+    root_real = os.path.realpath(root_abs)
+    if target_real == root_real:
+        where = "the data root itself"
+    elif os.path.commonpath([root_real, target_real]) == root_real:
+        where = f"{Path(target_real).relative_to(root_real).as_posix()!r} in the data root"
+    else:
+        where = f"{target_real!r}, above the data root"
+    raise DataError(
+        f"symlink {relative_posix(root_abs, Path(link))!r} -> {os.readlink(link)!r} points back to "
+        f"{where}, which contains the link: the scan would walk into it again and count images twice "
+        "or under the wrong class. Remove the link, or point it at a folder inside the root that does "
+        "not contain it."
+    )
+
+
 def _class_dirs(root_abs: Path, parent: Path) -> list[str]:
     """Sorted names of the non-hidden subdirectories of ``parent``."""
     names = []
+    parent_real = None
     for entry in sorted(os.listdir(parent)):
         path = parent / entry
         if not entry.startswith(".") and path.is_dir():
+            if path.is_symlink():  # e.g. root/train/all -> . would hold every class
+                parent_real = parent_real or os.path.realpath(parent)
+                _refuse_loop(root_abs, str(path), parent_real, os.path.realpath(path))
             resolve_inside(root_abs, str(path))
             names.append(entry)
     return names
@@ -93,21 +126,25 @@ def _walk_files(root_abs: Path, class_dir: Path) -> list[tuple[str, os.stat_resu
     of their own (two per file made a warm scan of 20k files mostly ``lstat`` calls).
     """
     found = []
-    seen_dirs = {os.path.realpath(class_dir)}
-    pending = [os.fspath(class_dir)]
+    class_real = os.path.realpath(class_dir)
+    seen_dirs = {class_real}
+    pending = [(os.fspath(class_dir), class_real)]  # (path as walked, its real path)
     while pending:
-        with os.scandir(pending.pop()) as scan:
+        folder, folder_real = pending.pop()
+        with os.scandir(folder) as scan:
             entries = sorted(scan, key=lambda entry: entry.name)
         for entry in entries:
             if entry.name.startswith("."):
                 continue
             if entry.is_dir():  # follows links
                 real = os.path.realpath(entry.path)
+                if entry.is_symlink():
+                    _refuse_loop(root_abs, entry.path, folder_real, real)
                 if real in seen_dirs:
-                    continue  # a symlink loop / second link to one folder
+                    continue  # already walked: two links to one folder, or siblings linking each other
                 resolve_inside(root_abs, entry.path)
                 seen_dirs.add(real)
-                pending.append(entry.path)
+                pending.append((entry.path, real))
                 continue
             path = os.fspath(resolve_inside(root_abs, entry.path)) if entry.is_symlink() else entry.path
             try:
