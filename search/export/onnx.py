@@ -35,6 +35,7 @@ from torch import nn
 from search.config import Int8Config
 from search.export.int8 import INT8_FILE, calibration_batches, cpu_int8_flags, int8_gate, quantize_int8
 from search.export.tensorrt import run_tensorrt, tensorrt_unavailable_reason
+from search.markdown import md_text
 from trainables.checkpoint import load_model, read_meta
 from trainables.datasets import DataSplit
 from trainables.images import DEFAULT_MAX_PIXELS
@@ -424,7 +425,7 @@ def _write_bundle(staging: Path, meta: dict, result: ExportResult, onnx_m: EvalM
     for name, payload in files.items():
         (staging / name).write_text(json.dumps(payload, indent=2) + "\n")
     (staging / "fingerprint.txt").write_text(meta["data_fingerprint"] + "\n")
-    (staging / "README.md").write_text(_readme(meta, result))
+    (staging / "README.md").write_text(readme_markdown(meta, result))
 
 
 def _publish(staging: Path, out_dir: Path) -> None:
@@ -437,7 +438,8 @@ def _publish(staging: Path, out_dir: Path) -> None:
         os.replace(path, out_dir / path.name)
 
 
-def _readme(meta: dict[str, Any], result: ExportResult) -> str:
+def readme_markdown(meta: dict[str, Any], result: ExportResult) -> str:
+    """The bundle's ``README.md``: how to feed the model and read its output, for ``meta`` (a checkpoint's)."""
     spec, names = meta["preprocessing"], meta["class_names"]
     size = spec["image_size"]
     if spec["resize_mode"] == "center_crop":
@@ -446,7 +448,7 @@ def _readme(meta: dict[str, Any], result: ExportResult) -> str:
     else:
         resize = f"longer side to {size} px (aspect kept), then zero-pad, centred, to {size}x{size}"
     shape = f"{INPUT_NAME}:{{}}x3x{size}x{size}"
-    return f"""# {meta['backbone']} image classifier (ONNX)
+    return f"""# {md_text(meta['backbone'])} image classifier (ONNX)
 
 Exported by tunecv; verified on {result.num_images} validation images: ONNX macro-F1
 {result.onnx_macro_f1:.6f} equals the reported {result.reported_macro_f1:.6f}, largest logit
@@ -463,7 +465,7 @@ difference to PyTorch {result.max_abs_logit_diff:.1e}. Serving it needs nothing 
 4. Transpose HWC -> CHW; stack images into a batch.
 
 ## Output `{OUTPUT_NAME}`: float32 [batch, {len(names)}], unnormalised scores
-Softmax gives probabilities. Class order: {", ".join(f"{i} = {n}" for i, n in enumerate(names))}.
+Softmax gives probabilities. Class order: {", ".join(f"{i} = {md_text(n)}" for i, n in enumerate(names))}.
 
 ```python
 import json, onnxruntime as ort

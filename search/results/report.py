@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from search.layout import CONFIG, EXPORT, GATE_JSON, REPORT_HTML, REPORT_MARKDOWN, REPORT_PARQUET, SPLIT, join
+from search.markdown import md_text
 from search.results.html import PageInputs, render as render_html
 from search.results.ranking import rank
 from search.results.selection import FINALISTS_NOTE, FinalistGroup, finalist_groups
@@ -180,8 +181,8 @@ def page_inputs(run: RunView, ranked: list[TrialView], rows: list[dict[str, Any]
 def _per_class_markdown(details: dict[str, Any]) -> list[str]:
     lines = ["| class | precision | recall | f1 | support |", "|---|---|---|---|---|"]
     for name, m in details.get("per_class", {}).items():
-        lines.append(f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |")
-    names = list(details.get("per_class", {}))
+        lines.append(f"| {md_text(name)} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |")
+    names = [md_text(name) for name in details.get("per_class", {})]  # the data's folder names
     lines += ["", "Confusion matrix (rows: true, columns: predicted):", ""]
     lines += ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for name, row in zip(names, details.get("confusion_matrix", [])):
@@ -193,7 +194,7 @@ def format_markdown(run: RunView, ranked: list[TrialView], rows: list[dict[str, 
                     top: list[tuple[TrialView, dict, dict]], gate: str | None,
                     test: dict[str, Any] | None = None) -> str:
     lines = [
-        f"# Trial report: {run.store.name}",
+        f"# Trial report: {md_text(run.store.name)}",
         "",
         test_sentence(test),
         "",
@@ -208,7 +209,8 @@ def format_markdown(run: RunView, ranked: list[TrialView], rows: list[dict[str, 
     lines += finalists_markdown(finalist_groups(ranked), finalists_test(run.store))
     failed = [r for r in rows if r["reason"]]
     if failed:
-        lines += ["## Failed or stopped trials", ""] + [f"- `{r['trial_id']}`: {r['reason']}" for r in failed] + [""]
+        lines += ["## Failed or stopped trials", ""]
+        lines += [f"- `{r['trial_id']}`: {md_text(r['reason'])}" for r in failed] + [""]  # errors quote names
     for trial, epoch, details in top:
         lines += [
             f"## `{trial.trial_id}`: {RANKING_METRIC} {epoch[RANKING_METRIC]:.4f} (epoch {epoch['epoch']})",

@@ -7,6 +7,7 @@ import math
 from collections import Counter
 from typing import Any
 
+from search.markdown import md_text
 from trainables.metrics import RANKING_METRIC
 
 _CONSOLE_COLUMNS = (
@@ -36,7 +37,7 @@ def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
     headers = [_HEADERS.get(n, n) for n in names]
     if markdown:
         lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-        lines += ["| " + " | ".join(format_cell(r[n], n) for n in names) + " |" for r in rows]
+        lines += ["| " + " | ".join(md_text(format_cell(r[n], n)) for n in names) + " |" for r in rows]
         return "\n".join(lines)
     cells = [[format_cell(r[n], n) for n in names] for r in rows]
     # Each column as wide as its widest cell: a cut label ("vit_base_patch16_22",

@@ -35,6 +35,7 @@ import numpy as np
 from sklearn.metrics import f1_score
 
 from search.export.onnx import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, create_session, eval_loader
+from search.markdown import md_text
 from trainables.datasets import DataSplit
 
 
@@ -127,7 +128,7 @@ def decide(challenger: Score, champion: Score | None, champion_version: str | No
         reasons.append(f"F1 drops by more than max_class_drop {max_class_drop:g} for {', '.join(worst)}")
     promote = not reasons
     if promote:
-        reasons.append(f"macro-F1 {challenger.macro_f1:.4f} >= {needed:.4f} (champion {champion.macro_f1:.4f} "
+        reasons.append(f"macro-F1 {challenger.macro_f1:.4f} ≥ {needed:.4f} (champion {champion.macro_f1:.4f} "
                        f"+ {min_gain:g}); no class drops more than {max_class_drop:g}; export passed parity")
     return Decision(promote, reasons, challenger, champion, champion_version, min_gain, max_class_drop, added,
                     removed, drops)
@@ -139,7 +140,7 @@ def describe(decision: Decision, level: int = 1) -> str:
     verdict = "**promoted**" if decision.promote else "**not promoted**"
     against = f"champion version {decision.champion_version}" if decision.champion_version else "no champion"
     lines = ["#" * level + " Champion/challenger gate", "", f"Challenger {verdict} (against {against}):",
-             *[f"- {r}" for r in decision.reasons], ""]
+             *[f"- {md_text(r)}" for r in decision.reasons], ""]  # reasons quote class names and errors
     if decision.challenger is None:
         return "\n".join(lines)
     for name, classes, rule in (
@@ -147,7 +148,7 @@ def describe(decision: Decision, level: int = 1) -> str:
         ("removed", decision.removed_classes, "no images in the new snapshot: not scored; champion predictions "
                                               "of it count as errors"),
     ):
-        lines += [f"- Class {c!r} {name} in the new snapshot: {rule}." for c in classes]
+        lines += [f"- Class '{md_text(c)}' {name} in the new snapshot: {rule}." for c in classes]
     champion = decision.champion
     where = ("held-out test split" if decision.challenger.scored_on == "test"
              else "validation split (it has no test split, data.test_fraction: 0)")
@@ -156,7 +157,7 @@ def describe(decision: Decision, level: int = 1) -> str:
     for c, f1 in decision.challenger.per_class_f1.items():
         old = "" if champion is None else f"{champion.per_class_f1[c]:.4f}"
         drop = f"{decision.class_drops[c]:+.4f}" if c in decision.class_drops else ""
-        lines.append(f"| {c} | {old} | {f1:.4f} | {drop} |")
+        lines.append(f"| {md_text(c)} | {old} | {f1:.4f} | {drop} |")
     old_macro = "" if champion is None else f"{champion.macro_f1:.4f}"
     lines.append(f"| **macro** | {old_macro} | {decision.challenger.macro_f1:.4f} | |")
     return "\n".join(lines) + "\n"
