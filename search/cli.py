@@ -25,18 +25,20 @@ def _train(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from search.config import ConfigError, load_config
-    from search.run.driver import run_search
     from search.storage import RunStore, read_config
 
     if args.resume:
         if args.config or args.set or args.space or args.run_dir:
             raise ConfigError("--resume RUN_DIR takes the run's own config; drop --config/--set/--space/--run-dir.")
-        run_search(read_config(RunStore.at(args.resume)), run_dir=args.resume)
-        return 0
-    if not args.config:
+        cfg, run_dir = read_config(RunStore.at(args.resume)), args.resume
+    elif not args.config:
         raise ConfigError("tunecv run needs --config FILE (or --resume RUN_DIR).")
-    overrides = list(args.set) + ([f"search.space={args.space}"] if args.space else [])
-    run_search(load_config(args.config, overrides), run_dir=args.run_dir)
+    else:
+        overrides = list(args.set) + ([f"search.space={args.space}"] if args.space else [])
+        cfg, run_dir = load_config(args.config, overrides), args.run_dir
+    from search.run.driver import run_search  # imports Ray Tune (seconds): after a bad config is refused
+
+    run_search(cfg, run_dir=run_dir)
     return 0
 
 

@@ -11,8 +11,8 @@ which is also the job's working directory under ``ray job submit``.
 
 from __future__ import annotations
 
-import os
 import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -206,8 +206,16 @@ def _pack_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
+def _problems_message(source: str, problems: list[str]) -> str:
+    """Every problem (``  - field: ...``) under a heading; one alone on the heading's line,
+    so that a single mistake is a single line on the console."""
+    if len(problems) == 1:
+        return f"invalid config {source}: {problems[0].removeprefix('  - ')}"
+    return "\n".join([f"invalid config {source}:", *problems])
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
+    lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
@@ -216,14 +224,14 @@ def _format_errors(err: ValidationError, source: str) -> str:
         got = e.get("input")
         shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
         lines.append(f"  - {loc}: {msg}{shown}")
-    return "\n".join(lines)
+    return _problems_message(source, lines)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw mapping.
 
     Raises:
-        ConfigError: An override is not of the form ``a.b=value``.
+        ConfigError: An override is not of the form ``a.b=value``, or its value is not YAML.
     """
     for item in overrides:
         match = re.fullmatch(r"([A-Za-z_][\w.]*)=(.*)", item)
@@ -235,8 +243,21 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}': '{part}' is not a section")
-        node[leaf] = yaml.safe_load(match.group(2))
+        node[leaf] = _override_value(match.group(1), match.group(2))
     return raw
+
+
+def _override_value(key: str, value: str) -> Any:
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        # The parser's own message spans five lines with a caret; its first phrases say what is wrong.
+        what = ": ".join(p for p in (getattr(err, "context", None), getattr(err, "problem", None)) if p)
+        quoted = value.replace("'", "''")
+        raise ConfigError(
+            f"--set {key}: the value {value!r} is not valid YAML ({what or str(err).splitlines()[0]}); give a "
+            f"complete YAML value (3, [1, 2], {{a: 1}}), or quote it to pass a string: --set \"{key}='{quoted}'\""
+        ) from None
 
 
 def _not_a_directory(path: Path) -> str:
@@ -275,9 +296,16 @@ def _output_dir_problem(output_dir: str) -> str | None:
     if path.exists() and not path.is_dir():
         return f"  - output_dir: '{path}' is a file; give a directory for the runs"
     existing = next(p for p in (path, *path.absolute().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        return (f"  - output_dir: '{path}' cannot be created or written ('{existing}' is not writable by this "
-                "user); give a directory you can write to")
+    if not existing.is_dir():
+        return f"  - output_dir: '{path}' cannot be created ('{existing}' is a file); give a directory"
+    try:
+        # A real file, not os.access: /proc passes os.access for root and refuses every
+        # new file. Exclusive create (mkstemp), removed on close; output_dir itself is not made.
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".tunecv-write-check-"):
+            pass
+    except OSError as err:
+        return (f"  - output_dir: '{path}' cannot be created or written (a test file in '{existing}' failed: "
+                f"{err.strerror}); give a directory you can write to")
     return None
 
 
@@ -321,7 +349,7 @@ def parse_config(raw: Any, source: str = "<dict>", check_paths: bool = True) -> 
         raise ConfigError(_format_errors(err, source)) from None
     problems = _check_paths(cfg) if check_paths else []
     if problems:
-        raise ConfigError("\n".join([f"invalid config {source}:", *problems]))
+        raise ConfigError(_problems_message(source, problems))
     return _weights_made_absolute(cfg) if check_paths else cfg
 
 

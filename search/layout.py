@@ -6,6 +6,7 @@ serve a local directory, a shared filesystem and an object-store prefix. The REA
 from __future__ import annotations
 
 CONFIG = "config.yaml"  # the run's resolved config
+CONFIG_DIGEST = "config.sha256"  # config.yaml's digest at the start: a resume refuses a hand-edited config
 SPACE = "space.yaml"  # the search space, copied in: the run is self-contained
 SPLIT = "split.parquet"  # the fixed train/validation split every trial and the export use
 SPLIT_META = "split.json"  # its sidecar: class names, skipped files, fingerprint
@@ -62,3 +63,11 @@ def run_name(name: str) -> str:
     import time
 
     return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def is_run_of(dir_name: str, name: str) -> bool:
+    """Whether ``dir_name`` is one of ``run_name(name)``'s (``-N`` after it when two runs
+    started in the same second), and not one of a name that starts with ``name-``."""
+    import re
+
+    return re.fullmatch(rf"{re.escape(name)}-\d{{8}}-\d{{6}}(-\d+)?", dir_name) is not None

@@ -9,6 +9,7 @@ also writes a token that every node must read back.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -21,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from search.config import ConfigError, RunConfig, parse_config
-from search.layout import CONFIG, join
+from search.config import ConfigError, RunConfig, dump_config, parse_config
+from search.layout import CONFIG, CONFIG_DIGEST, join
 from trainables.locations import is_uri, resolve_location
 
 
@@ -159,6 +160,18 @@ def read_config(store: RunStore, check_paths: bool = True) -> RunConfig:
         raise ConfigError(f"'{store}' is not a tunecv run directory (no {CONFIG} in it).")
     return parse_config(yaml.safe_load(store.read_text(CONFIG)), source=f"'{store.uri(CONFIG)}'",
                         check_paths=check_paths)
+
+
+def write_config(store: RunStore, cfg: RunConfig) -> None:
+    """Write the run's ``config.yaml``, then its digest, which a resume checks the file against."""
+    text = dump_config(cfg)
+    store.write_text(CONFIG, text)
+    store.write_text(CONFIG_DIGEST, config_digest(text) + "\n")
+
+
+def config_digest(text: str) -> str:
+    """The sha256 of a ``config.yaml``'s text (any edit counts, a comment too)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 _PROBE_TIMEOUT_S = 120.0

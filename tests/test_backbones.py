@@ -155,6 +155,26 @@ def test_pretrained_without_file_or_network_never_falls_back_to_random(tmp_path)
     assert "model.weights_dir" in proc.stderr
 
 
+def test_a_pickle_that_would_run_code_is_refused_without_torchs_unsafe_hint(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)  # what unpickling would run
+
+    path = tmp_path / "test_resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "payload": Payload()}, path)
+    with pytest.raises(PretrainedWeightsError) as err:
+        create_backbone(ModelConfig(backbone="test_resnet", pretrained=True, weights_file=path), 3)
+    assert str(err.value) == (
+        f"weights file '{path}' holds pickled Python objects besides tensors (posix.mkdir), and tunecv never "
+        "unpickles them: it loads only .safetensors files, or .pth/.pt/.bin files of plain tensors. If you trust "
+        "the file, convert it yourself: load it in Python, save its state dict with "
+        "safetensors.torch.save_file(state_dict, 'test_resnet.safetensors'), and give that file instead.")
+    assert "weights_only" not in str(err.value)  # torch's hint: tunecv has no such option, by design
+    assert not marker.exists()
+
+
 def test_unknown_backbone_suggests_close_timm_names():
     with pytest.raises(ValueError, match="Closest timm names: .*efficientnet_b2"):
         ModelConfig(backbone="efficentnet_b2")

@@ -2,7 +2,9 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import yaml
 
 from search.scan_cache import CACHE_DIR
@@ -181,3 +183,77 @@ def test_report_on_a_run_that_stopped_in_its_set_up_says_so(synthetic_root, tmp_
     DriverRecord(store, 1).finish(INTERRUPTED)  # it stopped before writing space.yaml
     proc = _tunecv("report", store.location)
     assert proc.returncode == 2 and "never started searching" in proc.stderr, proc.stdout + proc.stderr
+
+
+def _run_file(tmp_path, **sections):
+    """A run file whose data root exists (empty: these refusals come before the data is listed)."""
+    (tmp_path / "data").mkdir(exist_ok=True)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(small_run_config(tmp_path / "data", tmp_path / "runs", **sections)))
+    return path
+
+
+def test_a_set_value_that_is_not_yaml_is_one_line_naming_it(tmp_path):
+    proc = _tunecv("run", "--config", str(_run_file(tmp_path)), "--set", "optim.epochs=[1,2")
+    _refused_before_ray(proc, tmp_path)
+    assert proc.stderr.splitlines() == [
+        "tunecv: error: --set optim.epochs: the value '[1,2' is not valid YAML (while parsing a flow sequence: "
+        "expected ',' or ']', but got '<stream end>'); give a complete YAML value (3, [1, 2], {a: 1}), or quote "
+        "it to pass a string: --set \"optim.epochs='[1,2'\""]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc: os.access calls it writable "
+                                                           "(for root), and it refuses every new file")
+def test_an_output_dir_where_no_file_can_be_made_is_one_line_before_ray(tmp_path):
+    from search.config import ConfigError, parse_config
+
+    raw = yaml.safe_load(_run_file(tmp_path).read_text())
+    with pytest.raises(ConfigError, match="cannot be created or written"):  # first here, where no Ray can start
+        parse_config({**raw, "output_dir": "/proc/tunecv-runs"})
+    proc = _tunecv("run", "--config", str(tmp_path / "run.yaml"), "--set", "output_dir=/proc/tunecv-runs")
+    _refused_before_ray(proc, tmp_path)
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"tunecv: error: invalid config '{tmp_path / 'run.yaml'}': output_dir: '/proc/tunecv-runs' "
+                           "cannot be created or written (a test file in '/proc' failed: "), line
+    assert line.endswith("); give a directory you can write to"), line
+    assert not Path("/proc/tunecv-runs").exists()
+
+
+def test_report_on_a_folder_that_is_not_a_run_names_what_it_expected(tmp_path):
+    data = tmp_path / "data"
+    for name in ("cat", "dog"):
+        (data / name).mkdir(parents=True)
+    proc = _tunecv("report", str(data))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"tunecv: error: '{data}' is not a tunecv run directory: expected one holding config.yaml and space.yaml, as "
+        "`tunecv run` makes under output_dir, but found 2 entries: cat, dog. Give a run directory "
+        "(output_dir/<name>-<start time>)."]
+    assert sorted(p.name for p in data.rglob("*")) == ["cat", "dog"]  # nothing written
+
+
+def test_resume_of_a_hand_edited_config_is_refused_before_ray(tmp_path):
+    from search.config import ConfigError, load_config
+    from search.drivers import INTERRUPTED, DriverRecord
+    from search.layout import CONFIG, SPACE
+    from search.run.location import check_resumable
+    from search.storage import RunStore, config_digest, read_config, write_config
+
+    store = RunStore.at(tmp_path / "old" / "t-20261101-000000")  # outside output_dir: that must stay empty
+    write_config(store, load_config(_run_file(tmp_path)))  # as the driver does at a run's start
+    store.write_text(SPACE, "backbones: {}\n")
+    DriverRecord(store, 1).finish(INTERRUPTED)
+    started = store.read_text(CONFIG)
+    store.write_text(CONFIG, started.replace("epochs: 2\n", "epochs: 3\n"))
+    with pytest.raises(ConfigError, match="was edited after the run started"):  # first here, where no Ray can start
+        check_resumable(store, read_config(store))
+    before = {p: p.read_bytes() for p in (tmp_path / "old").rglob("*") if p.is_file()}
+    proc = _tunecv("run", "--resume", store.location)
+    _refused_before_ray(proc, tmp_path)
+    edited = config_digest(store.read_text(CONFIG))[:12]
+    assert proc.stderr.splitlines() == [
+        f"tunecv: error: run '{store}': {store.uri(CONFIG)} was edited after the run started (sha256 {edited}..., but "
+        f"config.sha256 recorded {config_digest(started)[:12]}... at its start), so its trials did not run with these "
+        f"values. Restore the file as it was, or start a new run with the edited settings (`tunecv run --config "
+        f"{store.uri(CONFIG)} --set name=NEW_NAME`)."]
+    assert {p: p.read_bytes() for p in (tmp_path / "old").rglob("*") if p.is_file()} == before

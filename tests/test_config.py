@@ -148,3 +148,13 @@ def test_paths_that_are_files_or_unwritable_are_named(tmp_path):
         raw = _raw(tmp_path)
         raw["output_dir"] = str(locked / "runs")
         assert "cannot be created or written" in _error(raw)
+
+
+def test_the_output_dir_check_writes_a_file_and_leaves_nothing(tmp_path):
+    raw = _raw(tmp_path)
+    raw["output_dir"] = str(tmp_path / "new" / "runs")
+    parse_config(raw)  # the test file goes where the first missing folder would be made
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no probe left, output_dir not made
+    raw["output_dir"] = str(tmp_path / "data")
+    parse_config(raw)
+    assert list((tmp_path / "data").iterdir()) == []

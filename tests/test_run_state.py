@@ -4,15 +4,16 @@ study in an object-store journal, and a failed trial's reason."""
 import os
 import socket
 import time
+from pathlib import Path
 
 import optuna
 import pytest
 
 from search.config import ConfigError, parse_config
 from search.drivers import FINISHED, INTERRUPTED, RUNNING, DriverRecord, DriverState, live_driver, read_drivers
-from search.layout import CONFIG, SPACE
+from search.layout import CONFIG, CONFIG_DIGEST, SPACE
 from search.run.location import check_resumable, locate_run
-from search.storage import RunStore
+from search.storage import RunStore, config_digest, read_config, write_config
 from search.study import TRIAL_ID_KEY, StoreJournal
 from tests.conftest import small_run_config
 
@@ -24,10 +25,8 @@ def _cfg(tmp_path, **raw):
 
 def _run(tmp_path, cfg, name, *, space=True, driver_status=None, pid=None):
     """A run directory as a driver leaves it; ``pid`` None means a process that is gone."""
-    from search.config import dump_config
-
     store = RunStore.at(tmp_path / "runs" / name)
-    store.write_text(CONFIG, dump_config(cfg))
+    write_config(store, cfg)  # config.yaml and its digest, as the driver writes them
     if space:
         store.write_text(SPACE, "backbones: {}\n")
     if driver_status:
@@ -83,6 +82,45 @@ def test_resuming_with_another_config_names_the_differences(tmp_path):
     other = _cfg(tmp_path, optim={"epochs": 5})
     with pytest.raises(ConfigError, match=r"optim.epochs \(2 -> 5\)"):
         check_resumable(store, other)
+
+
+def test_a_run_of_a_longer_name_is_not_taken_for_this_one(tmp_path):
+    cfg = _cfg(tmp_path)
+    # "t-large-..." starts with "t-": it was taken as a run of "t", then refused as "another config".
+    longer = _run(tmp_path, _cfg(tmp_path, name="t-large"), "t-large-20261102-000000", driver_status=INTERRUPTED)
+    store, resuming = locate_run(cfg, None)
+    assert not resuming and store != longer and not store.exists()  # a new run, not created yet
+    # The same name with the suffix of a second run in the same second is still this name's.
+    same_second = _run(tmp_path, cfg, "t-20261101-000000-1", driver_status=INTERRUPTED)
+    assert locate_run(cfg, None) == (same_second, True)
+    assert locate_run(_cfg(tmp_path, name="t-large"), None) == (longer, True)
+
+
+def _files(store: RunStore) -> dict[str, bytes]:
+    root = Path(store.location)
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_a_hand_edited_config_is_refused_on_resume_and_a_run_without_a_digest_resumes(tmp_path):
+    store = _run(tmp_path, _cfg(tmp_path), "t-20261101-000000", driver_status=INTERRUPTED)
+    check_resumable(store, read_config(store))  # as the driver wrote it: resumable
+    text = store.read_text(CONFIG)
+    recorded = config_digest(text)
+    assert store.read_text(CONFIG_DIGEST) == recorded + "\n"
+    edited = text.replace("epochs: 2\n", "epochs: 3\n")
+    assert edited != text
+    store.write_text(CONFIG, edited)
+    before = _files(store)
+    with pytest.raises(ConfigError) as info:
+        check_resumable(store, read_config(store))  # `tunecv run --resume` reads the edited file itself
+    assert str(info.value) == (
+        f"run '{store}': {store.uri(CONFIG)} was edited after the run started (sha256 {config_digest(edited)[:12]}..., "
+        f"but config.sha256 recorded {recorded[:12]}... at its start), so its trials did not run with these values. "
+        "Restore the file as it was, or start a new run with the edited settings "
+        f"(`tunecv run --config {store.uri(CONFIG)} --set name=NEW_NAME`).")
+    assert _files(store) == before  # the refusal wrote nothing
+    store.delete(CONFIG_DIGEST)  # a run started before digests were written
+    check_resumable(store, read_config(store))
 
 
 def test_a_driver_on_another_host_is_alive_until_its_heartbeat_is_a_minute_old():

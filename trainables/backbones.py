@@ -100,10 +100,34 @@ def _create_from_file(name: str, path: Path, kwargs: dict) -> nn.Module:
     try:
         state_dict = timm.models.load_state_dict(str(path))
     except Exception as err:  # noqa: BLE001 - corrupt files fail in many ways
+        if _refused_pickle(err):
+            raise WeightsFileError(_pickle_refusal(name, path)) from err
         raise WeightsFileError(f"could not read weights file '{path}': {err}") from err
     model = timm.create_model(name, pretrained=False, **kwargs)
     _load_backbone_weights(model, state_dict, name, path)
     return model
+
+
+def _refused_pickle(err: BaseException) -> bool:
+    """torch.load(weights_only=True) met a pickled object that is not plain tensors
+    (timm 1.0 wraps the UnpicklingError in a RuntimeError)."""
+    import pickle
+
+    return isinstance(err, pickle.UnpicklingError) or isinstance(err.__cause__, pickle.UnpicklingError)
+
+
+def _pickle_refusal(name: str, path: Path) -> str:
+    """The refusal, without torch's "retry with weights_only=False": tunecv has no such
+    option, by design, as that would run the file's code."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # noqa: BLE001 - a legacy or odd file: the refusal stands without the names
+        found = []
+    named = f" ({', '.join(sorted(found)[:3])})" if found else ""
+    return (f"weights file '{path}' holds pickled Python objects besides tensors{named}, and tunecv never "
+            f"unpickles them: it loads only .safetensors files, or {'/'.join(WEIGHT_SUFFIXES[1:])} files of "
+            "plain tensors. If you trust the file, convert it yourself: load it in Python, save its state dict "
+            f"with safetensors.torch.save_file(state_dict, '{name}.safetensors'), and give that file instead.")
 
 
 def _load_backbone_weights(model: nn.Module, state_dict: dict, name: str, path: Path) -> None:

@@ -14,10 +14,10 @@ from typing import Any
 
 from ray import tune
 
-from search.config import ConfigError, RunConfig, dump_config
+from search.config import ConfigError, RunConfig
 from search.data import check_batch_sizes, list_run_data, scan_data
 from search.drivers import FINISHED, INTERRUPTED, DriverRecord, read_drivers, spent_s
-from search.layout import CONFIG, SPACE, SPLIT, tune_experiment
+from search.layout import SPACE, SPLIT, tune_experiment
 from search.ray_session import connect_ray
 from search.run.capacity import check_trials_fit
 from search.run.location import check_resumable, locate_run
@@ -30,7 +30,7 @@ from search.run.searcher import StudySearcher, create_sampler
 from search.run.trial import TrialContext, run_search_trial, trial_config
 from search.space.catalog import parse_space, resolve_space_name
 from search.space.model import SearchSpace
-from search.storage import RunStorageFullError, RunStore, check_shared_storage, out_of_space
+from search.storage import RunStorageFullError, RunStore, check_shared_storage, out_of_space, write_config
 from search.study import HISTORY_KEY, TRIAL_ID_KEY, HistoryTrial, StudyHandle, open_study
 from trainables.backbones import check_weights_file, local_weights
 from trainables.datasets import DataSplit, write_split
@@ -163,7 +163,7 @@ def run_search(
     earlier = read_drivers(store)
     print_fn(f"{'resuming run directory' if resuming else 'run directory'}: {store}")
     if not resuming:
-        store.write_text(CONFIG, dump_config(cfg))
+        write_config(store, cfg)
     # From here on the run has a live driver: no other `tunecv run` takes it over.
     driver = DriverRecord(store, earlier[-1].k + 1 if earlier else 1)
     if resuming:
