@@ -9,18 +9,19 @@ import onnx
 import pytest
 import timm
 import torch
+from PIL import Image
 
 from search.export.onnx import TENSORRT_HINT, ExportError, create_session, export_checkpoint
 from trainables.backbones import data_config
 from trainables.checkpoint import META_FILE, load_model, save_checkpoint
-from trainables.datasets import DataSplit, ImageDataset, prepare_split
+from trainables.datasets import DataSplit, ImageDataset, Sample, prepare_split
 from trainables.demo_data import write_synthetic
-from trainables.images import DEFAULT_MAX_PIXELS
+from trainables.images import ALPHA_RULE, DEFAULT_MAX_PIXELS
 from trainables.loaders import create_val_loader
 from trainables.loop import evaluate
 from trainables.metrics import RANKING_METRIC
 from trainables.runtime import local_runtime
-from trainables.transforms import create_eval_transform, preprocessing_spec
+from trainables.transforms import create_eval_transform, eval_transform_from_spec, preprocessing_spec
 
 BUNDLE_FILES = (
     "model.onnx", "class_names.json", "preprocessing.json", "metrics.json", "config.json",
@@ -238,3 +239,66 @@ def test_the_retrain_gate_scores_a_bundle_on_the_held_out_test_split(exported, d
     assert plain.scored_on == "val" and plain.num_images == 12
     assert "held-out test split" in describe(decide(score, None, None, min_gain=0.0, max_class_drop=0.1))
     assert "it has no test split" in describe(decide(plain, None, None, min_gain=0.0, max_class_drop=0.1))
+
+
+def _rgba_with_garbage_under_transparency(path: Path, short: int) -> Path:
+    """A 2:1 RGBA PNG: a transparent third whose RGB is noise, a third fading in, an opaque third."""
+    rng = np.random.default_rng(0)
+    height, width = 2 * short, 4 * short  # resized by exactly 1/2: no rounding to agree on
+    rgba = rng.integers(0, 256, size=(height, width, 4), dtype=np.uint8)
+    third = width // 3
+    rgba[:, :third, 3] = 0
+    rgba[:, third:2 * third, 3] = np.linspace(1, 254, third).astype(np.uint8)
+    rgba[:, 2 * third:, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(path)
+    return path
+
+
+def _served_input(path: Path, spec: dict, drop_alpha: bool = False) -> np.ndarray:
+    """The input a server builds from the bundle's preprocessing.json and README alone:
+    PIL, NumPy and OpenCV, nothing from tunecv."""
+    import cv2
+    from PIL import ImageOps
+
+    assert (spec["color"], spec["resize_mode"], spec["layout"]) == ("RGB", "center_crop", "NCHW")
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if drop_alpha:  # what the README said before: the noise under alpha 0 shows
+            rgb = np.asarray(image.convert("RGB"))
+        else:
+            assert spec["alpha"] == "composite_on_white"
+            rgba = np.asarray(image.convert("RGBA"), dtype=np.float64)
+            colour, alpha = rgba[..., :3], rgba[..., 3:]
+            rgb = np.rint((colour * alpha + 255 * (255 - alpha)) / 255).astype(np.uint8)
+    size, short = spec["image_size"], int(spec["image_size"] / spec["crop_pct"])
+    height, width = rgb.shape[:2]
+    scale = short / min(height, width)
+    rgb = cv2.resize(rgb, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_LINEAR)
+    top, left = (rgb.shape[0] - size) // 2, (rgb.shape[1] - size) // 2
+    crop = rgb[top:top + size, left:left + size].astype(np.float32) / 255
+    x = (crop - np.float32(spec["mean"])) / np.float32(spec["std"])
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def test_an_rgba_image_gives_the_same_logits_served_as_documented_as_in_pytorch(exported, checkpoint, tmp_path):
+    """Serving skew (issue 27): training composites alpha onto white; the bundle must say
+    so, and a server following it must feed the model what evaluation feeds it."""
+    import onnxruntime as ort
+
+    result, _, _ = exported
+    spec = json.loads((result.out_dir / "preprocessing.json").read_text())
+    assert spec["alpha"] == ALPHA_RULE == "composite_on_white"
+    readme = (result.out_dir / "README.md").read_text()
+    assert "composited onto white" in readme and "alpha dropped" not in readme
+    path = _rgba_with_garbage_under_transparency(tmp_path / "rgba.png", int(spec["image_size"] / spec["crop_pct"]))
+    # PyTorch: the checkpoint's model on what evaluation and export verification read.
+    model, meta = load_model(checkpoint)
+    transform = eval_transform_from_spec(meta["preprocessing"])
+    dataset = ImageDataset(str(tmp_path), [Sample("rgba.png", 0, "")], transform)
+    with torch.inference_mode():
+        eager = model(dataset[0][0][None]).numpy()
+    session = ort.InferenceSession(str(result.out_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    served = session.run(["logits"], {"input": _served_input(path, spec)})[0]
+    np.testing.assert_allclose(served, eager, atol=1e-4)
+    dropped = session.run(["logits"], {"input": _served_input(path, spec, drop_alpha=True)})[0]
+    assert np.abs(dropped - eager).max() > 1e-2, "the image does not tell the two rules apart"

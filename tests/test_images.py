@@ -92,6 +92,19 @@ def test_palette_with_transparency_index_becomes_white():
     np.testing.assert_array_equal(out[0], [[255, 255, 255], [0, 128, 0]])
 
 
+@pytest.mark.parametrize("mode, key, other", [("L", 7, 9), ("RGB", (1, 2, 3), (9, 8, 7))])
+def test_a_transparent_colour_becomes_white_as_pil_rgba_says(mode, key, other):
+    # PNG's tRNS: one colour of an L or RGB image is transparent. convert("RGBA"), which
+    # the export's README tells servers to use, gives it alpha 0; the decoder agrees.
+    image = Image.new(mode, (2, 1), key)
+    image.putpixel((1, 0), other)
+    data = _png_bytes(image, transparency=key)
+    assert Image.open(io.BytesIO(data)).info["transparency"] == key
+    out = load_rgb(data)
+    np.testing.assert_array_equal(out[0, 0], [255, 255, 255])
+    np.testing.assert_array_equal(out[0, 1], [other] * 3 if mode == "L" else other)
+
+
 def test_cmyk_jpeg_decodes_to_rgb():
     cmyk = Image.new("CMYK", (8, 8), (0, 0, 0, 0))  # no ink = white paper
     out = load_rgb(_png_bytes(cmyk, "JPEG", quality=100))

@@ -5,7 +5,10 @@ import pytest
 import torch
 
 from trainables.config import AugmentConfig
-from trainables.transforms import create_eval_transform, create_train_transform
+from trainables.images import ALPHA_RULE
+from trainables.transforms import (
+    create_eval_transform, create_train_transform, eval_transform_from_spec, preprocessing_spec,
+)
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -56,3 +59,12 @@ def test_hflip_can_be_turned_off():
 def test_unknown_resize_mode():
     with pytest.raises(ValueError, match="center_crop"):
         create_eval_transform(32, "stretch", MEAN, STD)
+
+
+def test_the_spec_records_the_decoders_alpha_rule_and_refuses_another():
+    spec = preprocessing_spec(32, "center_crop", MEAN, STD, 0.875)
+    assert spec["alpha"] == ALPHA_RULE == "composite_on_white"
+    older = {key: value for key, value in spec.items() if key != "alpha"}  # written before the field
+    assert eval_transform_from_spec(older)(image=_image())["image"].shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="alpha must be 'composite_on_white' .*got 'drop'"):
+        eval_transform_from_spec({**spec, "alpha": "drop"})

@@ -1,8 +1,9 @@
 """Decoding and scanning image files.
 
 This module owns turning bytes on disk into HxWx3 uint8 RGB arrays: which PIL
-modes are accepted and how each becomes RGB (alpha, palettes, CMYK, 16-bit and
-float grayscale), EXIF orientation, the decompression-bomb guard, and the scan
+modes are accepted and how each becomes RGB (transparency composited onto white,
+palettes, CMYK, 16-bit and float grayscale), EXIF orientation, the
+decompression-bomb guard, and the scan
 that hashes and fully decodes a list of files to sort good images from bad ones
 with a human-readable reason. It does not know about classes, splits or
 datasets (see ``trainables.datasets``) and never sets PIL globals such as
@@ -29,6 +30,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 89_478_485
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview]
+
+# How transparency becomes RGB, as a checkpoint's preprocessing and an export's
+# preprocessing.json record it: PIL's convert("RGBA"), then every channel
+# c -> round((c * a + 255 * (255 - a)) / 255). Training, evaluation, export
+# verification, int8 calibration and the retrain gate all decode through
+# decode_rgb, so they all apply it; a server must too.
+ALPHA_RULE = "composite_on_white"
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 _ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
@@ -178,7 +186,9 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
         gray = _int32_to_eight(np.asarray(image))
     elif mode == "F":
         gray = _min_max_to_eight(np.asarray(image, dtype=np.float64))
-    elif mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
+    elif mode in _ALPHA_MODES or "transparency" in image.info:
+        # "transparency" also marks a transparent colour in an L or RGB PNG (tRNS),
+        # which convert("RGBA") turns into alpha 0 as it does a palette's.
         return _composite_on_white(np.asarray(image.convert("RGBA")))
     elif mode == "RGB":
         return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
@@ -216,12 +226,13 @@ def _min_max_to_eight(values: np.ndarray) -> np.ndarray:
 
 
 def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
-    # White, not black: transparent regions of product shots, logos and
+    # ALPHA_RULE. White, not black: transparent regions of product shots, logos and
     # scanned documents are meant as paper; dropping alpha would expose
-    # whatever colour the encoder left under it (often black) and teach the
-    # model a background that does not exist when the image is displayed.
+    # whatever colour the encoder left under it (often black, often noise) and
+    # teach the model a background that does not exist when the image is displayed.
     rgb = rgba[:, :, :3].astype(np.uint32)
     alpha = rgba[:, :, 3:4].astype(np.uint32)
+    # (x + 127) // 255 is round(x / 255) exactly: 255 is odd, so x / 255 never ends in .5.
     blended = (rgb * alpha + 255 * (255 - alpha) + 127) // 255
     return np.ascontiguousarray(blended.astype(np.uint8))
 

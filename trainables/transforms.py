@@ -3,7 +3,8 @@
 Owns the augmentation recipe and the deterministic validation resize, both normalised
 with the backbone's own mean/std from timm's pretrained config. Validation never gets
 training augmentation: it is resize + center crop (timm's crop_pct) or
-pad-and-resize that keeps the aspect ratio.
+pad-and-resize that keeps the aspect ratio. Decoding (modes, transparency, EXIF) is
+``trainables.images``'s; the preprocessing spec records its rule for servers.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import cv2
 from albumentations.pytorch import ToTensorV2
 
 from trainables.config import AugmentConfig
+from trainables.images import ALPHA_RULE
 
 
 def create_train_transform(
@@ -90,7 +92,21 @@ def create_eval_transform(
 
 
 def eval_transform_from_spec(spec: dict) -> A.Compose:
-    """``create_eval_transform`` rebuilt from a checkpoint's ``preprocessing_spec``."""
+    """``create_eval_transform`` rebuilt from a checkpoint's ``preprocessing_spec``.
+
+    The transform takes what ``trainables.images.decode_rgb`` returns, so the spec's
+    ``alpha`` rule must be the decoder's; a spec without one predates the field and was
+    decoded the same way.
+
+    Raises:
+        KeyError: A field of the spec is missing.
+        ValueError: The spec asks for another alpha rule or resize mode.
+    """
+    if spec.get("alpha", ALPHA_RULE) != ALPHA_RULE:
+        raise ValueError(
+            f"preprocessing alpha must be {ALPHA_RULE!r} (how tunecv decodes every image), "
+            f"got {spec['alpha']!r}; restore the value the checkpoint was written with."
+        )
     return create_eval_transform(
         spec["image_size"], spec["resize_mode"], spec["mean"], spec["std"], spec["crop_pct"]
     )
@@ -107,6 +123,7 @@ def preprocessing_spec(
         "mean": list(mean),
         "std": list(std),
         "color": "RGB",
+        "alpha": ALPHA_RULE,  # transparency composited onto white, as decode_rgb does
         "layout": "NCHW",
         "scale": "pixels / 255 before mean/std",
     }

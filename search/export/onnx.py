@@ -38,7 +38,7 @@ from search.export.tensorrt import run_tensorrt, tensorrt_unavailable_reason
 from search.markdown import md_text
 from trainables.checkpoint import load_model, read_meta
 from trainables.datasets import DataSplit
-from trainables.images import DEFAULT_MAX_PIXELS
+from trainables.images import ALPHA_RULE, DEFAULT_MAX_PIXELS
 from trainables.loaders import create_val_loader
 from trainables.metrics import RANKING_METRIC, TOP_K, EvalMetrics, compute_metrics, top_k_classes
 from trainables.runtime import local_runtime
@@ -269,6 +269,8 @@ def eval_loader(split: DataSplit, meta: dict[str, Any], batch_size: int, which: 
             f"the checkpoint's preprocessing has no {err} key; expected the fields of "
             f"trainables.transforms.preprocessing_spec, got {sorted(spec)}."
         ) from err
+    except ValueError as err:  # another alpha rule or resize mode than tunecv's
+        raise ExportError(f"the checkpoint's preprocessing cannot be reproduced: {err}") from err
     max_pixels = meta["config"].get("data", {}).get("max_image_pixels", DEFAULT_MAX_PIXELS)
     loader, _ = create_val_loader(
         split, transform, batch_size=batch_size, num_workers=0, runtime=local_runtime(False),
@@ -414,7 +416,8 @@ def _write_bundle(staging: Path, meta: dict, result: ExportResult, onnx_m: EvalM
     }
     files = {
         "class_names.json": meta["class_names"],
-        "preprocessing.json": meta["preprocessing"],
+        # A checkpoint from before the "alpha" field was decoded by the same rule.
+        "preprocessing.json": {"alpha": ALPHA_RULE, **meta["preprocessing"]},
         # "test": the held-out score users should quote; the rest is the validation epoch
         # that chose this model (optimistic: it won a search on those images).
         "metrics.json": {**meta["metrics"], "ranking_metric": RANKING_METRIC,
@@ -459,7 +462,10 @@ difference to PyTorch {result.max_abs_logit_diff:.1e}. Serving it needs nothing 
 (quality, training config, identity of the data).
 
 ## Input `{INPUT_NAME}`: float32 [batch, 3, {size}, {size}], NCHW, any batch size
-1. Decode as 8-bit {spec.get('color', 'RGB')}, alpha dropped.
+1. Decode as 8-bit {spec.get('color', 'RGB')} with the EXIF orientation applied (PIL: `ImageOps.exif_transpose`).
+   Transparency is composited onto white, as in training (`"alpha": "{ALPHA_RULE}"`): an image
+   with an alpha channel or a transparent colour (`"transparency"` in PIL's `image.info`) becomes
+   `image.convert("RGBA")`, then each of R, G, B becomes round((c * a + 255 * (255 - a)) / 255).
 2. Resize (OpenCV INTER_LINEAR; PIL antialiases and differs) the {resize} px.
 3. Divide by 255, subtract mean {list(spec['mean'])}, divide by std {list(spec['std'])} (R, G, B).
 4. Transpose HWC -> CHW; stack images into a batch.
