@@ -1,24 +1,44 @@
 # Two commands for a new user: `make demo` and `make test`. Both create .venv and install.
+# Both install through constraints.txt: the exact versions the suite last passed with
+# (pyproject.toml keeps open ranges for library users). `make constraints` refreshes it.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+CONSTRAINTS := constraints.txt
+PRODUCT := $(VENV)/.installed-product
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean browser
+.PHONY: demo test bench install clean browser constraints
 
-$(STAMP): pyproject.toml
-	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[test]"
-	touch $(STAMP)
+
+# The demo needs the product only, not the test extra (MLflow's server, moto, Playwright).
+$(PRODUCT): pyproject.toml $(CONSTRAINTS) | $(VENV)/bin/python
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e .
+	touch $(PRODUCT)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS) | $(VENV)/bin/python
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[test]"
+	touch $(PRODUCT) $(STAMP)
 
 install: $(STAMP)
 
-data/digits: | $(STAMP)
+data/digits: | $(PRODUCT)
 	$(BIN)/tunecv data digits data/digits --image-size 64
 
-demo: $(STAMP) data/digits
+demo: $(PRODUCT) data/digits
 	$(BIN)/tunecv run --config configs/demo.yaml
+
+# A fresh resolution of the open ranges (product and test extra) into a scratch venv,
+# frozen: run it, then `make test`, and commit constraints.txt when the suite passes.
+constraints:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q -e ".[test]"
+	echo "# The exact versions \`make test\` last passed with (CI, 2 cores, Python 3.11). Refresh: make constraints" > $(CONSTRAINTS)
+	.venv-lock/bin/pip freeze --exclude-editable >> $(CONSTRAINTS)
+	rm -rf .venv-lock
 
 # report.html is checked in a real headless Chromium: the OS's package, installed here
 # when running as root (CI); elsewhere the browser tests skip and say how to install it.
