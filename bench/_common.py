@@ -18,7 +18,7 @@ MEASURED_PATHS = ("search", "trainables", "spaces", "configs", "bench/*.py", "py
 
 def digits_root(image_size: int) -> Path:
     """The bundled digits at ``image_size`` px, written once under data/."""
-    from trainables.demo_data import write_digits
+    from trainables.data.demo_data import write_digits
 
     root = REPO / "data" / f"digits_{image_size}"
     if not root.is_dir():
@@ -29,7 +29,7 @@ def digits_root(image_size: int) -> Path:
 def smoke_root() -> Path:
     """What smoke runs train on: 4 synthetic classes of 40 images at 16 px (an epoch
     takes a fraction of a second), written once under data/."""
-    from trainables.demo_data import write_synthetic
+    from trainables.data.demo_data import write_synthetic
 
     root = REPO / "data" / "smoke_synthetic_16"
     if not root.is_dir():

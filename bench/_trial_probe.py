@@ -1,5 +1,5 @@
 """Where each trial of a benchmark ran, as Ray assigned it: a ``worker_process_setup_hook``
-(``runtime_env``) that wraps ``trainables.workers.run_trial_from``, the entry of every
+(``runtime_env``) that wraps ``trainables.runtime.workers.run_trial_from``, the entry of every
 trial, and appends one JSON line per trial attempt to the file ``PROBE_ENV`` names: the
 Tune trial id, the Ray node id, the GPU ids Ray gave the process, its pid and the time.
 
@@ -35,13 +35,13 @@ def install() -> None:
 
 
 class _WrapOnImport(importlib.abc.MetaPathFinder):
-    """Wraps ``run_trial_from`` once a trial imports ``trainables.workers``. Importing it
+    """Wraps ``run_trial_from`` once a trial imports ``trainables.runtime.workers``. Importing it
     in the hook itself loaded torch (~0.7 GB, 2.6 s here) into every worker Ray starts,
     trial or not (the storage probe's task on each node): the smoke run took 39-42 s
     with that, 33 s without."""
 
     def find_spec(self, name, path, target=None):
-        if name != "trainables.workers":
+        if name != "trainables.runtime.workers":
             return None
         sys.meta_path.remove(self)  # the real finders find it; this one only wraps
         spec = importlib.util.find_spec(name)

@@ -1,6 +1,6 @@
 """Training throughput with each loader: the DataLoader over the image files against Ray
 Data streaming their pack, on the digits at 64 px (resnet10t, batch 64), as
-``trainables.loop.train_one_epoch`` runs them (decode, augment, forward, backward, step).
+``trainables.training.loop.train_one_epoch`` runs them (decode, augment, forward, backward, step).
 
 Both run in this process against one local Ray (2 CPUs): the DataLoader decodes in the
 training process (``data.num_workers: auto`` on 2 CPUs), Ray Data's tasks decode on the
@@ -40,8 +40,8 @@ def _config(root: Path, out: Path, loader: str, smoke: bool):
 
 def _parts(cfg):
     from search.data import scan_data
-    from trainables.loop import _build
-    from trainables.runtime import local_runtime
+    from trainables.training.loop import _build
+    from trainables.runtime.ranks import local_runtime
 
     split = scan_data(cfg, print_fn=lambda *_: None)
     runtime = local_runtime(False)
@@ -51,7 +51,7 @@ def _parts(cfg):
 def _epoch(parts, runtime, epoch: int, batch_size: int) -> dict:
     import torch
 
-    from trainables.loop import _set_epoch, train_one_epoch
+    from trainables.training.loop import _set_epoch, train_one_epoch
 
     _set_epoch(parts.train_loader, epoch)
     scaler = torch.amp.GradScaler("cpu", enabled=False)

@@ -49,7 +49,7 @@ TARGETS = {"ort_over_eager": 0.5, "int8_over_eager": 0.3, "int8_drop_points": 0.
 def _load(checkpoint: Path | None, backbone: str, image_size: int) -> tuple[torch.nn.Module, str, int]:
     """(eval-mode model, backbone name, image size): the checkpoint's, or ``backbone`` at random init."""
     if checkpoint is not None:
-        from trainables.checkpoint import load_model
+        from trainables.model.checkpoint import load_model
 
         model, meta = load_model(checkpoint)
         return model, meta["backbone"], int(meta["preprocessing"]["image_size"])
@@ -171,8 +171,8 @@ def digits_int8_accuracy() -> dict:
     from search.config import Int8Config, parse_config
     from search.export.onnx import export_checkpoint
     from search.jobs.train import train
-    from trainables.datasets import read_split
-    from trainables.demo_data import write_digits
+    from trainables.data.datasets import read_split
+    from trainables.data.demo_data import write_digits
 
     with tempfile.TemporaryDirectory(prefix="tunecv-bench-int8-") as tmp:
         write_digits(Path(tmp) / "digits", image_size=32)

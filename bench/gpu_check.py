@@ -122,7 +122,7 @@ def _train(work: Path, data: Path, name: str, *, gpu: bool, precision: str, back
                   "warmup_epochs": 0.2, "precision": precision},
         "scaling": {"num_workers": num_workers, "use_gpu": gpu, "cpus_per_worker": 1},
     })
-    from trainables.datasets import read_split
+    from trainables.data.datasets import read_split
 
     start = time.perf_counter()
     with GpuSampler() as gpu_samples:
@@ -176,8 +176,8 @@ def _tensorrt(run_dir: Path) -> dict:
 
     from search.export.onnx import export_checkpoint
     from search.export.tensorrt import build_engine
-    from trainables.checkpoint import load_model
-    from trainables.datasets import read_split
+    from trainables.model.checkpoint import load_model
+    from trainables.data.datasets import read_split
 
     checkpoint = run_dir / "best"
     with tempfile.TemporaryDirectory() as tmp:
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not cuda and not args.cpu:
         parser.error("CUDA is not available; pass --cpu to run the CPU parts only.")
     from search.export.int8 import cpu_int8_flags
-    from trainables.demo_data import write_digits
+    from trainables.data.demo_data import write_digits
 
     from bench._common import commit
 

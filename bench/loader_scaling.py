@@ -19,7 +19,7 @@ import torch
 
 def main() -> None:
     from bench.gpu_check import _step_ceiling, _train
-    from trainables.demo_data import write_digits
+    from trainables.data.demo_data import write_digits
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)

@@ -37,7 +37,7 @@ def _write_images(root: Path, count: int, classes: int = 10) -> None:
 
 def _timed_scan(root: Path, out: str):
     from search.scan_cache import cached_scan
-    from trainables.datasets import list_data
+    from trainables.data.datasets import list_data
 
     start = time.perf_counter()
     _, stats = cached_scan(out, list_data(root), 89_478_485, print_fn=lambda *_: None)

@@ -1,7 +1,7 @@
 """Search efficiency: best macro-F1 against epochs spent, for TPE and random sampling,
 each with ASHA and with FIFO (every trial runs every epoch).
 
-The task is the generated "hard digits" (``trainables.demo_data.write_hard_digits``:
+The task is the generated "hard digits" (``trainables.data.demo_data.write_hard_digits``:
 rotated, scaled, shifted, noisy, imbalanced 4.4x; 32 px, 957 images), where the
 recipes of the from-scratch space lie far apart. The space is ``scratch_lt10k``, what
 ``--space auto`` picks without pretrained weights, with its warm start off so only the
@@ -48,7 +48,7 @@ SMOKE_EPOCHS, SMOKE_SAMPLES = 2, {"asha": 3, "fifo": 2}
 
 
 def hard_digits_root() -> Path:
-    from trainables.demo_data import write_hard_digits
+    from trainables.data.demo_data import write_hard_digits
 
     root = REPO / "data" / "hard_digits_32"
     if not root.is_dir():

@@ -1,6 +1,6 @@
 """Selection under noise: does tunecv export the best model its search trained?
 
-The data are hard digits (``trainables.demo_data.render_hard_digit``) split by glyph:
+The data are hard digits (``trainables.data.demo_data.render_hard_digit``) split by glyph:
 scikit-learn's 1,797 digits, two glyphs in three for the run and the third for an
 independent test set, so no drawing is on both sides. The run's data are imbalanced
 (``120 * 0.78**k`` images for digit k, 120 down to 12): with ``data.val_fraction`` 0.2
@@ -47,7 +47,7 @@ def write_selection_data(out: Path, image_size: int, run_per_class: int | None =
     import numpy as np
     from sklearn.datasets import load_digits
 
-    from trainables.demo_data import render_hard_digit
+    from trainables.data.demo_data import render_hard_digit
 
     run_root, test_root = out / "run", out / "test"
     if run_root.is_dir() and test_root.is_dir():
@@ -74,7 +74,7 @@ def write_selection_data(out: Path, image_size: int, run_per_class: int | None =
 
 def test_split(test_root: Path, class_names: tuple[str, ...]):
     """The test folder as a split's ``test`` part, in the run's class order."""
-    from trainables.datasets import DataSplit, Sample
+    from trainables.data.datasets import DataSplit, Sample
 
     samples = tuple(Sample(f"{name}/{p.name}", label, "")
                     for label, name in enumerate(class_names) for p in sorted((test_root / name).glob("*.png")))
@@ -103,7 +103,7 @@ def predictions(checkpoint: Path, split) -> tuple[list[int], list[int]]:
     import torch
 
     from search.export.onnx import eval_loader
-    from trainables.checkpoint import load_model
+    from trainables.model.checkpoint import load_model
 
     model, meta = load_model(checkpoint)
     labels, predicted = [], []
@@ -145,7 +145,7 @@ def run_one(seed: int, out: Path, data: tuple[Path, Path], smoke: bool, cpus: in
     from search.results.trials import load_run
     from search.results.winner import best_checkpoint
     from search.run.driver import run_search
-    from trainables.datasets import read_split
+    from trainables.data.datasets import read_split
 
     run_root, test_root = data
     epochs, samples, size = ((SMOKE["epochs"], SMOKE["num_samples"], SMOKE["image_size"]) if smoke

@@ -2,7 +2,7 @@
 real space (its parameters asked through Optuna and the space's own define-by-run), a
 split, the driver's files, and a study whose trials report an epoch at a time (ASHA
 stops, failures, and trials still running included). Every trial's best epoch has a
-``metrics.json`` computed by ``trainables.metrics`` from simulated predictions.
+``metrics.json`` computed by ``trainables.training.metrics`` from simulated predictions.
 
 Used by ``bench/report_html.py`` (200 trials) and the report page's tests.
 """
@@ -21,10 +21,10 @@ from search.layout import CONFIG, SPACE, SPLIT, trial_dir
 from search.space.catalog import parse_space
 from search.storage import RunStore
 from search.study import CHECKPOINT, REASON, TIMESTAMP, TRIAL_ID_KEY, epoch_key, open_study
-from trainables.checkpoint import METRICS_FILE
-from trainables.datasets import DataSplit, Sample, write_split
-from trainables.images import BadImage
-from trainables.metrics import compute_metrics
+from trainables.model.checkpoint import METRICS_FILE
+from trainables.data.datasets import DataSplit, Sample, write_split
+from trainables.data.images import BadImage
+from trainables.training.metrics import compute_metrics
 
 SPACE_FILE = Path(__file__).resolve().parents[1] / "spaces" / "tier_1k_10k.yaml"
 CLASSES = tuple(f"class_{i}" for i in range(10))

@@ -1,7 +1,7 @@
 """Training-loop throughput against raw forward+backward, and decode+augment per worker.
 
 Owns one question from the issue: on the bundled digits, how close does the real loop
-(``trainables.loop.train_one_epoch`` over the real DataLoader: worker, PNG decode,
+(``trainables.training.loop.train_one_epoch`` over the real DataLoader: worker, PNG decode,
 augmentation) get to the same model, optimizer and loss stepping on batches already
 decoded and augmented, with the same torch threads, in the same process? Target:
 loop / raw >= 0.9. Also times decode + augment in one process, which is what one
@@ -164,7 +164,7 @@ def _timed(fn, clock: _StepClock | None = None) -> dict:
 
 def loop_pass(parts, runtime, accum_steps: int, scaler, epochs: int, first_epoch: int) -> int:
     """The real loop: ``train_one_epoch`` as ``run_trial`` calls it, ``epochs`` times."""
-    from trainables.loop import train_one_epoch
+    from trainables.training.loop import train_one_epoch
 
     seen = 0
     for epoch in range(first_epoch, first_epoch + epochs):
@@ -181,7 +181,7 @@ def raw_pass(parts, runtime, accum_steps: int, batches) -> int:
     """
     import torch
 
-    from trainables.backbones import set_train_mode
+    from trainables.model.backbones import set_train_mode
 
     model, optimizer, p = parts.model, parts.optimizer, parts.precision
     set_train_mode(model)
@@ -220,9 +220,9 @@ def measure_decode(cfg, split, model, num_images: int, repeats: int) -> dict:
     import cv2
     import torch
 
-    from trainables.backbones import data_config, unwrap
-    from trainables.datasets import ImageDataset
-    from trainables.transforms import create_train_transform
+    from trainables.model.backbones import data_config, unwrap
+    from trainables.data.datasets import ImageDataset
+    from trainables.data.transforms import create_train_transform
 
     pre = data_config(unwrap(model))  # the same transform _build gives the train loader
     tf = create_train_transform(cfg.data.image_size, cfg.augment, pre["mean"], pre["std"])
@@ -259,7 +259,7 @@ def _median(runs: list[dict], key: str = "images_per_s", digits: int = 2) -> flo
 def load_run_config(args: argparse.Namespace):
     """Make sure the digits exist (as `tunecv data digits data/digits --image-size 64`), load."""
     from search.config import load_config
-    from trainables.demo_data import write_digits
+    from trainables.data.demo_data import write_digits
 
     if not args.smoke and not DIGITS_ROOT.is_dir():  # the smoke run has its own 16 px copy
         print(f"writing the bundled digits to {DIGITS_ROOT} (64 px)")
@@ -269,9 +269,9 @@ def load_run_config(args: argparse.Namespace):
 
 def prepare(cfg):
     """The split as `tunecv train` prepares it, then the loop's own parts."""
-    from trainables.datasets import prepare_split
-    from trainables.loop import _build
-    from trainables.runtime import local_runtime
+    from trainables.data.datasets import prepare_split
+    from trainables.training.loop import _build
+    from trainables.runtime.ranks import local_runtime
 
     split = prepare_split(
         cfg.data.root, manifest=cfg.data.manifest, val_fraction=cfg.data.val_fraction,
@@ -386,7 +386,7 @@ def summarise(pairs: dict, decode: dict) -> dict:
 
 
 WHAT_IS_TIMED = {
-    "loop": "trainables.loop.train_one_epoch on the parts from trainables.loop._build: DataLoader "
+    "loop": "trainables.training.loop.train_one_epoch on the parts from trainables.training.loop._build: DataLoader "
             "iteration (persistent worker(s), PNG decode, albumentations, collate), forward, loss, "
             "backward, AdamW step, LR scheduler, loss bookkeeping. Worker start-up and first-step "
             "warm-up are excluded (cold_first_epoch has them), as are evaluation and checkpoints.",

@@ -126,7 +126,7 @@ def _int8_config(args: argparse.Namespace):
 
 def _evaluate(args: argparse.Namespace) -> int:
     from search.jobs.evaluate import evaluate_checkpoint
-    from trainables.metrics import RANKING_METRIC
+    from trainables.training.metrics import RANKING_METRIC
 
     m = evaluate_checkpoint(
         args.checkpoint, args.split, num_workers=args.workers, cpus_per_worker=args.cpus_per_worker,
@@ -165,7 +165,7 @@ def _demo_data(write, args: argparse.Namespace, **kwargs) -> dict[str, int]:
 
 
 def _data_digits(args: argparse.Namespace) -> int:
-    from trainables.demo_data import write_digits
+    from trainables.data.demo_data import write_digits
 
     counts = _demo_data(write_digits, args, image_size=args.image_size)
     print(f"wrote {sum(counts.values())} digit images in {len(counts)} classes to {args.out}")
@@ -173,7 +173,7 @@ def _data_digits(args: argparse.Namespace) -> int:
 
 
 def _data_synthetic(args: argparse.Namespace) -> int:
-    from trainables.demo_data import write_synthetic
+    from trainables.data.demo_data import write_synthetic
 
     counts = _demo_data(write_synthetic, args, num_classes=args.num_classes, image_size=args.image_size,
                         images_per_class=args.images_per_class, seed=args.seed)
@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--gpu", action="store_true")
     evaluate.set_defaults(func=_evaluate)
 
-    from trainables.packs import ROWS_PER_FILE
+    from trainables.data.packs import ROWS_PER_FILE
 
     data = sub.add_parser("data", help="write demo data as an image folder, or pack a run's data").add_subparsers(
         dest="dataset", required=True
@@ -302,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     from search.results.winner import NothingToExportError
     from search.space.model import SpaceError
     from search.storage import RunStorageFullError, out_of_space
-    from trainables.backbones import PretrainedWeightsError
-    from trainables.layouts import DataError
+    from trainables.model.backbones import PretrainedWeightsError
+    from trainables.data.layouts import DataError
 
     args = build_parser().parse_args(argv)
     try:

@@ -23,7 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trainables.config import Location, TrialConfig
-from trainables.locations import is_uri
+from trainables.data.locations import is_uri
 
 
 class ConfigError(ValueError):
@@ -183,8 +183,8 @@ def _ray_data_problems(cfg: RunConfig) -> list[str]:
 def _pack_problems(cfg: RunConfig) -> list[str]:
     """``data.root`` is a pack exactly when ``data.loader`` is ray_data, and the pack's split
     was made with this run's ``data.val_fraction`` and ``optim.seed`` (one small read)."""
-    from trainables.layouts import DataError
-    from trainables.packs import PACK_JSON, is_pack, read_pack
+    from trainables.data.layouts import DataError
+    from trainables.data.packs import PACK_JSON, is_pack, read_pack
 
     root = cfg.data.root
     if cfg.data.loader == "dataloader":

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from search.config import ConfigError, RunConfig
 from search.scan_cache import cached_scan
-from trainables.datasets import DataSplit, Listing, list_data, split_scanned
-from trainables.packs import read_pack, read_pack_split
+from trainables.data.datasets import DataSplit, Listing, list_data, split_scanned
+from trainables.data.packs import read_pack, read_pack_split
 
 _MAX_LISTED_BAD_FILES = 20
 
@@ -21,7 +21,7 @@ def list_run_data(cfg: RunConfig) -> Listing | None:
     (``data.loader: ray_data``): it holds its split, which ``scan_data`` reads.
 
     Raises:
-        trainables.layouts.DataError: The root or manifest cannot give candidates.
+        trainables.data.layouts.DataError: The root or manifest cannot give candidates.
     """
     if cfg.data.loader == "ray_data":
         return None
@@ -33,7 +33,7 @@ def scan_data(cfg: RunConfig, print_fn=print, listing: Listing | None = None) ->
     data, print the summary; nothing but the cache is written.
 
     Raises:
-        trainables.layouts.DataError: The data cannot produce a usable split.
+        trainables.data.layouts.DataError: The data cannot produce a usable split.
     """
     if cfg.data.loader == "ray_data":  # the split was made when the images were packed
         split = read_pack_split(read_pack(cfg.data.root))

@@ -27,9 +27,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from trainables.datasets import Listing
-from trainables.locations import resolve_location
-from trainables.scan import SCAN_VERSION, SCHEMA, on_ray, scan_all
+from trainables.data.datasets import Listing
+from trainables.data.locations import resolve_location
+from trainables.data.scan import SCAN_VERSION, SCHEMA, on_ray, scan_all
 
 CACHE_DIR = "scan-cache"
 
@@ -57,7 +57,7 @@ def cached_scan(output_dir: str, listing: Listing, max_pixels: int, print_fn=pri
     write the result as a new cache file. Scans on Ray when this process is connected.
 
     Returns:
-        One row per listed file (``trainables.scan.SCHEMA``), and what was reused.
+        One row per listed file (``trainables.data.scan.SCHEMA``), and what was reused.
     """
     started = time.monotonic()
     entries = listing.entries

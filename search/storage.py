@@ -24,7 +24,7 @@ import yaml
 
 from search.config import ConfigError, RunConfig, dump_config, parse_config
 from search.layout import CONFIG, CONFIG_DIGEST, join
-from trainables.locations import is_uri, resolve_location
+from trainables.data.locations import is_uri, resolve_location
 
 
 @dataclass(frozen=True)

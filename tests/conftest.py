@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from trainables.demo_data import write_synthetic
+from trainables.data.demo_data import write_synthetic
 
 
 @pytest.fixture(scope="session")

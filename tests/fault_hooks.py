@@ -1,6 +1,6 @@
 """Faults injected into the trials of a real Ray, for tests only: Ray runs ``install``
 in every worker process (``runtime_env={"worker_process_setup_hook":
-"tests.fault_hooks.install"}``), and it wraps ``trainables.workers.run_trial_from``, the
+"tests.fault_hooks.install"}``), and it wraps ``trainables.runtime.workers.run_trial_from``, the
 entry of both trial paths, when ``TUNECV_TEST_FAULTS`` asks for a fault.
 
 ``TUNECV_TEST_FAULTS`` is JSON: ``{"<fault>": {"<section>.<field>": value, ...}}``; a
@@ -48,7 +48,7 @@ def install() -> None:
     faults = json.loads(os.environ.get(FAULTS_ENV) or "{}")
     if not faults:
         return
-    import trainables.workers as workers
+    import trainables.runtime.workers as workers
     from trainables.errors import TrialConfigError
 
     original = workers.run_trial_from

@@ -9,7 +9,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from trainables.backbones import (
+from trainables.model.backbones import (
     PretrainedWeightsError,
     apply_unfreeze_depth,
     create_backbone,
@@ -144,7 +144,7 @@ def test_pretrained_without_file_or_network_never_falls_back_to_random(tmp_path)
     # A fresh interpreter, because huggingface_hub reads HF_HUB_OFFLINE at import time;
     # offline mode makes the missing network fail in seconds instead of retrying.
     code = (
-        "from trainables.backbones import create_backbone\n"
+        "from trainables.model.backbones import create_backbone\n"
         "from trainables.config import ModelConfig\n"
         "create_backbone(ModelConfig(backbone='test_resnet', pretrained=True), 3)\n"
     )
@@ -181,7 +181,7 @@ def test_unknown_backbone_suggests_close_timm_names():
 
 
 def test_a_tensor_of_the_wrong_shape_is_named_once_with_both_shapes(tmp_path):
-    from trainables.backbones import check_weights_file
+    from trainables.model.backbones import check_weights_file
 
     state = {k: v.contiguous() for k, v in timm.create_model("test_resnet", pretrained=False).state_dict().items()}
     state["layer1.0.conv1.weight"] = torch.zeros(3, 3, 1, 1)

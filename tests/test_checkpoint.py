@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from trainables.checkpoint import META_FILE, WEIGHTS_FILE, load_model, read_meta, save_checkpoint
+from trainables.model.checkpoint import META_FILE, WEIGHTS_FILE, load_model, read_meta, save_checkpoint
 
 
 def _meta():

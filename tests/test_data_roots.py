@@ -15,9 +15,9 @@ from PIL import Image
 
 from search.config import ConfigError, parse_config
 from tests.conftest import small_run_config
-from trainables.datasets import ImageDataset, list_data, prepare_split
-from trainables.layouts import DataError
-from trainables.roots import DataRoot, key_inside
+from trainables.data.datasets import ImageDataset, list_data, prepare_split
+from trainables.data.layouts import DataError
+from trainables.data.roots import DataRoot, key_inside
 
 
 def _upload(local, uri: str) -> str:

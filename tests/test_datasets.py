@@ -18,8 +18,8 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from PIL import Image
 
-from trainables.datasets import ImageDataset, Sample, prepare_split, read_split, write_split
-from trainables.layouts import DataError, resolve_inside
+from trainables.data.datasets import ImageDataset, Sample, prepare_split, read_split, write_split
+from trainables.data.layouts import DataError, resolve_inside
 
 
 def _write_png(path: Path, seed: int, size: tuple[int, int] = (8, 8)) -> Path:
@@ -119,7 +119,7 @@ def test_walk_is_recursive_skips_hidden_and_scans_every_extension(tmp_path, capl
     _write_png(tmp_path / "a" / ".cache" / "y.png", 79)
     _write_png(tmp_path / ".thumbnails" / "z.png", 80)  # a hidden "class"
     (tmp_path / "b" / "README.txt").write_text("not an image")
-    with caplog.at_level(logging.INFO, logger="trainables.datasets"):
+    with caplog.at_level(logging.INFO, logger="trainables.data.datasets"):
         split = prepare_split(tmp_path)
     paths = {s.path for s in split.train + split.val}
     assert "a/nested/deep/x.jpg.png" in paths

@@ -9,8 +9,8 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 
-from trainables.datasets import prepare_split
-from trainables.demo_data import write_digits, write_hard_digits, write_synthetic
+from trainables.data.datasets import prepare_split
+from trainables.data.demo_data import write_digits, write_hard_digits, write_synthetic
 
 
 def _files(root):

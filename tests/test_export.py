@@ -12,16 +12,16 @@ import torch
 from PIL import Image
 
 from search.export.onnx import TENSORRT_HINT, ExportError, create_session, export_checkpoint
-from trainables.backbones import data_config
-from trainables.checkpoint import META_FILE, load_model, save_checkpoint
-from trainables.datasets import DataSplit, ImageDataset, Sample, prepare_split
-from trainables.demo_data import write_synthetic
-from trainables.images import ALPHA_RULE, DEFAULT_MAX_PIXELS
-from trainables.loaders import create_val_loader
-from trainables.loop import evaluate
-from trainables.metrics import RANKING_METRIC
-from trainables.runtime import local_runtime
-from trainables.transforms import create_eval_transform, eval_transform_from_spec, preprocessing_spec
+from trainables.model.backbones import data_config
+from trainables.model.checkpoint import META_FILE, load_model, save_checkpoint
+from trainables.data.datasets import DataSplit, ImageDataset, Sample, prepare_split
+from trainables.data.demo_data import write_synthetic
+from trainables.data.images import ALPHA_RULE, DEFAULT_MAX_PIXELS
+from trainables.data.loaders import create_val_loader
+from trainables.training.loop import evaluate
+from trainables.training.metrics import RANKING_METRIC
+from trainables.runtime.ranks import local_runtime
+from trainables.data.transforms import create_eval_transform, eval_transform_from_spec, preprocessing_spec
 
 BUNDLE_FILES = (
     "model.onnx", "class_names.json", "preprocessing.json", "metrics.json", "config.json",

@@ -19,9 +19,9 @@ from search.storage import RunStore
 from search.study import CHECKPOINT, FINALIST_OF, SEED_KEY, TIMESTAMP, TRIAL_ID_KEY, epoch_key, open_study
 from tests.conftest import small_run_config
 from tests.test_resume import DIST, _trial
-from trainables.checkpoint import METRICS_FILE, RESUMABLE_FILES
-from trainables.datasets import DataSplit, Sample
-from trainables.metrics import PREDICTIONS
+from trainables.model.checkpoint import METRICS_FILE, RESUMABLE_FILES
+from trainables.data.datasets import DataSplit, Sample
+from trainables.training.metrics import PREDICTIONS
 
 State = __import__("optuna").trial.TrialState
 

@@ -13,8 +13,8 @@ from sklearn.metrics import f1_score
 
 from search.results.intervals import macro_f1_interval, paired_difference
 from tests.test_datasets import _class_folders, _manifest_root, _write_csv, _write_png
-from trainables.datasets import Sample, carve_test, check_test_fraction, list_data, prepare_split, read_split, write_split
-from trainables.layouts import DataError
+from trainables.data.datasets import Sample, carve_test, check_test_fraction, list_data, prepare_split, read_split, write_split
+from trainables.data.layouts import DataError
 
 
 def test_test_split_is_disjoint_stratified_and_kept_out_of_the_search(tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainables.images import (
+from trainables.data.images import (
     CorruptImageError,
     NotAnImageError,
     OversizedImageError,

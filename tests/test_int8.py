@@ -17,9 +17,9 @@ from search.export.int8 import INT8_FILE
 from search.export.onnx import ONNX_FILE, create_session, eval_loader, export_checkpoint
 from search.jobs.train import train
 from tests.conftest import small_run_config
-from trainables.checkpoint import read_meta
-from trainables.datasets import read_split
-from trainables.demo_data import write_digits
+from trainables.model.checkpoint import read_meta
+from trainables.data.datasets import read_split
+from trainables.data.demo_data import write_digits
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainables.datasets import ImageDataset, Sample
-from trainables.loaders import loader_plan
+from trainables.data.datasets import ImageDataset, Sample
+from trainables.data.loaders import loader_plan
 
 
 @pytest.mark.parametrize("num_workers, cpus, on_gpu, expected", [

@@ -10,13 +10,13 @@ from search.config import parse_config
 from search.jobs.train import train
 from search.scan_cache import CACHE_DIR
 from tests.conftest import small_run_config
-from trainables.checkpoint import load_model, read_meta
-from trainables.datasets import read_split
-from trainables.loaders import create_val_loader
-from trainables.loop import evaluate
-from trainables.reporting import LocalRunReporter
-from trainables.runtime import Runtime, local_runtime
-from trainables.transforms import create_eval_transform
+from trainables.model.checkpoint import load_model, read_meta
+from trainables.data.datasets import read_split
+from trainables.data.loaders import create_val_loader
+from trainables.training.loop import evaluate
+from trainables.training.reporting import LocalRunReporter
+from trainables.runtime.ranks import Runtime, local_runtime
+from trainables.data.transforms import create_eval_transform
 
 
 def _train(synthetic_root, tmp_path, **sections):
@@ -87,7 +87,7 @@ def test_frozen_backbone_weights_do_not_move(synthetic_root, tmp_path):
     "loss", [{"type": "weighted_ce"}, {"type": "focal", "gamma": 2.0, "alpha": "balanced"}]
 )
 def test_imbalance_options_train(loss, tmp_path):
-    from trainables.demo_data import write_synthetic
+    from trainables.data.demo_data import write_synthetic
 
     root = tmp_path / "imbalanced"
     write_synthetic(root, num_classes=3, images_per_class=[60, 20, 10], image_size=32, seed=1)
@@ -109,7 +109,7 @@ def test_batch_larger_than_training_set_is_refused_before_training(synthetic_roo
 
 
 def test_val_shards_cover_every_image_once():
-    from trainables.loaders import val_shard
+    from trainables.data.loaders import val_shard
 
     for n in (0, 1, 7, 10):
         for world in (1, 2, 3):
@@ -155,8 +155,8 @@ def test_resuming_from_last_checkpoint_continues_exactly(synthetic_root, tmp_pat
     the run that never stopped: same losses, LRs, macro-F1 and final weights."""
     from safetensors.torch import load_file
 
-    from trainables.datasets import prepare_split
-    from trainables.loop import run_trial
+    from trainables.data.datasets import prepare_split
+    from trainables.training.loop import run_trial
 
     # Deterministic augmentation: albumentations' stream restarts with the process, so
     # only the loop's own state is under test here.

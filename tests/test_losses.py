@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainables.config import LossConfig
-from trainables.losses import FocalLoss, balanced_class_weights, create_loss
+from trainables.training.losses import FocalLoss, balanced_class_weights, create_loss
 
 LOGITS = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 TARGET = torch.tensor([0, 2])

@@ -16,7 +16,7 @@ from search.retrain.gate import Score, decide, describe, refuse_export
 from search.run.trial import trial_config
 from search.storage import RunStore
 from tests.conftest import small_run_config
-from trainables.transforms import preprocessing_spec
+from trainables.data.transforms import preprocessing_spec
 
 HOSTILE = "<img src=x onerror=alert(1)>|x"
 CONTROLS = "\x1b[31mred\nline\\"  # an ANSI colour, a line break, a trailing backslash

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from trainables.metrics import RANKING_METRIC, compute_metrics, format_report
+from trainables.training.metrics import RANKING_METRIC, compute_metrics, format_report
 
 
 def test_metrics_by_hand_three_classes():

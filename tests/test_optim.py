@@ -3,9 +3,9 @@
 import pytest
 import timm
 
-from trainables.backbones import apply_unfreeze_depth, param_groups
+from trainables.model.backbones import apply_unfreeze_depth, param_groups
 from trainables.config import OptimConfig
-from trainables.optim import create_optimizer, create_scheduler, warmup_cosine
+from trainables.training.optim import create_optimizer, create_scheduler, warmup_cosine
 
 
 def _model(depth):

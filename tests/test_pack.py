@@ -11,9 +11,9 @@ import pytest
 from search.cli import main
 from search.config import ConfigError, parse_config
 from tests.conftest import small_run_config
-from trainables.datasets import DataSplit, prepare_split
-from trainables.locations import resolve_location
-from trainables.packs import PACK_JSON, Pack, PackFile, read_pack, read_pack_split
+from trainables.data.datasets import DataSplit, prepare_split
+from trainables.data.locations import resolve_location
+from trainables.data.packs import PACK_JSON, Pack, PackFile, read_pack, read_pack_split
 
 
 def _fake_pack(directory, val_fraction=0.2, seed=0):

@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_model
 from search.config import ConfigError, parse_config
 from search.jobs.train import train
 from search.results.trials import COMPLETED, load_run
-from trainables.checkpoint import WEIGHTS_FILE
-from trainables.demo_data import write_digits
-from trainables.reporting import LAST_DIR
+from trainables.model.checkpoint import WEIGHTS_FILE
+from trainables.data.demo_data import write_digits
+from trainables.training.reporting import LAST_DIR
 from tests.conftest import small_run_config
 
 BACKBONES = ("test_resnet", "test_efficientnet", "test_convnext")
@@ -157,7 +157,7 @@ def test_a_weights_file_of_another_backbone_is_refused_before_ray_starts(digits_
     import ray
 
     from search.run.driver import run_search
-    from trainables.backbones import PretrainedWeightsError
+    from trainables.model.backbones import PretrainedWeightsError
 
     second, weights = digits_halves
     swapped = tmp_path / "swapped"

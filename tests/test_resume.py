@@ -13,7 +13,7 @@ from search.study import (
     CHECKPOINT, FAILURES, REASON, RESUME_FROM_KEY, TIMESTAMP, TRIAL_ID_KEY, epoch_key, open_study, run_trial_id,
 )
 from tests.conftest import small_run_config
-from trainables.checkpoint import RESUMABLE_FILES
+from trainables.model.checkpoint import RESUMABLE_FILES
 
 State = optuna.trial.TrialState
 DIST = {"lr_head": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}

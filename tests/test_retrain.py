@@ -28,8 +28,8 @@ from search.storage import RunStore
 from search.results.trials import load_run
 from search.study import HISTORY_KEY, read_trials
 from tests.conftest import small_run_config
-from trainables.datasets import read_split
-from trainables.demo_data import write_digits, write_synthetic
+from trainables.data.datasets import read_split
+from trainables.data.demo_data import write_digits, write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = {

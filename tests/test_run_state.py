@@ -231,9 +231,9 @@ def test_a_failed_trials_reason_is_the_last_exception_line_of_its_error_file(tmp
     (tmp_path / "error.txt").write_text(
         "Failure # 1 (occurred at 2026-11-30_05-10-19)\n"
         "ray::ImplicitFunc.train() (pid=1, ip=127.0.0.1)\n"
-        '  File "trainables/loaders.py", line 101, in create_train_loader\n'
+        '  File "trainables/data/loaders.py", line 101, in create_train_loader\n'
         "    raise ValueError(\n"
-        "trainables.layouts.DataError: optim.batch_size 1000 is larger than the 128 training images\n"
+        "trainables.data.layouts.DataError: optim.batch_size 1000 is larger than the 128 training images\n"
     )
     assert error_reason(Trial()) == "DataError: optim.batch_size 1000 is larger than the 128 training images"
     Trial.error_file = str(tmp_path / "missing.txt")

@@ -17,7 +17,7 @@ from search.config import parse_config
 from search.data import scan_data
 from search.scan_cache import CACHE_DIR, cached_scan
 from tests.conftest import small_run_config
-from trainables.datasets import list_data, split_scanned
+from trainables.data.datasets import list_data, split_scanned
 
 
 def _scan(root, out, lines=None, **kwargs):

@@ -15,7 +15,7 @@ from search.layout import REPORT_HTML, REPORT_MARKDOWN, REPORT_PARQUET, SPLIT
 from search.results.trials import COMPLETED, FAILED, STOPPED_EARLY, load_run
 from search.study import read_trials
 from tests.conftest import small_run_config
-from trainables.datasets import read_split
+from trainables.data.datasets import read_split
 from tests.fault_hooks import runtime_env
 
 # Three families (ResNet, EfficientNet, ViT), three losses. The warm start runs first,
@@ -219,7 +219,7 @@ def test_winner_is_exported_and_verified(search_run):
     from PIL import Image
     from sklearn.metrics import f1_score
 
-    from trainables.transforms import eval_transform_from_spec
+    from trainables.data.transforms import eval_transform_from_spec
 
     transform = eval_transform_from_spec(json.loads((export / "preprocessing.json").read_text()))
     session = ort.InferenceSession(str(export / "model.onnx"), providers=["CPUExecutionProvider"])

@@ -10,9 +10,9 @@ import torch
 
 from search.config import parse_config
 from tests.conftest import small_run_config
-from trainables.packs import PackFile, read_pack, read_pack_split
-from trainables.runtime import Runtime
-from trainables.stream import create_streams, train_batches_per_rank
+from trainables.data.packs import PackFile, read_pack, read_pack_split
+from trainables.runtime.ranks import Runtime
+from trainables.data.stream import create_streams, train_batches_per_rank
 
 
 def test_every_rank_gets_the_same_number_of_batches_in_any_epoch():
@@ -36,7 +36,7 @@ def ray_2cpu():
 def digits_pack(ray_2cpu, tmp_path_factory):
     """The bundled digits at 32 px, and their pack (1,437 train images in 6 files)."""
     from search.jobs.pack import pack_dataset
-    from trainables.demo_data import write_digits
+    from trainables.data.demo_data import write_digits
 
     tmp = tmp_path_factory.mktemp("digits")
     write_digits(tmp / "images", image_size=32)
@@ -112,11 +112,11 @@ def test_two_ddp_ranks_validate_on_every_packed_image_exactly_once(synthetic_pac
     """2 gloo ranks under Ray Train: each streams its own files; the gathered validation
     covers the whole split once, and equals one process's evaluation of the checkpoint."""
     from search.jobs.train import train
-    from trainables.checkpoint import load_model, read_meta
-    from trainables.loaders import create_val_loader
-    from trainables.loop import evaluate
-    from trainables.runtime import local_runtime
-    from trainables.transforms import eval_transform_from_spec
+    from trainables.model.checkpoint import load_model, read_meta
+    from trainables.data.loaders import create_val_loader
+    from trainables.training.loop import evaluate
+    from trainables.runtime.ranks import local_runtime
+    from trainables.data.transforms import eval_transform_from_spec
 
     raw = small_run_config(synthetic_pack, tmp_path / "runs", data={"loader": "ray_data", "num_workers": 1},
                            optim={"epochs": 2}, scaling={"num_workers": 2, "cpus_per_worker": 0.5})

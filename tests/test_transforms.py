@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from trainables.config import AugmentConfig
-from trainables.images import ALPHA_RULE
-from trainables.transforms import (
+from trainables.data.images import ALPHA_RULE
+from trainables.data.transforms import (
     create_eval_transform, create_train_transform, eval_transform_from_spec, preprocessing_spec,
 )
 

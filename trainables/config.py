@@ -33,11 +33,11 @@ Location = Annotated[str, BeforeValidator(_as_location), Field(min_length=1)]
 class DataConfig(_Frozen):
     """Where the images are and how they are split and decoded."""
 
-    root: Location  # a folder, or a bucket prefix (trainables/roots.py)
+    root: Location  # a folder, or a bucket prefix (trainables/data/roots.py)
     manifest: Location | None = None  # CSV or Parquet with path,label[,split]
     val_fraction: float = Field(0.2, ge=0.15, le=0.30)  # of what the test split leaves
     # Held out by path hash before anything else, scored only on the exported model after
-    # the search (trainables/datasets.py:carve_test); 0 for none. README "What the numbers mean".
+    # the search (trainables/data/datasets.py:carve_test); 0 for none. README "What the numbers mean".
     test_fraction: float = Field(0.15, ge=0.0, le=0.30)
     image_size: int = Field(224, ge=16, le=1024)
     resize_mode: Literal["center_crop", "pad"] = "center_crop"
@@ -47,10 +47,10 @@ class DataConfig(_Frozen):
     # size and mtime are unchanged (search/scan_cache.py says when that is not enough).
     rescan: bool = False
     # DataLoader processes per training worker; "auto" derives them (and torch's threads)
-    # from the CPUs the worker holds (trainables/loaders.py:loader_plan).
+    # from the CPUs the worker holds (trainables/data/loaders.py:loader_plan).
     num_workers: Union[Annotated[int, Field(ge=0, le=64)], Literal["auto"]] = "auto"
     # dataloader: torch's DataLoader over the image files. ray_data: root is a pack
-    # (`tunecv data pack`), streamed by Ray Data's tasks (trainables/stream.py).
+    # (`tunecv data pack`), streamed by Ray Data's tasks (trainables/data/stream.py).
     loader: Literal["dataloader", "ray_data"] = "dataloader"
 
 
@@ -172,7 +172,7 @@ class TrialConfig(_Frozen):
 
 
 def _check_loss_name(name: str) -> None:
-    from trainables.losses import check_loss_name  # the registry imports torch: only when parsing
+    from trainables.training.losses import check_loss_name  # the registry imports torch: only when parsing
 
     check_loss_name(name)
 

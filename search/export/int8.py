@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from search.config import Int8Config
-from trainables.datasets import DataSplit, ImageDataset
+from trainables.data.datasets import DataSplit, ImageDataset
 
 INT8_FILE = "model.int8.onnx"
 # Instruction sets that give int8 matrix products their speed on x86 (ONNX Runtime's

@@ -36,13 +36,13 @@ from search.config import Int8Config
 from search.export.int8 import INT8_FILE, calibration_batches, cpu_int8_flags, int8_gate, quantize_int8
 from search.export.tensorrt import run_tensorrt, tensorrt_unavailable_reason
 from search.markdown import md_text
-from trainables.checkpoint import load_model, read_meta
-from trainables.datasets import DataSplit
-from trainables.images import ALPHA_RULE, DEFAULT_MAX_PIXELS
-from trainables.loaders import create_val_loader
-from trainables.metrics import RANKING_METRIC, TOP_K, EvalMetrics, compute_metrics, top_k_classes
-from trainables.runtime import local_runtime
-from trainables.transforms import eval_transform_from_spec
+from trainables.model.checkpoint import load_model, read_meta
+from trainables.data.datasets import DataSplit
+from trainables.data.images import ALPHA_RULE, DEFAULT_MAX_PIXELS
+from trainables.data.loaders import create_val_loader
+from trainables.training.metrics import RANKING_METRIC, TOP_K, EvalMetrics, compute_metrics, top_k_classes
+from trainables.runtime.ranks import local_runtime
+from trainables.data.transforms import eval_transform_from_spec
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -267,7 +267,7 @@ def eval_loader(split: DataSplit, meta: dict[str, Any], batch_size: int, which: 
     except KeyError as err:
         raise ExportError(
             f"the checkpoint's preprocessing has no {err} key; expected the fields of "
-            f"trainables.transforms.preprocessing_spec, got {sorted(spec)}."
+            f"trainables.data.transforms.preprocessing_spec, got {sorted(spec)}."
         ) from err
     except ValueError as err:  # another alpha rule or resize mode than tunecv's
         raise ExportError(f"the checkpoint's preprocessing cannot be reproduced: {err}") from err
@@ -348,7 +348,7 @@ def _test_scores(run, split: DataSplit, meta: dict[str, Any], batch_size: int, s
 
 
 def _metrics_from_logits(logits: np.ndarray, labels: np.ndarray, class_names) -> EvalMetrics:
-    """The top-k and cross-entropy that ``trainables.loop.evaluate`` gives compute_metrics."""
+    """The top-k and cross-entropy that ``trainables.training.loop.evaluate`` gives compute_metrics."""
     scores = torch.from_numpy(logits).float()
     topk = top_k_classes(logits, min(TOP_K, len(class_names)))  # ties to the lower index, as in training
     losses = F.cross_entropy(scores, torch.from_numpy(labels), reduction="none").numpy()

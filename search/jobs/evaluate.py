@@ -39,7 +39,7 @@ def evaluate_checkpoint(
         the ranks.
 
     Raises:
-        ConfigError, trainables.layouts.DataError: As :func:`check_evaluation_inputs`,
+        ConfigError, trainables.data.layouts.DataError: As :func:`check_evaluation_inputs`,
             before Ray starts.
     """
     check_evaluation_inputs(checkpoint, split)
@@ -47,7 +47,7 @@ def evaluate_checkpoint(
     from search.run.runners import torch_trainer
     from search.storage import RunStore
     from trainables.config import ScalingConfig
-    from trainables.workers import evaluate_loop_per_worker
+    from trainables.runtime.workers import evaluate_loop_per_worker
 
     connect_ray()
     temporary = None if storage else tempfile.mkdtemp(prefix="tunecv-evaluate-")
@@ -70,10 +70,10 @@ def check_evaluation_inputs(checkpoint: str | Path, split: str | Path) -> None:
     Raises:
         ConfigError: The checkpoint or the split file is missing, or they disagree on the
             classes; the message names the path and what to pass instead.
-        trainables.layouts.DataError: The split file exists but cannot be read.
+        trainables.data.layouts.DataError: The split file exists but cannot be read.
     """
     from search.storage import RunStore
-    from trainables.datasets import read_split
+    from trainables.data.datasets import read_split
 
     meta = _checkpoint_meta(RunStore.at(checkpoint), str(checkpoint))
     split_store = RunStore.at(split)
@@ -90,7 +90,7 @@ def check_evaluation_inputs(checkpoint: str | Path, split: str | Path) -> None:
 
 def _checkpoint_meta(store, given: str) -> dict[str, Any]:
     """The checkpoint's ``meta.json``, after checking that ``store`` holds a checkpoint."""
-    from trainables.checkpoint import FORMAT_VERSION, META_FILE, WEIGHTS_FILE
+    from trainables.model.checkpoint import FORMAT_VERSION, META_FILE, WEIGHTS_FILE
 
     kind = _file_type(store, f"checkpoint '{given}'")
     if kind != "directory":

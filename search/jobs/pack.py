@@ -1,5 +1,5 @@
 """``tunecv data pack``: a run file's data (``data.root``, its manifest, the split
-``data.val_fraction`` and ``optim.seed`` make) written as a pack (``trainables/packs.py``)
+``data.val_fraction`` and ``optim.seed`` make) written as a pack (``trainables/data/packs.py``)
 at a local path or a bucket prefix, for trials with ``data.loader: ray_data``.
 
 The images are read by Ray Data's tasks across the cluster (``map_batches``), each
@@ -19,12 +19,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from search.config import ConfigError, RunConfig
-from trainables.datasets import Sample, write_split
-from trainables.layouts import DataError
-from trainables.locations import resolve_location
-from trainables.packs import PACK_JSON, PACK_SPLIT, ROWS_PER_FILE, Pack, PackFile
-from trainables.roots import DataRoot
-from trainables.stream import quiet
+from trainables.data.datasets import Sample, write_split
+from trainables.data.layouts import DataError
+from trainables.data.locations import resolve_location
+from trainables.data.packs import PACK_JSON, PACK_SPLIT, ROWS_PER_FILE, Pack, PackFile
+from trainables.data.roots import DataRoot
+from trainables.data.stream import quiet
 
 
 def check_pack_out(out: str) -> None:
@@ -62,7 +62,7 @@ def pack_dataset(cfg: RunConfig, out: str, print_fn=print, rows_per_file: int = 
 
     Raises:
         ConfigError: OUT is not empty, or ``cfg`` already reads a pack; before any work.
-        trainables.layouts.DataError: The data gives no usable split, or a file changed
+        trainables.data.layouts.DataError: The data gives no usable split, or a file changed
             since it was scanned.
     """
     from search.data import list_run_data, scan_data

@@ -19,7 +19,7 @@ import yaml
 
 from search.config import ConfigError, load_config
 from search.layout import EXPORT, REPORT_MARKDOWN, run_name
-from trainables.locations import is_uri
+from trainables.data.locations import is_uri
 
 DEFAULT_RUNTIME_ENV = Path("cluster/runtime_env.yaml")
 _POLL_S = 2.0

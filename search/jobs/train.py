@@ -13,17 +13,17 @@ from search.data import check_batch_sizes, scan_data
 from search.layout import CONFIG, SPLIT
 from search.run.location import new_run
 from search.storage import RunStore
-from trainables.datasets import DataSplit, write_split
-from trainables.locations import is_uri
-from trainables.metrics import RANKING_METRIC
-from trainables.reporting import BEST_DIR
+from trainables.data.datasets import DataSplit, write_split
+from trainables.data.locations import is_uri
+from trainables.training.metrics import RANKING_METRIC
+from trainables.training.reporting import BEST_DIR
 
 
 def train(cfg: RunConfig, print_fn=print) -> Path:
     """Train one configuration and return its run directory.
 
     Raises:
-        trainables.layouts.DataError: The data cannot produce a usable split (before any training
+        trainables.data.layouts.DataError: The data cannot produce a usable split (before any training
             and before the run directory exists).
         ConfigError: ``output_dir`` is an object-store URI (one training run writes locally), or
             ``optim.batch_size`` is larger than the training set.
@@ -52,9 +52,9 @@ def train(cfg: RunConfig, print_fn=print) -> Path:
 
 
 def _train_in_process(cfg: RunConfig, split: DataSplit, run_dir: Path, print_fn) -> None:
-    from trainables.loop import run_trial
-    from trainables.reporting import LocalRunReporter
-    from trainables.runtime import local_runtime
+    from trainables.training.loop import run_trial
+    from trainables.training.reporting import LocalRunReporter
+    from trainables.runtime.ranks import local_runtime
 
     reporter = LocalRunReporter(run_dir, print_fn)
     summary = run_trial(cfg.trial(), split, reporter, local_runtime(cfg.scaling.use_gpu))

@@ -21,7 +21,7 @@ from plotly.subplots import make_subplots
 from search.results.trials import FAILED, RUNNING, STOPPED_EARLY, TrialView
 from search.space.model import SearchSpace
 from search.study import TIMESTAMP
-from trainables.metrics import RANKING_METRIC
+from trainables.training.metrics import RANKING_METRIC
 
 MIN_TRIALS_FOR_IMPORTANCE = 5  # fewer results say nothing about which parameter mattered
 _LAYOUT = {"template": "plotly_white", "margin": {"l": 60, "r": 20, "t": 50, "b": 50}}

@@ -22,7 +22,7 @@ import plotly.io as pio
 from search.results import figures
 from search.results.table import format_cell, status_summary
 from search.results.trials import STOPPED_EARLY, TrialView
-from trainables.metrics import RANKING_METRIC
+from trainables.training.metrics import RANKING_METRIC
 
 IMBALANCE_WARN_RATIO = 3.0  # largest / smallest class in training: above it the page warns
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from search.results.trials import TrialView
-from trainables.metrics import RANKING_METRIC
+from trainables.training.metrics import RANKING_METRIC
 
 
 def sort_key(trial: TrialView) -> tuple:

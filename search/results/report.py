@@ -20,8 +20,8 @@ from search.results.selection import FINALISTS_NOTE, FinalistGroup, finalist_gro
 from search.results.table import format_table, status_summary
 from search.results.trials import RunView, TrialView, load_run, read_epoch_details
 from search.storage import RunStore
-from trainables.losses import loss_label
-from trainables.metrics import PREDICTIONS, RANKING_METRIC
+from trainables.training.losses import loss_label
+from trainables.training.metrics import PREDICTIONS, RANKING_METRIC
 
 TOP_DETAILED = 3
 LEADER, TIED, BEHIND = "leader", "tied", "behind"  # the vs_leader column
@@ -84,7 +84,7 @@ def report_row(rank_: int, trial: TrialView) -> dict[str, Any]:
 
 def build_report(run: RunView) -> Report:
     """Rank the run's trials and render the report (reads each trial's kept checkpoint metrics)."""
-    from trainables.datasets import read_split
+    from trainables.data.datasets import read_split
 
     ranked = rank(run.trials)
     rows = [report_row(i, t) for i, t in enumerate(ranked, start=1)]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from search.results.ranking import rank, sort_key
 from search.results.trials import TrialView
-from trainables.metrics import RANKING_METRIC
+from trainables.training.metrics import RANKING_METRIC
 
 FINALISTS_NOTE = ("The search's best configurations, trained again with other seeds (search.finalists): the one "
                   "with the best mean over its runs is exported, its best run's checkpoint. A single run's best "

@@ -8,7 +8,7 @@ from collections import Counter
 from typing import Any
 
 from search.markdown import md_text
-from trainables.metrics import RANKING_METRIC
+from trainables.training.metrics import RANKING_METRIC
 
 _CONSOLE_COLUMNS = (
     ("rank", 4), ("trial_id", 8), ("status", 13), ("backbone", 22), ("unfreeze_depth", 5),

@@ -31,9 +31,9 @@ from search.study import (
     read_trials,
     recorded_epochs,
 )
-from trainables.checkpoint import METRICS_FILE
+from trainables.model.checkpoint import METRICS_FILE
 from trainables.config import TrialConfig
-from trainables.metrics import RANKING_METRIC
+from trainables.training.metrics import RANKING_METRIC
 
 COMPLETED, STOPPED_EARLY, FAILED = "completed", "stopped_early", "failed"
 CUT = "cut"  # the time budget stopped it before its first epoch: not a failure

@@ -13,7 +13,7 @@ from search.layout import EXPORT, SPLIT, join
 from search.results.selection import finalist_groups, selection_order, selection_rule
 from search.results.trials import load_run
 from search.storage import RunStore
-from trainables.checkpoint import META_FILE, WEIGHTS_FILE
+from trainables.model.checkpoint import META_FILE, WEIGHTS_FILE
 
 
 class NothingToExportError(ValueError):
@@ -48,7 +48,7 @@ def export_trial(store: RunStore, out_dir: Path, trial_id: str | None = None, in
         NothingToExportError: No trial has a checkpoint, or ``trial_id`` is unknown or has none.
     """
     from search.export.onnx import export_checkpoint
-    from trainables.datasets import read_split
+    from trainables.data.datasets import read_split
 
     trials = load_run(store).trials
     chosen, rel = best_checkpoint(store, trial_id, trials)

@@ -39,9 +39,9 @@ from search.retrain.registry import (
 )
 from search.retrain.warm import history_trials, top_configurations
 from search.storage import RunStore
-from trainables.datasets import DataSplit
-from trainables.locations import is_uri
-from trainables.metrics import RANKING_METRIC
+from trainables.data.datasets import DataSplit
+from trainables.data.locations import is_uri
+from trainables.training.metrics import RANKING_METRIC
 
 PrintFn = Callable[[str], None]
 

@@ -9,7 +9,7 @@ from search.results.selection import selection_order
 from search.results.trials import load_run
 from search.storage import RunStore
 from search.study import HistoryTrial
-from trainables.metrics import RANKING_METRIC
+from trainables.training.metrics import RANKING_METRIC
 
 
 def top_configurations(store: RunStore, k: int) -> list[dict[str, Any]]:

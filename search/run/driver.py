@@ -32,8 +32,8 @@ from search.space.catalog import parse_space, resolve_space_name
 from search.space.model import SearchSpace
 from search.storage import RunStorageFullError, RunStore, check_shared_storage, out_of_space, write_config
 from search.study import HISTORY_KEY, TRIAL_ID_KEY, HistoryTrial, StudyHandle, open_study
-from trainables.backbones import check_weights_file, local_weights
-from trainables.datasets import DataSplit, write_split
+from trainables.model.backbones import check_weights_file, local_weights
+from trainables.data.datasets import DataSplit, write_split
 
 
 def check_space(cfg: RunConfig, text: str, source: str) -> SearchSpace:
@@ -127,7 +127,7 @@ def run_search(
         ConfigError: The space is invalid, the run to resume is finished, has another
             config or a live driver, or the cluster's nodes cannot all see the run
             location; all before any training (an invalid space even before data or Ray).
-        trainables.layouts.DataError: A new run's data cannot give a usable split;
+        trainables.data.layouts.DataError: A new run's data cannot give a usable split;
             before Ray starts when its listing shows it (a missing root, a bad layout or
             manifest), and always before the run directory is created.
     """
@@ -281,7 +281,7 @@ def _finalists(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: Driv
     interrupted (``search/run/finalists.py``)."""
     from search.results.trials import load_run
     from search.run.finalists import chosen_finalists, choose_finalists, enqueue_finalists, queued_finalists
-    from trainables.datasets import read_split
+    from trainables.data.datasets import read_split
 
     study = handle.study
     if chosen_finalists(study) is None:

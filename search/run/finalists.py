@@ -24,8 +24,8 @@ from search.results.ranking import rank
 from search.results.trials import COMPLETED, TrialView, read_epoch_details
 from search.storage import RunStore
 from search.study import FINALIST_OF, FINALISTS, SEED_KEY
-from trainables.datasets import DataSplit
-from trainables.metrics import PREDICTIONS
+from trainables.data.datasets import DataSplit
+from trainables.training.metrics import PREDICTIONS
 
 
 def choose_finalists(store: RunStore, trials, split: DataSplit, cfg: RunConfig) -> tuple[list[str], str]:

@@ -17,7 +17,7 @@ from search.drivers import HEARTBEAT_S, DriverRecord
 from search.run.recorder import COMPLETED, CUT, FAILED, STOPPED
 from search.run.trial import FINAL_ERROR_KEY, STORAGE_FULL_KEY, searched_params
 from search.study import TRIAL_ID_KEY
-from trainables.metrics import RANKING_METRIC
+from trainables.training.metrics import RANKING_METRIC
 
 
 class Heartbeat(tune.Callback):

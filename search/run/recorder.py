@@ -23,9 +23,9 @@ from search.run.searcher import StudySearcher
 from search.run.trial import FINAL_ERROR_KEY, STORAGE_FULL_KEY
 from search.storage import RunStorageFullError, RunStore
 from search.study import BUDGET_CUT, CHECKPOINT, FAILURES, REASON, TIMESTAMP, TRIAL_ID_KEY, epoch_key, recorded_epochs
-from trainables.metrics import RANKING_METRIC
-from trainables.reporting import EPOCH_KEYS
-from trainables.workers import RESUMED_FROM_EPOCH
+from trainables.training.metrics import RANKING_METRIC
+from trainables.training.reporting import EPOCH_KEYS
+from trainables.runtime.workers import RESUMED_FROM_EPOCH
 
 _RESULT_KEYS = (*EPOCH_KEYS, RESUMED_FROM_EPOCH, "hostname", "pid")  # Tune adds hostname and pid
 _EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Interrupt|Exit)\b[^:]*: ")
@@ -42,7 +42,7 @@ def error_reason(trial) -> str:
     found = next((line for line in reversed(lines) if _EXCEPTION_LINE.match(line)), None)
     reason = found or (lines[-1] if lines else "the trial process died (see Ray's logs)")
     reason = re.sub(r"^ray\.exceptions\.RayTaskError\((\w+)\)", r"\1", reason)
-    return re.sub(r"^(\w+\.)+(?=\w+: )", "", reason)[:500]  # trainables.layouts.DataError -> DataError
+    return re.sub(r"^(\w+\.)+(?=\w+: )", "", reason)[:500]  # trainables.data.layouts.DataError -> DataError
 
 
 class TrialRecorder(tune.Callback):

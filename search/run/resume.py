@@ -33,8 +33,8 @@ from search.study import (
     recorded_epochs,
     run_trial_id,
 )
-from trainables.checkpoint import RESUMABLE_FILES
-from trainables.metrics import RANKING_METRIC
+from trainables.model.checkpoint import RESUMABLE_FILES
+from trainables.training.metrics import RANKING_METRIC
 
 INTERRUPTED_REASON = "interrupted: its driver stopped"
 

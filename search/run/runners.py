@@ -14,7 +14,7 @@ from typing import Any
 from search.layout import TRAIN_SUBDIR
 from search.storage import RunStore
 from trainables.config import ScalingConfig, TrialConfig
-from trainables.metrics import RANKING_METRIC
+from trainables.training.metrics import RANKING_METRIC
 
 
 class TrialRunner(abc.ABC):
@@ -33,10 +33,10 @@ class InProcessRunner(TrialRunner):
     def run(self, resume_from: str | None) -> None:
         from ray import tune
 
-        from trainables.datasets import read_split
-        from trainables.locations import ray_checkpoint
-        from trainables.runtime import local_runtime
-        from trainables.workers import run_trial_from
+        from trainables.data.datasets import read_split
+        from trainables.data.locations import ray_checkpoint
+        from trainables.runtime.ranks import local_runtime
+        from trainables.runtime.workers import run_trial_from
 
         checkpoint = tune.get_checkpoint() or (ray_checkpoint(resume_from) if resume_from else None)
         run_trial_from(
@@ -76,7 +76,7 @@ def create_torch_trainer(
     """
     import ray.train
 
-    from trainables.workers import train_loop_per_worker
+    from trainables.runtime.workers import train_loop_per_worker
 
     loop_config = {"trial": cfg.model_dump(mode="json"), "split": split, "resume_from": resume_from}
     checkpoints = keep_best_and_latest(ray.train.CheckpointConfig)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from search.study import TRIAL_ID_KEY
-from trainables.metrics import RANKING_METRIC
+from trainables.training.metrics import RANKING_METRIC
 
 EPOCH = "epoch"  # ASHA's time attribute
 

@@ -15,7 +15,7 @@ from ray.tune.search import Searcher
 
 from search.space.model import SearchSpace
 from search.study import FINALIST_OF, RESUME_FROM_KEY, SEED_KEY, TRIAL_ID_KEY, StudyHandle, run_trial_id
-from trainables.metrics import RANKING_METRIC
+from trainables.training.metrics import RANKING_METRIC
 
 
 class StudySearcher(Searcher):

@@ -20,7 +20,7 @@ from pydantic import PlainValidator, ValidationInfo, create_model, field_validat
 
 from trainables.config import AugmentConfig, LossConfig, OptimConfig
 from trainables.config import check_backbone_name
-from trainables.losses import LOSSES, check_loss_name
+from trainables.training.losses import LOSSES, check_loss_name
 
 if TYPE_CHECKING:
     import optuna
@@ -394,7 +394,7 @@ def _group_count(backbone: str) -> int:
     import timm  # deferred: timm and torch take seconds to import; only depth checks need them
     import torch
 
-    from trainables.backbones import param_groups
+    from trainables.model.backbones import param_groups
 
     try:
         with torch.device("meta"):

@@ -3,7 +3,7 @@
 under it by its relative path.
 
 This module owns the object-store half of the containment rules (a key under the
-root, never beside it); ``trainables.layouts`` owns the local half (real paths,
+root, never beside it); ``trainables.data.layouts`` owns the local half (real paths,
 symlinks). A root is passed between processes as its location string: each process
 opens the filesystem itself, on first use, so no AWS SDK client exists before a
 DataLoader forks its workers.
@@ -16,8 +16,8 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from trainables.layouts import DataError
-from trainables.locations import is_uri, resolve_location
+from trainables.data.layouts import DataError
+from trainables.data.locations import is_uri, resolve_location
 
 _FILESYSTEMS: dict[tuple[int, str], tuple[Any, str]] = {}  # (pid, location) -> (fs, base path)
 
@@ -77,7 +77,7 @@ class DataRoot:
 
     def list_files(self) -> list[FileEntry]:
         """Every object under a URI root, sorted, in one recursive listing (S3: 1,000 keys a
-        request). Local roots are walked by ``trainables.layouts`` instead."""
+        request). Local roots are walked by ``trainables.data.layouts`` instead."""
         import pyarrow.fs as pafs
 
         fs, base = _filesystem(self.location)

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
-from trainables.datasets import DataSplit, ImageDataset
+from trainables.data.datasets import DataSplit, ImageDataset
 from trainables.errors import TrialConfigError
-from trainables.locations import is_uri
-from trainables.runtime import Runtime
+from trainables.data.locations import is_uri
+from trainables.runtime.ranks import Runtime
 
 
 class WeightedShardSampler(Sampler[int]):

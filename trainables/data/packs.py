@@ -1,5 +1,5 @@
 """A packed dataset: a split's images as Parquet shards of encoded bytes, for trials that
-stream it with Ray Data (``trainables/stream.py``) instead of opening one file per image.
+stream it with Ray Data (``trainables/data/stream.py``) instead of opening one file per image.
 
 This module owns the pack's format and reading its description back; writing one is
 ``search/jobs/pack.py`` (``tunecv data pack``). It does not decode images.
@@ -8,7 +8,7 @@ Layout under the pack's location (a folder or a bucket prefix)::
 
     split=train/<file>.parquet   rows: row, path, label, sha1, image (the file's bytes)
     split=val/<file>.parquet     (hive directories, so a reader gets the split column)
-    split.parquet, split.json    the split itself (trainables.datasets.write_split)
+    split.parquet, split.json    the split itself (trainables.data.datasets.write_split)
     pack.json                    written last: its presence means the pack is complete
 
 ``row`` is the sample's index in the split (``DataSplit.train``/``val`` order). Training
@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from trainables.layouts import DataError
-from trainables.locations import resolve_location
+from trainables.data.layouts import DataError
+from trainables.data.locations import resolve_location
 
 PACK_JSON = "pack.json"
 PACK_SPLIT = "split.parquet"
@@ -103,7 +103,7 @@ def read_pack_split(pack: Pack):
     Raises:
         DataError: The split file is missing, edited, or not the one ``pack.json`` names.
     """
-    from trainables.datasets import read_split
+    from trainables.data.datasets import read_split
 
     split = read_split(pack.uri(PACK_SPLIT))
     if split.fingerprint() != pack.fingerprint:

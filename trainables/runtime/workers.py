@@ -9,13 +9,13 @@ import json
 import tempfile
 from pathlib import Path
 
-from trainables.checkpoint import last_checkpoint_epoch
+from trainables.model.checkpoint import last_checkpoint_epoch
 from trainables.config import TrialConfig
-from trainables.datasets import DataSplit, read_split
-from trainables.locations import ray_checkpoint
-from trainables.loop import run_trial
-from trainables.reporting import RayReporter
-from trainables.runtime import Runtime, ray_train_runtime
+from trainables.data.datasets import DataSplit, read_split
+from trainables.data.locations import ray_checkpoint
+from trainables.training.loop import run_trial
+from trainables.training.reporting import RayReporter
+from trainables.runtime.ranks import Runtime, ray_train_runtime
 
 RESUMED_FROM_EPOCH = "resumed_from_epoch"  # in every result of a trial that continued
 
@@ -68,10 +68,10 @@ def evaluate_loop_per_worker(config: dict) -> None:
     import ray
     import ray.train
 
-    from trainables.checkpoint import load_model
-    from trainables.loaders import create_val_loader
-    from trainables.loop import evaluate
-    from trainables.transforms import eval_transform_from_spec
+    from trainables.model.checkpoint import load_model
+    from trainables.data.loaders import create_val_loader
+    from trainables.training.loop import evaluate
+    from trainables.data.transforms import eval_transform_from_spec
 
     runtime = ray_train_runtime()
     with ray_checkpoint(config["checkpoint"]).as_directory() as directory:

@@ -17,8 +17,8 @@ from typing import Callable, Sequence
 
 import pyarrow as pa
 
-from trainables.images import DEFAULT_MAX_PIXELS, scan_images
-from trainables.roots import DataRoot, FileEntry
+from trainables.data.images import DEFAULT_MAX_PIXELS, scan_images
+from trainables.data.roots import DataRoot, FileEntry
 
 # Bumped whenever what a row means changes (decode rules, hash), so old caches are not read.
 SCAN_VERSION = 1

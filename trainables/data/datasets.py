@@ -1,13 +1,13 @@
 """The train/val/test split: from candidate files to a frozen, scanned, stratified split.
 
 This module owns the step from "a data root on disk" to a frozen
-:class:`DataSplit`: taking the candidates that ``trainables.layouts`` finds,
-skipping or failing on bad files found by :func:`trainables.images.scan_images`,
+:class:`DataSplit`: taking the candidates that ``trainables.data.layouts`` finds,
+skipping or failing on bad files found by :func:`trainables.data.images.scan_images`,
 the held-out test split (:func:`carve_test`), the seeded stratified validation
 holdout, the duplicate check across splits, the split
 file written next to a run, and the torch :class:`ImageDataset` that reads the
 samples back. Decoding itself lives
-in ``trainables.images``; augmentation pipelines are built elsewhere and only
+in ``trainables.data.images``; augmentation pipelines are built elsewhere and only
 passed in as a callable.
 """
 
@@ -29,11 +29,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch.utils.data
 
-from trainables.images import DEFAULT_MAX_PIXELS, BadImage, decode_rgb, load_rgb
-from trainables.layouts import SPLITS, Candidate, DataError, listed_candidates, manifest_candidates, walk_folders
-from trainables.locations import resolve_location
-from trainables.roots import DataRoot, FileEntry, key_inside
-from trainables.scan import scan_all
+from trainables.data.images import DEFAULT_MAX_PIXELS, BadImage, decode_rgb, load_rgb
+from trainables.data.layouts import SPLITS, Candidate, DataError, listed_candidates, manifest_candidates, walk_folders
+from trainables.data.locations import resolve_location
+from trainables.data.roots import DataRoot, FileEntry, key_inside
+from trainables.data.scan import scan_all
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ def prepare_split(
 
 def split_scanned(listing: Listing, scanned: pa.Table, *, val_fraction: float = 0.2, seed: int = 0,
                   strict: bool = False, test_fraction: float = 0.0) -> DataSplit:
-    """The split of ``listing``, given its scan (``trainables.scan`` rows, any order,
+    """The split of ``listing``, given its scan (``trainables.data.scan`` rows, any order,
     one per listed file). Raises as :func:`prepare_split`."""
     _check_val_fraction(val_fraction)
     check_test_fraction(test_fraction)

@@ -6,7 +6,7 @@ palettes, CMYK, 16-bit and float grayscale), EXIF orientation, the
 decompression-bomb guard, and the scan
 that hashes and fully decodes a list of files to sort good images from bad ones
 with a human-readable reason. It does not know about classes, splits or
-datasets (see ``trainables.datasets``) and never sets PIL globals such as
+datasets (see ``trainables.data.datasets``) and never sets PIL globals such as
 ``ImageFile.LOAD_TRUNCATED_IMAGES``: a truncated file is an error, not a
 silently grey-padded image.
 """
@@ -252,7 +252,7 @@ def scan_images(
         paths: Files to check.
         max_pixels: Largest ``width * height`` accepted.
         num_threads: Worker threads; ``None`` uses the executor's default.
-        read: How a path's bytes are read (``trainables.roots.DataRoot.read_bytes`` for
+        read: How a path's bytes are read (``trainables.data.roots.DataRoot.read_bytes`` for
             an object store); ``None`` opens local files.
 
     Returns:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.backbones import (
+from trainables.model.backbones import (
     count_params,
     create_backbone,
     data_config,
@@ -29,7 +29,7 @@ from trainables.backbones import (
     set_train_mode,
     unwrap,
 )
-from trainables.checkpoint import (
+from trainables.model.checkpoint import (
     load_training_state,
     load_weights_into,
     save_checkpoint,
@@ -37,14 +37,14 @@ from trainables.checkpoint import (
     write_epoch_metrics,
 )
 from trainables.config import TrialConfig
-from trainables.datasets import DataSplit
-from trainables.loaders import create_train_loader, create_val_loader, loader_plan
-from trainables.losses import create_loss
-from trainables.metrics import TOP_K, EvalMetrics, compute_metrics, top_k_classes
-from trainables.optim import create_optimizer, create_scheduler
-from trainables.reporting import EpochResult, Reporter
-from trainables.runtime import Runtime
-from trainables.transforms import create_eval_transform, create_train_transform, preprocessing_spec
+from trainables.data.datasets import DataSplit
+from trainables.data.loaders import create_train_loader, create_val_loader, loader_plan
+from trainables.training.losses import create_loss
+from trainables.training.metrics import TOP_K, EvalMetrics, compute_metrics, top_k_classes
+from trainables.training.optim import create_optimizer, create_scheduler
+from trainables.training.reporting import EpochResult, Reporter
+from trainables.runtime.ranks import Runtime
+from trainables.data.transforms import create_eval_transform, create_train_transform, preprocessing_spec
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class TrialSummary:
 @dataclass
 class _Parts:
     model: nn.Module
-    # A DataLoader, or a trainables.stream.PackStream of the same shape (len, iteration, set_epoch).
+    # A DataLoader, or a trainables.data.stream.PackStream of the same shape (len, iteration, set_epoch).
     train_loader: torch.utils.data.DataLoader
     val_loader: torch.utils.data.DataLoader
     optimizer: torch.optim.Optimizer
@@ -106,7 +106,7 @@ def _build(cfg: TrialConfig, split: DataSplit, runtime: Runtime, resume_from: Pa
     pre = data_config(model)
     size, data = cfg.data.image_size, cfg.data
     if data.loader == "ray_data":
-        from trainables.stream import create_streams  # imports Ray Data: only when asked for
+        from trainables.data.stream import create_streams  # imports Ray Data: only when asked for
 
         # Ray Data's tasks decode on CPUs of their own (the trial's data bundle).
         torch.set_num_threads(max(1, int(runtime.cpus)))

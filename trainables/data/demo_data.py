@@ -4,7 +4,7 @@ This module owns two small data sets that need no download: scikit-learn's
 digits (shipped inside the package) upscaled to PNG, and a seeded synthetic
 set whose classes differ by colour and stripe orientation, with optional class
 imbalance and varying aspect ratios to exercise samplers and resizing. Both
-write the ``root/<class>/<file>.png`` layout that ``trainables.datasets`` reads;
+write the ``root/<class>/<file>.png`` layout that ``trainables.data.datasets`` reads;
 neither knows about splits or training.
 """
 

@@ -1,4 +1,4 @@
-"""A pack (``trainables/packs.py``) streamed into the training loop by Ray Data: each
+"""A pack (``trainables/data/packs.py``) streamed into the training loop by Ray Data: each
 rank reads its own Parquet files (``read_parquet``), Ray Data's tasks decode and
 augment them (``map_batches``), and ``iter_torch_batches`` hands the loop (x, y) batches.
 
@@ -26,8 +26,8 @@ import numpy as np
 
 from trainables.config import AugmentConfig, TrialConfig
 from trainables.errors import TrialConfigError
-from trainables.packs import Pack, PackFile, read_pack
-from trainables.runtime import Runtime
+from trainables.data.packs import Pack, PackFile, read_pack
+from trainables.runtime.ranks import Runtime
 
 DECODE_BATCH = 64  # images per map_batches call: fixed, so blocks (and the shuffle) never depend on the cluster
 SHUFFLE_BATCHES = 4  # the local shuffle buffer, in batches
@@ -49,7 +49,7 @@ class DecodeSpec:
 
 @functools.lru_cache(maxsize=4)
 def _transform(spec: DecodeSpec):
-    from trainables.transforms import create_eval_transform, create_train_transform
+    from trainables.data.transforms import create_eval_transform, create_train_transform
 
     if spec.augment is None:
         return create_eval_transform(spec.image_size, spec.resize_mode, spec.mean, spec.std, spec.crop_pct)
@@ -64,7 +64,7 @@ def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec, epoch: int) -> 
     """Ray Data task: decode (and for training, augment) a batch of packed rows."""
     import torch
 
-    from trainables.images import decode_rgb
+    from trainables.data.images import decode_rgb
 
     transform = _transform(spec)
     images = []

@@ -4,7 +4,7 @@ Owns the augmentation recipe and the deterministic validation resize, both norma
 with the backbone's own mean/std from timm's pretrained config. Validation never gets
 training augmentation: it is resize + center crop (timm's crop_pct) or
 pad-and-resize that keeps the aspect ratio. Decoding (modes, transparency, EXIF) is
-``trainables.images``'s; the preprocessing spec records its rule for servers.
+``trainables.data.images``'s; the preprocessing spec records its rule for servers.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import cv2
 from albumentations.pytorch import ToTensorV2
 
 from trainables.config import AugmentConfig
-from trainables.images import ALPHA_RULE
+from trainables.data.images import ALPHA_RULE
 
 
 def create_train_transform(
@@ -94,7 +94,7 @@ def create_eval_transform(
 def eval_transform_from_spec(spec: dict) -> A.Compose:
     """``create_eval_transform`` rebuilt from a checkpoint's ``preprocessing_spec``.
 
-    The transform takes what ``trainables.images.decode_rgb`` returns, so the spec's
+    The transform takes what ``trainables.data.images.decode_rgb`` returns, so the spec's
     ``alpha`` rule must be the decoder's; a spec without one predates the field and was
     decoded the same way.
 

@@ -4,7 +4,7 @@ This module owns finding candidate files (``root/train|val/<class>``, ``root/<cl
 or a CSV/Parquet manifest with ``path,label[,split]``) and rejecting any path that
 escapes the data root (``..``, absolute paths elsewhere, symlinks out) or a folder
 symlink that loops back into its own ancestry (``class_0/loop -> ..``). It does not
-decode, scan or split anything: ``trainables.datasets`` turns candidates into a split.
+decode, scan or split anything: ``trainables.data.datasets`` turns candidates into a split.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from trainables.locations import resolve_location
+from trainables.data.locations import resolve_location
 
 # train and val are required together; test is optional and never seen by the search
-# (``trainables/datasets.py`` carves one out of train when the data gives none).
+# (``trainables/data/datasets.py`` carves one out of train when the data gives none).
 SPLITS = ("train", "val", "test")
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
-from trainables.checkpoint import TRAIN_STATE_DIR
-from trainables.metrics import METRIC_KEYS, PREDICTIONS, RANKING_METRIC, EvalMetrics, format_report
+from trainables.model.checkpoint import TRAIN_STATE_DIR
+from trainables.training.metrics import METRIC_KEYS, PREDICTIONS, RANKING_METRIC, EvalMetrics, format_report
 
 
 @dataclass(frozen=True)
