@@ -11,13 +11,15 @@ and the driver enqueues ``warm_start_points()`` first.
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Optional, Union
 
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, Tag, ValidationError
+from optuna.distributions import BaseDistribution, CategoricalDistribution
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, Tag
 from pydantic import PlainValidator, ValidationInfo, create_model, field_validator, model_validator
 
+from search.space.checks import (
+    depth_problems, distribution, point_problems, raise_if, trial_limit_problems, unknown_name,
+)
 from trainables.config import AugmentConfig, LossConfig, OptimConfig
 from trainables.config import check_backbone_name
 from trainables.training.losses import LOSSES, check_loss_name
@@ -184,11 +186,11 @@ class SearchSpace(_Frozen):
                              "`resnet50: {unfreeze_depth: [all]}`.")
         problems = []
         for name, choice in backbones.items():
-            if unknown := _unknown(check_backbone_name, name):
+            if unknown := unknown_name(check_backbone_name, name):
                 problems.append(f"backbones.{name}: {unknown} Fix the name or remove the entry.")
             elif (info.context or {}).get("check_depths", True):
-                problems += _depth_problems(name, choice.unfreeze_depth)
-        _raise_if(problems)
+                problems += depth_problems(name, choice.unfreeze_depth)
+        raise_if(problems)
         return backbones
 
     @field_validator("losses")
@@ -198,7 +200,7 @@ class SearchSpace(_Frozen):
             raise ValueError(f"losses: empty; list at least one of {list(LOSSES)}, e.g. `ce: {{}}`.")
         problems = []
         for name, choice in losses.items():
-            if unknown := _unknown(check_loss_name, name):
+            if unknown := unknown_name(check_loss_name, name):
                 problems.append(f"losses.{name}: {unknown}")
                 continue
             for param in choice.searched():
@@ -206,7 +208,7 @@ class SearchSpace(_Frozen):
                     owner = next(loss for loss, spec in LOSSES.items() if param in spec.params)
                     problems.append(f"losses.{name}.{param}: {param} only applies to the '{owner}' "
                                     f"loss; remove it here or move it under losses.{owner}.")
-        _raise_if(problems)
+        raise_if(problems)
         return losses
 
     @model_validator(mode="after")
@@ -219,7 +221,7 @@ class SearchSpace(_Frozen):
                          for name, choice in self.backbones.items() if set(choice.unfreeze_depth) != {"all"}]
         for i, recipe in enumerate(self.warm_start):
             problems += self._recipe_problems(recipe, f"warm_start[{i}]")
-        _raise_if(problems)
+        raise_if(problems)
         return self
 
     def _trial_limit_problems(self) -> list[str]:
@@ -239,7 +241,8 @@ class SearchSpace(_Frozen):
             checks += [(p, f"losses.{loss}.{p}", (r.low, r.high)) for p, r in choice.searched().items()]
         if self.batch_size is not None:
             checks.append((BATCH_SIZE, BATCH_SIZE, self.batch_size))
-        return [problem for check in checks for problem in _trial_limit_problems(*check)]
+        return [problem for param, path, values in checks
+                for problem in trial_limit_problems(_TRIAL_FIELDS[param], path, values)]
 
     def _recipe_problems(self, recipe: WarmStartRecipe, path: str) -> list[str]:
         for key, options in ((BACKBONE, self.backbones), (LOSS, self.losses)):
@@ -248,7 +251,7 @@ class SearchSpace(_Frozen):
                         f"({list(options)}); pick one of those or add it to the space."]
         shown = {unfreeze_depth_param(recipe.backbone): "unfreeze_depth"}
         dists = self._distributions(recipe.backbone, recipe.loss)
-        return _point_problems(recipe.point(), dists, path, shown)
+        return point_problems(recipe.point(), dists, path, shown)
 
     def backbone_names(self) -> list[str]:
         """The backbones this space chooses from, in file order."""
@@ -269,7 +272,7 @@ class SearchSpace(_Frozen):
             WEIGHT_DECAY: self.weight_decay,
             AUGMENT_STRENGTH: self.augment_strength,
         }
-        return {name: _distribution(spec) for name, spec in specs.items() if spec is not None}
+        return {name: distribution(spec) for name, spec in specs.items() if spec is not None}
 
     def define_by_run(self, trial: optuna.Trial) -> None:
         """Suggest every parameter of this space; branch parameters only on their branch.
@@ -305,7 +308,7 @@ class SearchSpace(_Frozen):
             raise SpaceError(f"params: backbone {backbone!r} and loss {loss!r} must be choices of "
                              f"this space ({self.backbone_names()}, {list(self.losses)}); pass the "
                              f"parameters define_by_run suggested for this same space.")
-        problems = _point_problems(params, self._distributions(backbone, loss), "params")
+        problems = point_problems(params, self._distributions(backbone, loss), "params")
         if problems:
             raise SpaceError("trial parameters do not fit the search space:\n  - "
                              + "\n  - ".join(problems))
@@ -342,7 +345,7 @@ class SearchSpace(_Frozen):
             dists = {n: d for n, d in dists.items() if n != LOSS and n not in LOSS_PARAMS}
         point, dropped = {}, {}
         for name, value in params.items():
-            problems = _point_problems({name: value}, {name: dists[name]}, "") if name in dists else [
+            problems = point_problems({name: value}, {name: dists[name]}, "") if name in dists else [
                 f".{name}: {value!r} is not a {name} of this space" if name in (BACKBONE, LOSS)
                 else f".{name}: this space does not search it"]
             if problems:
@@ -366,90 +369,3 @@ class SearchSpace(_Frozen):
         point is complete, so ``to_overrides`` accepts it as it is.
         """
         return [recipe.point() for recipe in self.warm_start]
-
-
-def _unknown(check, name: str) -> str | None:
-    """What ``check`` (a registry's name check) says is wrong with ``name``; None if it is known."""
-    try:
-        check(name)
-    except ValueError as err:
-        return str(err)
-    return None
-
-
-def _raise_if(problems: list[str]) -> None:
-    if problems:
-        raise ValueError("\n".join(problems))
-
-
-def _distribution(spec: tuple | UniformRange) -> BaseDistribution:
-    if isinstance(spec, UniformRange):
-        return FloatDistribution(spec.low, spec.high, log=spec.log)
-    return CategoricalDistribution(spec)
-
-
-@functools.cache
-def _group_count(backbone: str) -> int:
-    """Coarse parameter groups of ``backbone``, counted without allocating its weights."""
-    import timm  # deferred: timm and torch take seconds to import; only depth checks need them
-    import torch
-
-    from trainables.model.backbones import param_groups
-
-    try:
-        with torch.device("meta"):
-            model = timm.create_model(backbone, pretrained=False, num_classes=2)
-    except Exception:  # noqa: BLE001 - some inits use ops meta tensors lack; build for real
-        model = timm.create_model(backbone, pretrained=False, num_classes=2)
-    return len(param_groups(model).groups)
-
-
-def _depth_problems(backbone: str, depths: tuple[Depth, ...]) -> list[str]:
-    path = f"backbones.{backbone}.unfreeze_depth"
-    try:
-        n_groups = _group_count(backbone)
-    except Exception as err:  # noqa: BLE001 - listed as a problem with the others
-        return [f"{path}: could not build '{backbone}' to count its parameter groups "
-                f"({type(err).__name__}: {err}); pick another backbone."]
-    too_deep = [depth for depth in depths if depth != "all" and depth > n_groups]
-    return [f"{path}: {depth} exceeds the {n_groups} coarse parameter groups of '{backbone}' "
-            f"(allowed 0..{n_groups} or 'all')." for depth in too_deep]
-
-
-def _trial_limit_problems(param: str, path: str, values: tuple) -> list[str]:
-    section, config_cls, field = _TRIAL_FIELDS[param]
-    problems = []
-    for value in values:
-        try:
-            config_cls(**{field: value})
-        except ValidationError as err:
-            reason = err.errors()[0]["msg"].removeprefix("Value error, ")
-            problems.append(f"{path}: {value:g} is outside what a trial accepts for "
-                            f"{section}.{field} ({reason}); change it.")
-    return problems
-
-
-def _point_problems(point: dict, dists: dict, path: str, shown: dict | None = None) -> list[str]:
-    """Entries of ``point`` missing from, foreign to, or outside the parameters ``dists``."""
-    label = {name: (shown or {}).get(name, name) for name in {*dists, *point}}
-    problems = [f"{path}.{label[name]}: missing; this space searches it ({_describe(dist)}), "
-                f"so give a value." for name, dist in dists.items() if name not in point]
-    for name, value in point.items():
-        where, dist = f"{path}.{label[name]}", dists.get(name)
-        if dist is None:
-            problems.append(f"{where}: not a parameter of this space for this backbone and loss "
-                            f"(its parameters: {sorted(label[n] for n in dists)}); remove it.")
-        elif isinstance(dist, CategoricalDistribution):
-            if isinstance(value, bool) or value not in dist.choices:  # True == 1 in Python
-                problems.append(f"{where}: {value!r} is not {_describe(dist)}.")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{where}: expected a number, got {value!r}.")
-        elif not dist.low <= value <= dist.high:
-            problems.append(f"{where}: {value:g} is outside {_describe(dist)}.")
-    return problems
-
-
-def _describe(dist: BaseDistribution) -> str:
-    if isinstance(dist, CategoricalDistribution):
-        return f"one of {list(dist.choices)}"
-    return f"{dist.low:g}..{dist.high:g}"
