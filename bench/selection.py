@@ -83,7 +83,7 @@ def test_split(test_root: Path, class_names: tuple[str, ...]):
 
 def score_trials(store, split) -> dict[str, float]:
     """Test macro-F1 of every trial's kept best checkpoint."""
-    from search.export.onnx import checkpoint_test_report
+    from search.export.scoring import checkpoint_test_report
     from search.results.trials import load_run
 
     scores = {}
@@ -102,7 +102,7 @@ def predictions(checkpoint: Path, split) -> tuple[list[int], list[int]]:
     """(labels, predicted classes) of a checkpoint on the split's test images, in PyTorch."""
     import torch
 
-    from search.export.onnx import eval_loader
+    from search.export.scoring import eval_loader
     from trainables.model.checkpoint import load_model
 
     model, meta = load_model(checkpoint)

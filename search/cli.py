@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from search.config import ConfigError
-    from search.export.onnx import ExportError
+    from search.export.bundle import ExportError
     from search.results.winner import NothingToExportError
     from search.space.model import SpaceError
     from search.storage import RunStorageFullError, out_of_space

@@ -11,7 +11,8 @@ import timm
 import torch
 from PIL import Image
 
-from search.export.onnx import TENSORRT_HINT, ExportError, create_session, export_checkpoint
+from search.export.bundle import ExportError
+from search.export.onnx import TENSORRT_HINT, create_session, export_checkpoint
 from trainables.model.backbones import data_config
 from trainables.model.checkpoint import META_FILE, load_model, save_checkpoint
 from trainables.data.datasets import DataSplit, ImageDataset, Sample, prepare_split

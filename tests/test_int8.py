@@ -14,7 +14,9 @@ from sklearn.metrics import f1_score
 
 from search.config import Int8Config, parse_config
 from search.export.int8 import INT8_FILE
-from search.export.onnx import ONNX_FILE, create_session, eval_loader, export_checkpoint
+from search.export.bundle import ONNX_FILE
+from search.export.onnx import create_session, export_checkpoint
+from search.export.scoring import eval_loader
 from search.jobs.train import train
 from tests.conftest import small_run_config
 from trainables.model.checkpoint import read_meta

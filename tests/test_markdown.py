@@ -8,7 +8,7 @@ import re
 import pytest
 
 from search.config import parse_config
-from search.export.onnx import ExportResult, readme_markdown
+from search.export.bundle import ExportResult, readme_markdown
 from search.markdown import md_text
 from search.results.report import format_markdown, report_row
 from search.results.trials import FAILED, RunView, TrialView

@@ -8,7 +8,9 @@ preprocessing, and the macro-F1 recomputed from the ONNX predictions must equal 
 the checkpoint reported. Only a verified export reaches ``out_dir`` (it is staged next
 to it and moved in last). On GPU machines a TensorRT engine is built and checked the
 same way. It does not choose the trial to export (``search/results/winner.py``) and does not own
-the checkpoint format, preprocessing or metrics: those come from ``trainables``.
+the checkpoint format, preprocessing or metrics: those come from ``trainables``. The
+bundle's names, result and README are ``search/export/bundle.py``'s; running a model over a
+split and scoring it (the test report too) is ``search/export/scoring.py``'s.
 """
 
 from __future__ import annotations
@@ -29,24 +31,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from search.config import Int8Config
+from search.export.bundle import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, ExportError, ExportResult, readme_markdown
 from search.export.int8 import INT8_FILE, calibration_batches, cpu_int8_flags, int8_gate, quantize_int8
+from search.export.scoring import eval_loader, metrics_from_logits, test_report
 from search.export.tensorrt import run_tensorrt, tensorrt_unavailable_reason
-from search.markdown import md_text
 from trainables.model.checkpoint import load_model, read_meta
 from trainables.data.datasets import DataSplit
-from trainables.data.images import ALPHA_RULE, DEFAULT_MAX_PIXELS
-from trainables.data.loaders import create_val_loader
-from trainables.training.metrics import RANKING_METRIC, TOP_K, EvalMetrics, compute_metrics, top_k_classes
-from trainables.runtime.ranks import local_runtime
+from trainables.data.images import ALPHA_RULE
+from trainables.training.metrics import RANKING_METRIC, EvalMetrics
 from trainables.data.transforms import eval_transform_from_spec
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
-ONNX_FILE = "model.onnx"
 # torch 2.14's exporter implements opset 18 and up; asked for 17 it tries a down-conversion
 # that fails on timm models (Reduce* axes) and silently keeps 18, so 18 is the honest floor.
 MIN_OPSET = DEFAULT_OPSET = 18
@@ -55,29 +52,6 @@ TENSORRT_HINT = "pip install 'tunecv[tensorrt]'"
 # Protobuf cannot hold a file over 2 GiB; past 1.5 GB of weights they go to model.onnx.data.
 _EXTERNAL_DATA_BYTES = 1_500_000_000
 _REQUIRED_META = ("preprocessing", "config", "data_fingerprint", "metrics")
-
-
-class ExportError(RuntimeError):
-    """The checkpoint could not be exported, or the export does not reproduce it."""
-
-
-@dataclass(frozen=True)
-class ExportResult:
-    """A verified export and the numbers that verified it."""
-
-    out_dir: Path
-    onnx_path: Path
-    opset: int
-    num_images: int  # validation images both runtimes saw
-    max_abs_logit_diff: float  # ONNX Runtime vs PyTorch eager, both fp32
-    argmax_agreement: float  # share of images where both predict the same class
-    onnx_macro_f1: float
-    eager_macro_f1: float
-    reported_macro_f1: float  # from the checkpoint's meta.json
-    tensorrt: dict[str, Any] | None  # engine precision and agreement; None when not run
-    int8: dict[str, Any] | None = None  # the static int8 check (search/export/int8.py); None when not asked
-    test: dict[str, Any] | None = None  # the fp32 ONNX model on the held-out test split; None without one
-    annotations: dict[str, Any] | None = None  # extra metrics.json keys (search/results/winner.py)
 
 
 @dataclass(frozen=True)
@@ -137,8 +111,8 @@ def export_checkpoint(
         actual_opset = export_onnx(model, onnx_path, image_size=image_size, opset=opset)
         session = create_session(onnx_path)
         preds = _predict(model, session, loader)
-        onnx_metrics = _metrics_from_logits(preds.onnx, preds.labels, meta["class_names"])
-        eager_metrics = _metrics_from_logits(preds.eager, preds.labels, meta["class_names"])
+        onnx_metrics = metrics_from_logits(preds.onnx, preds.labels, meta["class_names"])
+        eager_metrics = metrics_from_logits(preds.eager, preds.labels, meta["class_names"])
         _check_macro_f1(onnx_metrics, eager_metrics, preds, meta)
         trt_report = None
         if use_tensorrt:
@@ -257,28 +231,6 @@ def _check_meta(meta: dict[str, Any], split: DataSplit, checkpoint_dir: Path) ->
         )
 
 
-def eval_loader(split: DataSplit, meta: dict[str, Any], batch_size: int, which: str = "val"):
-    """The split's validation (or ``which``) images, preprocessed as ``meta`` (a checkpoint's
-    or a bundle's ``preprocessing`` and ``config``) says: what the export check and the
-    retrain gate read."""
-    spec = meta["preprocessing"]
-    try:
-        transform = eval_transform_from_spec(spec)
-    except KeyError as err:
-        raise ExportError(
-            f"the checkpoint's preprocessing has no {err} key; expected the fields of "
-            f"trainables.data.transforms.preprocessing_spec, got {sorted(spec)}."
-        ) from err
-    except ValueError as err:  # another alpha rule or resize mode than tunecv's
-        raise ExportError(f"the checkpoint's preprocessing cannot be reproduced: {err}") from err
-    max_pixels = meta["config"].get("data", {}).get("max_image_pixels", DEFAULT_MAX_PIXELS)
-    loader, _ = create_val_loader(
-        split, transform, batch_size=batch_size, num_workers=0, runtime=local_runtime(False),
-        max_pixels=max_pixels, which=which,
-    )
-    return loader
-
-
 def _check_signature(graph) -> None:
     inputs, outputs = [v.name for v in graph.input], [v.name for v in graph.output]
     if inputs != [INPUT_NAME] or outputs != [OUTPUT_NAME]:
@@ -304,55 +256,6 @@ def _predict(model: nn.Module, session, loader) -> _Predictions:
     if not labels:
         raise ExportError("the split has no validation images; export needs some to verify.")
     return _Predictions(np.concatenate(labels), np.concatenate(eager), np.concatenate(onnx_logits))
-
-
-def test_report(session, split: DataSplit, meta: dict[str, Any], batch_size: int) -> dict[str, Any] | None:
-    """The exported ONNX model (``session``) scored on the split's held-out test images,
-    which nothing in the search saw: macro-F1 with its bootstrap interval, per-class
-    metrics and the confusion matrix. None when the split has no test images."""
-    if not split.test:
-        return None
-    run = lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]  # noqa: E731
-    return _test_scores(run, split, meta, batch_size, f"ONNX Runtime, {ONNX_FILE} (fp32)")
-
-
-def checkpoint_test_report(checkpoint_dir: Path, split: DataSplit, batch_size: int = 64) -> dict[str, Any] | None:
-    """``test_report`` for a checkpoint in PyTorch: a finalist that is not exported."""
-    if not split.test:
-        return None
-    model, meta = load_model(checkpoint_dir)
-
-    def run(x: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            return model(x).numpy()
-
-    return _test_scores(run, split, meta, batch_size, "PyTorch, the checkpoint")
-
-
-def _test_scores(run, split: DataSplit, meta: dict[str, Any], batch_size: int, scored_by: str) -> dict[str, Any]:
-    from search.results.intervals import macro_f1_interval
-
-    labels, logits = [], []
-    for x, y in eval_loader(split, meta, batch_size, which="test"):
-        logits.append(run(x))
-        labels.append(y.numpy())
-    names = meta["class_names"]
-    metrics = _metrics_from_logits(np.concatenate(logits), np.concatenate(labels), names)
-    interval = macro_f1_interval(np.concatenate(labels), metrics.predictions, len(names))
-    return {
-        "num_images": len(split.test), "scored_by": scored_by,
-        **metrics.scalars(), "macro_f1_interval": interval.to_json(),
-        "per_class": {name: vars(m) for name, m in metrics.per_class.items()},
-        "confusion_matrix": metrics.confusion_matrix,
-    }
-
-
-def _metrics_from_logits(logits: np.ndarray, labels: np.ndarray, class_names) -> EvalMetrics:
-    """The top-k and cross-entropy that ``trainables.training.loop.evaluate`` gives compute_metrics."""
-    scores = torch.from_numpy(logits).float()
-    topk = top_k_classes(logits, min(TOP_K, len(class_names)))  # ties to the lower index, as in training
-    losses = F.cross_entropy(scores, torch.from_numpy(labels), reduction="none").numpy()
-    return compute_metrics(labels, topk, losses, class_names)
 
 
 def _check_macro_f1(onnx_m: EvalMetrics, eager_m: EvalMetrics, preds: _Predictions, meta) -> None:
@@ -393,7 +296,7 @@ def _int8_report(onnx_path: Path, split: DataSplit, loader, preds: _Predictions,
         int8_path.unlink(missing_ok=True)
         warnings.warn(f"int8 quantization failed, fp32 export kept: {err}", RuntimeWarning, 2)
         return {"shipped": False, "refused": f"quantization failed ({type(err).__name__}: {err})"}
-    int8_m = _metrics_from_logits(logits, preds.labels, names)
+    int8_m = metrics_from_logits(logits, preds.labels, names)
     report = int8_gate(
         fp32_m.macro_f1, int8_m.macro_f1, {n: c.f1 for n, c in fp32_m.per_class.items()},
         {n: c.f1 for n, c in int8_m.per_class.items()},
@@ -441,73 +344,6 @@ def _publish(staging: Path, out_dir: Path) -> None:
         os.replace(path, out_dir / path.name)
 
 
-def readme_markdown(meta: dict[str, Any], result: ExportResult) -> str:
-    """The bundle's ``README.md``: how to feed the model and read its output, for ``meta`` (a checkpoint's)."""
-    spec, names = meta["preprocessing"], meta["class_names"]
-    size = spec["image_size"]
-    if spec["resize_mode"] == "center_crop":
-        short = int(size / spec["crop_pct"])  # e.g. 64 / 0.875 -> 73
-        resize = f"shorter side to {short} px (aspect kept), then cut the central {size}x{size}"
-    else:
-        resize = f"longer side to {size} px (aspect kept), then zero-pad, centred, to {size}x{size}"
-    shape = f"{INPUT_NAME}:{{}}x3x{size}x{size}"
-    return f"""# {md_text(meta['backbone'])} image classifier (ONNX)
-
-Exported by tunecv; verified on {result.num_images} validation images: ONNX macro-F1
-{result.onnx_macro_f1:.6f} equals the reported {result.reported_macro_f1:.6f}, largest logit
-difference to PyTorch {result.max_abs_logit_diff:.1e}. Serving it needs nothing from tunecv.
-{_test_line(result)}
-`model.onnx` (opset {result.opset}){_int8_line(result)}; `class_names.json` (output index -> name);
-`preprocessing.json` (the steps below); `metrics.json`, `config.json`, `fingerprint.txt`
-(quality, training config, identity of the data).
-
-## Input `{INPUT_NAME}`: float32 [batch, 3, {size}, {size}], NCHW, any batch size
-1. Decode as 8-bit {spec.get('color', 'RGB')} with the EXIF orientation applied (PIL: `ImageOps.exif_transpose`).
-   Transparency is composited onto white, as in training (`"alpha": "{ALPHA_RULE}"`): an image
-   with an alpha channel or a transparent colour (`"transparency"` in PIL's `image.info`) becomes
-   `image.convert("RGBA")`, then each of R, G, B becomes round((c * a + 255 * (255 - a)) / 255).
-2. Resize (OpenCV INTER_LINEAR; PIL antialiases and differs) the {resize} px.
-3. Divide by 255, subtract mean {list(spec['mean'])}, divide by std {list(spec['std'])} (R, G, B).
-4. Transpose HWC -> CHW; stack images into a batch.
-
-## Output `{OUTPUT_NAME}`: float32 [batch, {len(names)}], unnormalised scores
-Softmax gives probabilities. Class order: {", ".join(f"{i} = {md_text(n)}" for i, n in enumerate(names))}.
-
-```python
-import json, onnxruntime as ort
-session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
-logits = session.run(["{OUTPUT_NAME}"], {{"{INPUT_NAME}": batch}})[0]
-names = json.load(open("class_names.json")); print([names[i] for i in logits.argmax(1)])
-```
-
-TensorRT engines are tied to a GPU and TensorRT version; build one on the serving machine:
-`trtexec --onnx=model.onnx --minShapes={shape.format(1)} --optShapes={shape.format(32)} \\
---maxShapes={shape.format(32)} --fp16 --saveEngine=model.plan`
-"""
-
-
-def _test_line(result: ExportResult) -> str:
-    """The held-out score: the number to quote, since validation chose this model."""
-    if not result.test:
-        return ("No held-out test split (data.test_fraction: 0): the validation macro-F1 above chose\n"
-                "this model and is optimistic.\n")
-    test, interval = result.test, result.test["macro_f1_interval"]
-    return (f"On {test['num_images']} held-out test images, which the search never saw: macro-F1 "
-            f"{test['macro_f1']:.4f}\n(95 % bootstrap interval {interval['low']:.4f}-{interval['high']:.4f}; "
-            "per class in metrics.json, \"test\").\n")
-
-
-def _int8_line(result: ExportResult) -> str:
-    check = result.int8
-    if not check:
-        return ""
-    if not check.get("shipped"):
-        return " (an int8 model was built and refused: see metrics.json, verification.int8)"
-    return (f"; `{INT8_FILE}`, static int8 (QDQ), same input and output: macro-F1 {check['macro_f1']:.4f} "
-            f"against fp32's {check['fp32_macro_f1']:.4f}, argmax agreement {check['argmax_agreement']:.4f}"
-            + (f". Note: {check['speed_note']}" if check.get("speed_note") else ""))
-
-
 # --- TensorRT: GPU machines only (the engine itself lives in search/export/tensorrt.py) ---
 
 
@@ -549,5 +385,5 @@ def _verify_tensorrt(onnx_path: Path, loader, preds: _Predictions, meta) -> dict
         **info,
         "max_abs_logit_diff": float(np.abs(logits - preds.eager).max()),
         "argmax_agreement": float((logits.argmax(1) == preds.eager.argmax(1)).mean()),
-        "macro_f1": _metrics_from_logits(logits, preds.labels, meta["class_names"]).macro_f1,
+        "macro_f1": metrics_from_logits(logits, preds.labels, meta["class_names"]).macro_f1,
     }

@@ -65,7 +65,7 @@ def finalists_on_test(store: RunStore, trials, split) -> list[dict]:
     """Each finalist configuration's best run scored on the held-out test split (best
     mean first): what choosing another finalist would have shipped. Reported only;
     nothing chooses on it."""
-    from search.export.onnx import checkpoint_test_report
+    from search.export.scoring import checkpoint_test_report
 
     scores = []
     for group in finalist_groups(trials):

@@ -34,7 +34,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import f1_score
 
-from search.export.onnx import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, create_session, eval_loader
+from search.export.bundle import INPUT_NAME, ONNX_FILE, OUTPUT_NAME
+from search.export.onnx import create_session
+from search.export.scoring import eval_loader
 from search.markdown import md_text
 from trainables.data.datasets import DataSplit
 

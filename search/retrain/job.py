@@ -188,7 +188,7 @@ def _decided_in(store: RunStore) -> Decision | None:
 def _search(cfg: RunConfig, store: RunStore, champion: Version | None, snapshot: DataSplit,
             print_fn: PrintFn) -> str | None:
     """Search the snapshot into ``store``; the export's error when it failed the parity check."""
-    from search.export.onnx import ExportError
+    from search.export.bundle import ExportError
     from search.run.driver import run_search
 
     section = cfg.retrain
