@@ -171,7 +171,7 @@ def digits_int8_accuracy() -> dict:
     from search.config import Int8Config, parse_config
     from search.export.onnx import export_checkpoint
     from search.jobs.train import train
-    from trainables.data.datasets import read_split
+    from trainables.data.split_files import read_split
     from trainables.data.demo_data import write_digits
 
     with tempfile.TemporaryDirectory(prefix="tunecv-bench-int8-") as tmp:

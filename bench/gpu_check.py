@@ -122,7 +122,7 @@ def _train(work: Path, data: Path, name: str, *, gpu: bool, precision: str, back
                   "warmup_epochs": 0.2, "precision": precision},
         "scaling": {"num_workers": num_workers, "use_gpu": gpu, "cpus_per_worker": 1},
     })
-    from trainables.data.datasets import read_split
+    from trainables.data.split_files import read_split
 
     start = time.perf_counter()
     with GpuSampler() as gpu_samples:
@@ -177,7 +177,7 @@ def _tensorrt(run_dir: Path) -> dict:
     from search.export.onnx import export_checkpoint
     from search.export.tensorrt import build_engine
     from trainables.model.checkpoint import load_model
-    from trainables.data.datasets import read_split
+    from trainables.data.split_files import read_split
 
     checkpoint = run_dir / "best"
     with tempfile.TemporaryDirectory() as tmp:

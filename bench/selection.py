@@ -145,7 +145,7 @@ def run_one(seed: int, out: Path, data: tuple[Path, Path], smoke: bool, cpus: in
     from search.results.trials import load_run
     from search.results.winner import best_checkpoint
     from search.run.driver import run_search
-    from trainables.data.datasets import read_split
+    from trainables.data.split_files import read_split
 
     run_root, test_root = data
     epochs, samples, size = ((SMOKE["epochs"], SMOKE["num_samples"], SMOKE["image_size"]) if smoke

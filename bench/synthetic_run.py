@@ -22,7 +22,8 @@ from search.space.catalog import parse_space
 from search.storage import RunStore
 from search.study import CHECKPOINT, REASON, TIMESTAMP, TRIAL_ID_KEY, epoch_key, open_study
 from trainables.model.checkpoint import METRICS_FILE
-from trainables.data.datasets import DataSplit, Sample, write_split
+from trainables.data.datasets import DataSplit, Sample
+from trainables.data.split_files import write_split
 from trainables.data.images import BadImage
 from trainables.training.metrics import compute_metrics
 

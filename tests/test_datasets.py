@@ -18,7 +18,9 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from PIL import Image
 
-from trainables.data.datasets import ImageDataset, Sample, prepare_split, read_split, write_split
+from trainables.data.datasets import ImageDataset, Sample, prepare_split
+
+from trainables.data.split_files import read_split, write_split
 from trainables.data.layouts import DataError, resolve_inside
 
 

@@ -14,7 +14,8 @@ import pytest
 from search.config import ConfigError
 from search.jobs.evaluate import check_evaluation_inputs
 from trainables.model.checkpoint import FORMAT_VERSION, META_FILE, WEIGHTS_FILE
-from trainables.data.datasets import prepare_split, write_split
+from trainables.data.datasets import prepare_split
+from trainables.data.split_files import write_split
 
 REPO = Path(__file__).resolve().parents[1]
 

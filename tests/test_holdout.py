@@ -13,7 +13,9 @@ from sklearn.metrics import f1_score
 
 from search.results.intervals import macro_f1_interval, paired_difference
 from tests.test_datasets import _class_folders, _manifest_root, _write_csv, _write_png
-from trainables.data.datasets import Sample, carve_test, check_test_fraction, list_data, prepare_split, read_split, write_split
+from trainables.data.datasets import Sample, list_data, prepare_split
+from trainables.data.holdout import carve_test, check_test_fraction
+from trainables.data.split_files import read_split, write_split
 from trainables.data.layouts import DataError
 
 

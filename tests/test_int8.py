@@ -20,7 +20,7 @@ from search.export.scoring import eval_loader
 from search.jobs.train import train
 from tests.conftest import small_run_config
 from trainables.model.checkpoint import read_meta
-from trainables.data.datasets import read_split
+from trainables.data.split_files import read_split
 from trainables.data.demo_data import write_digits
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from search.jobs.train import train
 from search.scan_cache import CACHE_DIR
 from tests.conftest import small_run_config
 from trainables.model.checkpoint import load_model, read_meta
-from trainables.data.datasets import read_split
+from trainables.data.split_files import read_split
 from trainables.data.loaders import create_val_loader
 from trainables.training.loop import evaluate
 from trainables.training.reporting import LocalRunReporter

@@ -128,7 +128,7 @@ def test_a_search_reads_its_images_from_the_bucket(s3_bucket, synthetic_root, tm
     import ray
 
     from search.run.driver import run_search
-    from trainables.data.datasets import read_split
+    from trainables.data.split_files import read_split
 
     local = tmp_path / "images"
     shutil.copytree(synthetic_root, local)

@@ -28,7 +28,7 @@ from search.storage import RunStore
 from search.results.trials import load_run
 from search.study import HISTORY_KEY, read_trials
 from tests.conftest import small_run_config
-from trainables.data.datasets import read_split
+from trainables.data.split_files import read_split
 from trainables.data.demo_data import write_digits, write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]

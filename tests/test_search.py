@@ -15,7 +15,7 @@ from search.layout import REPORT_HTML, REPORT_MARKDOWN, REPORT_PARQUET, SPLIT
 from search.results.trials import COMPLETED, FAILED, STOPPED_EARLY, load_run
 from search.study import read_trials
 from tests.conftest import small_run_config
-from trainables.data.datasets import read_split
+from trainables.data.split_files import read_split
 from tests.fault_hooks import runtime_env
 
 # Three families (ResNet, EfficientNet, ViT), three losses. The warm start runs first,

@@ -73,7 +73,7 @@ def check_evaluation_inputs(checkpoint: str | Path, split: str | Path) -> None:
         trainables.data.layouts.DataError: The split file exists but cannot be read.
     """
     from search.storage import RunStore
-    from trainables.data.datasets import read_split
+    from trainables.data.split_files import read_split
 
     meta = _checkpoint_meta(RunStore.at(checkpoint), str(checkpoint))
     split_store = RunStore.at(split)

@@ -19,7 +19,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from search.config import ConfigError, RunConfig
-from trainables.data.datasets import Sample, write_split
+from trainables.data.datasets import Sample
+from trainables.data.split_files import write_split
 from trainables.data.layouts import DataError
 from trainables.data.locations import resolve_location
 from trainables.data.packs import PACK_JSON, PACK_SPLIT, ROWS_PER_FILE, Pack, PackFile

@@ -13,7 +13,8 @@ from search.data import check_batch_sizes, scan_data
 from search.layout import CONFIG, SPLIT
 from search.run.location import new_run
 from search.storage import RunStore
-from trainables.data.datasets import DataSplit, write_split
+from trainables.data.datasets import DataSplit
+from trainables.data.split_files import write_split
 from trainables.data.locations import is_uri
 from trainables.training.metrics import RANKING_METRIC
 from trainables.training.reporting import BEST_DIR

@@ -84,7 +84,7 @@ def report_row(rank_: int, trial: TrialView) -> dict[str, Any]:
 
 def build_report(run: RunView) -> Report:
     """Rank the run's trials and render the report (reads each trial's kept checkpoint metrics)."""
-    from trainables.data.datasets import read_split
+    from trainables.data.split_files import read_split
 
     ranked = rank(run.trials)
     rows = [report_row(i, t) for i, t in enumerate(ranked, start=1)]

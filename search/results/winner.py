@@ -48,7 +48,7 @@ def export_trial(store: RunStore, out_dir: Path, trial_id: str | None = None, in
         NothingToExportError: No trial has a checkpoint, or ``trial_id`` is unknown or has none.
     """
     from search.export.onnx import export_checkpoint
-    from trainables.data.datasets import read_split
+    from trainables.data.split_files import read_split
 
     trials = load_run(store).trials
     chosen, rel = best_checkpoint(store, trial_id, trials)

@@ -4,7 +4,7 @@ test split, and the rule that decides whether the challenger takes over.
 Why the test split: the validation split is re-drawn per snapshot, so the champion had
 trained on many of the new validation images (161 of 360 on a grown snapshot), and the
 challenger's search chose it on them. Test images are picked by a hash of their path
-(``trainables.data.datasets.carve_test``): with the same ``data.test_fraction`` a file held
+(``trainables.data.holdout.carve_test``): with the same ``data.test_fraction`` a file held
 out of the champion's snapshot is held out of every later one, and a new file is new
 to both models. A snapshot without a test split (``data.test_fraction: 0``) is scored
 on its validation split, and the gate says so.

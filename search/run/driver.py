@@ -33,7 +33,8 @@ from search.space.model import SearchSpace
 from search.storage import RunStorageFullError, RunStore, check_shared_storage, out_of_space, write_config
 from search.study import HISTORY_KEY, TRIAL_ID_KEY, HistoryTrial, StudyHandle, open_study
 from trainables.model.backbones import check_weights_file, local_weights
-from trainables.data.datasets import DataSplit, write_split
+from trainables.data.datasets import DataSplit
+from trainables.data.split_files import write_split
 
 
 def check_space(cfg: RunConfig, text: str, source: str) -> SearchSpace:
@@ -281,7 +282,7 @@ def _finalists(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: Driv
     interrupted (``search/run/finalists.py``)."""
     from search.results.trials import load_run
     from search.run.finalists import chosen_finalists, choose_finalists, enqueue_finalists, queued_finalists
-    from trainables.data.datasets import read_split
+    from trainables.data.split_files import read_split
 
     study = handle.study
     if chosen_finalists(study) is None:

@@ -33,7 +33,7 @@ class InProcessRunner(TrialRunner):
     def run(self, resume_from: str | None) -> None:
         from ray import tune
 
-        from trainables.data.datasets import read_split
+        from trainables.data.split_files import read_split
         from trainables.data.locations import ray_checkpoint
         from trainables.runtime.ranks import local_runtime
         from trainables.runtime.workers import run_trial_from

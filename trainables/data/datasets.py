@@ -3,12 +3,11 @@
 This module owns the step from "a data root on disk" to a frozen
 :class:`DataSplit`: taking the candidates that ``trainables.data.layouts`` finds,
 skipping or failing on bad files found by :func:`trainables.data.images.scan_images`,
-the held-out test split (:func:`carve_test`), the seeded stratified validation
-holdout, the duplicate check across splits, the split
-file written next to a run, and the torch :class:`ImageDataset` that reads the
-samples back. Decoding itself lives
-in ``trainables.data.images``; augmentation pipelines are built elsewhere and only
-passed in as a callable.
+holding out test and validation images by the rules of ``trainables.data.holdout``,
+and the torch :class:`ImageDataset` that reads the samples back. The split file a run
+keeps is ``trainables.data.split_files``'s. Decoding itself lives in
+``trainables.data.images``; augmentation pipelines are built elsewhere and only passed
+in as a callable.
 """
 
 from __future__ import annotations
@@ -18,32 +17,23 @@ import json
 import logging
 import math
 import os
-import warnings
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch.utils.data
 
+from trainables.data.holdout import (
+    carve_test, check_test_fraction, check_val_fraction, duplicate_pairs, stratified_holdout,
+)
 from trainables.data.images import DEFAULT_MAX_PIXELS, BadImage, decode_rgb, load_rgb
 from trainables.data.layouts import SPLITS, Candidate, DataError, listed_candidates, manifest_candidates, walk_folders
-from trainables.data.locations import resolve_location
 from trainables.data.roots import DataRoot, FileEntry, key_inside
 from trainables.data.scan import scan_all
 
 logger = logging.getLogger(__name__)
-
-# The reference guide asks for a 15-30 % holdout: less makes per-class val
-# metrics too noisy to rank trials, more starves training on small data sets.
-VAL_FRACTION_RANGE = (0.15, 0.30)
-TEST_FRACTION_MAX = 0.30
-_TEST_SALT = b"tunecv-test:"
-_MAX_DUPLICATE_EXAMPLES = 5
-
 
 @dataclass(frozen=True)
 class Sample:
@@ -100,57 +90,6 @@ class DataSplit:
         for sample in self.samples(split):
             counts[sample.label] += 1
         return counts
-
-
-def check_test_fraction(test_fraction: float) -> None:
-    is_number = isinstance(test_fraction, (int, float)) and not isinstance(test_fraction, bool)
-    if not is_number or not 0 <= test_fraction <= TEST_FRACTION_MAX:
-        raise DataError(
-            f"test_fraction must be between 0 and {TEST_FRACTION_MAX}, got {test_fraction!r}. Use 0 for no "
-            "held-out test split, or give root/test/<class> folders or a manifest's split=test rows."
-        )
-
-
-def test_position(path: str) -> float:
-    """Where ``path`` falls in [0, 1): a hash of the path alone, so a file keeps its side of
-    the test split whatever the seed and however the data grows around it."""
-    digest = hashlib.sha256(_TEST_SALT + path.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
-def carve_test(items: Sequence[Any], test_fraction: float, label_of: Callable[[Any], Any]
-               ) -> tuple[list[Any], list[Any]]:
-    """Split ``items`` (anything with a ``path``) into (rest, test), class by class.
-
-    An item is test when its :func:`test_position` is below ``test_fraction``: the share is
-    binomial, not exact, but a file never changes side as the data grows, so a retrain's
-    old model is never scored on a new draw of images it trained on. Each class of three
-    or more items gives at least one test item and keeps at least two (one train, one
-    val); smaller classes give none.
-    """
-    if not test_fraction:
-        return list(items), []
-    by_class: dict[Any, list[Any]] = defaultdict(list)
-    for item in items:
-        by_class[label_of(item)].append(item)
-    test_paths = set()
-    for members in by_class.values():
-        positions = sorted((test_position(item.path), item.path) for item in members)
-        below = sum(position < test_fraction for position, _ in positions)
-        count = min(max(below, 1), len(members) - 2) if len(members) >= 3 else 0
-        test_paths.update(path for _, path in positions[:count])
-    return ([item for item in items if item.path not in test_paths],
-            [item for item in items if item.path in test_paths])
-
-
-def _check_val_fraction(val_fraction: float) -> None:
-    low, high = VAL_FRACTION_RANGE
-    is_number = isinstance(val_fraction, (int, float)) and not isinstance(val_fraction, bool)
-    if not is_number or not low <= val_fraction <= high:
-        raise DataError(
-            f"val_fraction must be between {low} and {high} (a 15-30 % holdout), got "
-            f"{val_fraction!r}. Pick a value in that range or give an explicit train/val split."
-        )
 
 
 @dataclass(frozen=True)
@@ -262,7 +201,7 @@ def prepare_split(
             classes, a class without valid images, or a class too small to
             stratify.
     """
-    _check_val_fraction(val_fraction)
+    check_val_fraction(val_fraction)
     check_test_fraction(test_fraction)
     listing = list_data(root, manifest)
     scanned = scan_all(listing.root, listing.entries, max_pixels)
@@ -274,14 +213,14 @@ def split_scanned(listing: Listing, scanned: pa.Table, *, val_fraction: float = 
                   strict: bool = False, test_fraction: float = 0.0) -> DataSplit:
     """The split of ``listing``, given its scan (``trainables.data.scan`` rows, any order,
     one per listed file). Raises as :func:`prepare_split`."""
-    _check_val_fraction(val_fraction)
+    check_val_fraction(val_fraction)
     check_test_fraction(test_fraction)
     labelled, bad_files = _labelled(listing, scanned, strict)
     candidates, class_names = listing.candidates, listing.class_names
     by_label = lambda sample: sample.label  # noqa: E731
     if all(c.split is None for c in candidates):
         rest, test = carve_test([s for s, _ in labelled], test_fraction, by_label)
-        train, val = _stratified_holdout(rest, class_names, val_fraction, seed)
+        train, val = stratified_holdout(rest, class_names, val_fraction, seed)
     else:
         train = [sample for sample, split in labelled if split == "train"]
         val = [sample for sample, split in labelled if split == "val"]
@@ -292,7 +231,7 @@ def split_scanned(listing: Listing, scanned: pa.Table, *, val_fraction: float = 
             train, test = carve_test(train, test_fraction, by_label)
     for samples in (train, val, test):
         samples.sort(key=lambda sample: sample.path)
-    duplicates = _duplicates(train, val) + _duplicates(train + val, test)
+    duplicates = duplicate_pairs(train, val) + duplicate_pairs(train + val, test)
     return DataSplit(
         listing.root.location, tuple(class_names), tuple(train), tuple(val), bad_files, duplicates,
         tuple(test),
@@ -332,139 +271,6 @@ def _labelled(listing: Listing, scanned: pa.Table, strict: bool
             "or remove the class folder."
         )
     return labelled, bad_files
-
-
-def _stratified_holdout(
-    samples: list[Sample], class_names: Sequence[str], val_fraction: float, seed: int
-) -> tuple[list[Sample], list[Sample]]:
-    from sklearn.model_selection import train_test_split  # deferred: slow import, holdout only
-
-    counts = Counter(s.label for s in samples)
-    singles = [class_names[label] for label, count in sorted(counts.items()) if count < 2]
-    if singles:
-        raise DataError(
-            f"classes {singles} have a single valid image; a stratified holdout needs at least 2 "
-            "per class (one for train, one for val). Add images, drop the class, or give an "
-            "explicit train/val split."
-        )
-    try:
-        train_idx, val_idx = train_test_split(
-            np.arange(len(samples)),
-            test_size=val_fraction,
-            random_state=seed,
-            stratify=[s.label for s in samples],
-        )
-    except ValueError as err:
-        raise DataError(
-            f"cannot hold out val_fraction={val_fraction} of {len(samples)} images stratified over "
-            f"{len(class_names)} classes ({err}). Add images or give an explicit train/val split."
-        ) from err
-    return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
-
-
-def _duplicates(train: Sequence[Sample], val: Sequence[Sample]) -> tuple[tuple[str, str], ...]:
-    """Pair each image of ``val`` (a later split) with the first of ``train`` of identical bytes."""
-    train_path_of: dict[str, str] = {}
-    for sample in train:
-        train_path_of.setdefault(sample.sha1, sample.path)
-    pairs = tuple((train_path_of[s.sha1], s.path) for s in val if s.sha1 in train_path_of)
-    if pairs:
-        examples = ", ".join(f"{t} == {v}" for t, v in pairs[:_MAX_DUPLICATE_EXAMPLES])
-        warnings.warn(
-            f"{len(pairs)} held-out image(s) have byte-identical copies in an earlier split, which "
-            f"inflates their metrics; e.g. {examples}. Remove the copies from one split.",
-            UserWarning,
-            stacklevel=3,
-        )
-    return pairs
-
-
-def _sidecar(path: str) -> str:
-    if not path.endswith(".parquet"):
-        raise DataError(
-            f"split file must be a .parquet path, got {path!r}; metadata goes to <stem>.json."
-        )
-    return path[: -len(".parquet")] + ".json"
-
-
-def write_split(split: DataSplit, location: str | Path) -> None:
-    """Write ``split`` as Parquet rows plus a ``<stem>.json`` with the rest.
-
-    Args:
-        split: The split to store.
-        location: The Parquet file, a local path or an object-store URI; the JSON
-            sidecar goes next to it.
-
-    Raises:
-        DataError: ``location`` does not end in ``.parquet``.
-    """
-    fs, path = resolve_location(location)
-    sidecar = _sidecar(path)
-    rows = [(name, s) for name in SPLITS for s in split.samples(name)]
-    table = pa.table(
-        {
-            "split": pa.array([name for name, _ in rows], pa.string()),
-            "path": pa.array([s.path for _, s in rows], pa.string()),
-            "label": pa.array([s.label for _, s in rows], pa.int64()),
-            "class_name": pa.array([split.class_names[s.label] for _, s in rows], pa.string()),
-            "sha1": pa.array([s.sha1 for _, s in rows], pa.string()),
-        }
-    )
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(table, path, filesystem=fs)
-    meta = {
-        "root": split.root,
-        "class_names": list(split.class_names),
-        "bad_files": [{"path": b.path, "reason": b.reason} for b in split.bad_files],
-        "duplicates_across_splits": [list(pair) for pair in split.duplicates_across_splits],
-        "fingerprint": split.fingerprint(),
-    }
-    with fs.open_output_stream(sidecar) as f:
-        f.write((json.dumps(meta, indent=2) + "\n").encode("utf-8"))
-
-
-def read_split(location: str | Path) -> DataSplit:
-    """Read a split written by :func:`write_split`, from a local path or an object-store URI.
-
-    Raises:
-        DataError: A file is missing or malformed, or the rows no longer match
-            the stored fingerprint (the file was edited after writing).
-    """
-    try:
-        fs, path = resolve_location(location)
-        table = pq.read_table(path, filesystem=fs)
-        with fs.open_input_stream(_sidecar(path)) as f:
-            meta = json.loads(f.readall().decode("utf-8"))
-        class_names = tuple(meta["class_names"])
-        # class_name is a convenience column for people reading the file; labels rule.
-        columns = [table.column(name).to_pylist() for name in ("split", "path", "label", "sha1")]
-        by_split: dict[str, list[Sample]] = {name: [] for name in SPLITS}
-        for split, rel, label, sha1 in zip(*columns):
-            if not 0 <= label < len(class_names):
-                raise ValueError(f"label {label} of {rel!r} is not a class index")
-            by_split[split].append(Sample(rel, int(label), sha1))
-        result = DataSplit(
-            root=meta["root"],
-            class_names=class_names,
-            train=tuple(by_split["train"]),
-            val=tuple(by_split["val"]),
-            bad_files=tuple(BadImage(b["path"], b["reason"]) for b in meta["bad_files"]),
-            duplicates_across_splits=tuple((t, v) for t, v in meta["duplicates_across_splits"]),
-            test=tuple(by_split["test"]),
-        )
-        expected = meta["fingerprint"]
-    except (OSError, KeyError, ValueError, TypeError, pa.ArrowException) as err:
-        if isinstance(err, DataError):
-            raise
-        raise DataError(
-            f"cannot read split file {str(location)!r}: {err!r}. Regenerate it with write_split."
-        ) from err
-    if result.fingerprint() != expected:
-        raise DataError(
-            f"split file {str(location)!r} does not match its fingerprint {expected}; it was edited "
-            "after writing. Regenerate it with prepare_split and write_split."
-        )
-    return result
 
 
 class ImageDataset(torch.utils.data.Dataset):

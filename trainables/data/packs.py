@@ -8,7 +8,7 @@ Layout under the pack's location (a folder or a bucket prefix)::
 
     split=train/<file>.parquet   rows: row, path, label, sha1, image (the file's bytes)
     split=val/<file>.parquet     (hive directories, so a reader gets the split column)
-    split.parquet, split.json    the split itself (trainables.data.datasets.write_split)
+    split.parquet, split.json    the split itself (trainables.data.split_files.write_split)
     pack.json                    written last: its presence means the pack is complete
 
 ``row`` is the sample's index in the split (``DataSplit.train``/``val`` order). Training
@@ -103,7 +103,7 @@ def read_pack_split(pack: Pack):
     Raises:
         DataError: The split file is missing, edited, or not the one ``pack.json`` names.
     """
-    from trainables.data.datasets import read_split
+    from trainables.data.split_files import read_split
 
     split = read_split(pack.uri(PACK_SPLIT))
     if split.fingerprint() != pack.fingerprint:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from trainables.model.checkpoint import last_checkpoint_epoch
 from trainables.config import TrialConfig
-from trainables.data.datasets import DataSplit, read_split
+from trainables.data.datasets import DataSplit
+from trainables.data.split_files import read_split
 from trainables.data.locations import ray_checkpoint
 from trainables.training.loop import run_trial
 from trainables.training.reporting import RayReporter
