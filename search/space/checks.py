@@ -27,7 +27,7 @@ def raise_if(problems: list[str]) -> None:
 
 def distribution(spec) -> BaseDistribution:
     """An Optuna distribution for a space entry: a range (``UniformRange``) or a tuple of choices."""
-    if not isinstance(spec, tuple):
+    if hasattr(spec, "low"):  # a UniformRange or LogRange (model.py's; not imported here: it imports this)
         return FloatDistribution(spec.low, spec.high, log=spec.log)
     return CategoricalDistribution(spec)
 
