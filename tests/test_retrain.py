@@ -4,6 +4,7 @@ real MLflow (its embedded SQLite registry, and `mlflow server` on loopback).
 v1 holds 60 % of each digit class, v2 all of them; v3 drops the 9s and adds a class of
 synthetic stripes. Every search is tiny (test_resnet at 16 px, 2 epochs, 3 trials)."""
 
+import json
 import os
 import shutil
 import signal
@@ -287,6 +288,56 @@ def test_gate_promotes_only_on_gain_without_a_class_collapsing():
     assert not refused.promote and refused.class_drops["b"] == pytest.approx(0.06)
     assert any("'b' by 0.0600" in r for r in refused.reasons)
     assert decide(better, None, None, min_gain=0.5, max_class_drop=0.0).promote  # no champion yet
+
+
+def _scored(truth: list[int], predicted: list[int]):
+    """A Score with its per-image predictions, as score_bundle makes it (classes a, b)."""
+    from sklearn.metrics import f1_score
+
+    from search.retrain.gate import Score
+
+    per_class = f1_score(truth, predicted, labels=[0, 1], average=None, zero_division=0.0)
+    return Score(float(per_class.mean()), {"a": float(per_class[0]), "b": float(per_class[1])}, len(truth),
+                 ["a", "b"], "test", truth, predicted)
+
+
+def test_gate_a_gain_its_interval_cannot_tell_from_zero_is_no_evidence_whatever_min_gain_says():
+    from search.retrain.gate import Decision, decide, describe
+
+    truth = [0] * 20 + [1] * 20
+    champion = _scored(truth, [0] * 20 + [1] * 18 + [0] * 2)  # 2 of 40 wrong
+    challenger = _scored(truth, [0] * 20 + [1] * 19 + [0])  # 1 of 40 wrong: +0.025, within noise
+    decision = decide(challenger, champion, "1", min_gain=0.0, max_class_drop=0.05)
+    assert not decision.promote
+    assert decision.gain["low"] <= 0 < decision.gain["value"] < decision.gain["high"]
+    assert decision.reasons[0].startswith("no evidence of improvement: the gain +0.02")
+    clear = _scored(truth * 5, ([0] * 20 + [1] * 20) * 5)  # 200 images, none wrong
+    weak = _scored(truth * 5, ([0] * 20 + [1] * 10 + [0] * 10) * 5)  # a quarter wrong
+    promoted = decide(clear, weak, "1", min_gain=0.005, max_class_drop=0.5)
+    assert promoted.promote and promoted.gain["low"] > 0
+    assert "95 % interval of the gain [+" in promoted.reasons[0]
+    # Per-class changes are signed as gains: b's F1 rose, so its change is positive.
+    row = next(line for line in describe(promoted).splitlines() if line.startswith("| b |"))
+    assert row.split("|")[4].strip().startswith("+")
+    # A gate.json written before intervals still reads, without a gain.
+    raw = json.loads(promoted.to_json())
+    del raw["gain"]
+    for side in ("challenger", "champion"):
+        del raw[side]["labels"], raw[side]["predictions"]
+    old = Decision.from_json(json.dumps(raw))
+    assert old.gain is None and old.challenger.predictions == [] and old.promote
+    legacy = decide(_score({"a": 0.9, "b": 0.9}, ["a", "b"]), _score({"a": 0.8, "b": 0.8}, ["a", "b"]), "1",
+                    min_gain=0.005, max_class_drop=0.05)
+    assert legacy.promote and legacy.gain is None
+
+
+def test_near_ties_show_the_difference_itself():
+    from search.retrain.gate import decide
+
+    champion = _score({"a": 0.99160, "b": 0.99160}, ["a", "b"])
+    challenger = _score({"a": 0.99156, "b": 0.99156}, ["a", "b"])
+    reason = decide(challenger, champion, "1", min_gain=0.0, max_class_drop=0.05).reasons[0]
+    assert "0.99156 is below the champion's 0.99160" in reason and "difference -0.00004" in reason
 
 
 def test_gate_class_rule_new_class_scores_zero_for_the_champion_and_is_not_a_drop():

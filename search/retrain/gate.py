@@ -21,8 +21,11 @@ snapshot's classes**; the rule for classes that changed:
 
 The challenger is promoted only when its export passed the parity check (it exists:
 ``export_checkpoint`` publishes nothing else), its macro-F1 is at least the champion's
-plus ``min_gain``, and no class both models know loses more than ``max_class_drop`` F1.
-With no champion yet, a challenger that passed parity is promoted.
+plus ``min_gain``, its gain is evidence (the paired bootstrap 95 % interval of
+challenger minus champion, over the same images, lies above 0: a gain the split cannot
+tell from 0 is "no evidence of improvement", whatever ``min_gain`` says), and no class
+both models know loses more than ``max_class_drop`` F1. With no champion yet, a
+challenger that passed parity is promoted.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from search.export.bundle import INPUT_NAME, ONNX_FILE, OUTPUT_NAME
 from search.export.onnx import create_session
 from search.export.scoring import eval_loader
 from search.markdown import md_text
+from search.results.intervals import paired_difference
 from trainables.data.datasets import DataSplit
 
 
@@ -50,6 +54,10 @@ class Score:
     num_images: int
     known_classes: list[str]  # the classes the model was trained on
     scored_on: str = "val"  # which split of the new snapshot: "test", or "val" when it has none
+    # Per image, in the split's order: the true class and the predicted one (new snapshot's
+    # indices, -1 for a class it lacks); empty in gate.json files written before intervals.
+    labels: list[int] = field(default_factory=list)
+    predictions: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,9 @@ class Decision:
     added_classes: list[str] = field(default_factory=list)
     removed_classes: list[str] = field(default_factory=list)
     class_drops: dict[str, float] = field(default_factory=dict)  # champion F1 - challenger F1, shared classes
+    # Challenger minus champion macro-F1 with its paired bootstrap interval (intervals.Interval.to_json);
+    # None without a champion or in gate.json files written before intervals.
+    gain: dict[str, float] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -101,7 +112,7 @@ def score_bundle(bundle: Path, split: DataSplit, batch_size: int = 64) -> Score:
     per_class = f1_score(truth, predicted, labels=list(range(len(split.class_names))), average=None,
                          zero_division=0.0)
     return Score(float(np.mean(per_class)), dict(zip(split.class_names, map(float, per_class))), len(truth), known,
-                 which)
+                 which, truth.tolist(), predicted.tolist())
 
 
 def refuse_export(error: str, champion_version: str | None, min_gain: float, max_class_drop: float) -> Decision:
@@ -122,18 +133,35 @@ def decide(challenger: Score, champion: Score | None, champion_version: str | No
     drops = {c: champion.per_class_f1[c] - challenger.per_class_f1[c] for c in scored if c not in added}
     reasons = []
     needed = champion.macro_f1 + min_gain
+    difference = challenger.macro_f1 - champion.macro_f1
+    # Five digits and the difference itself: at four, 0.99156 against 0.99160 read "0.9916 is below 0.9916".
     if challenger.macro_f1 < needed:
-        reasons.append(f"macro-F1 {challenger.macro_f1:.4f} is below the champion's {champion.macro_f1:.4f} "
-                       f"+ min_gain {min_gain:g} = {needed:.4f}")
+        reasons.append(f"macro-F1 {challenger.macro_f1:.5f} is below the champion's {champion.macro_f1:.5f} "
+                       f"+ min_gain {min_gain:g} = {needed:.5f} (difference {difference:+.5f})")
+    gain = _gain(challenger, champion)
+    if gain is not None and gain.low <= 0 <= difference:
+        reasons.append(f"no evidence of improvement: the gain {gain.value:+.5f} has a 95 % interval "
+                       f"[{gain.low:+.4f}, {gain.high:+.4f}] over the {challenger.num_images} images, which holds 0")
     worst = [f"'{c}' by {d:.4f}" for c, d in sorted(drops.items(), key=lambda kv: -kv[1]) if d > max_class_drop]
     if worst:
         reasons.append(f"F1 drops by more than max_class_drop {max_class_drop:g} for {', '.join(worst)}")
     promote = not reasons
     if promote:
-        reasons.append(f"macro-F1 {challenger.macro_f1:.4f} ≥ {needed:.4f} (champion {champion.macro_f1:.4f} "
-                       f"+ {min_gain:g}); no class drops more than {max_class_drop:g}; export passed parity")
+        evidence = "" if gain is None else f", 95 % interval of the gain [{gain.low:+.4f}, {gain.high:+.4f}]"
+        reasons.append(f"macro-F1 {challenger.macro_f1:.5f} ≥ {needed:.5f} (champion {champion.macro_f1:.5f} "
+                       f"+ {min_gain:g}; gain {difference:+.5f}{evidence}); no class drops more than "
+                       f"{max_class_drop:g}; export passed parity")
     return Decision(promote, reasons, challenger, champion, champion_version, min_gain, max_class_drop, added,
-                    removed, drops)
+                    removed, drops, None if gain is None else gain.to_json())
+
+
+def _gain(challenger: Score, champion: Score):
+    """Challenger minus champion macro-F1 over the same images, with its paired bootstrap
+    interval; None when either score lacks per-image predictions (older gate.json files)."""
+    if not challenger.predictions or len(challenger.predictions) != len(champion.predictions):
+        return None
+    return paired_difference(challenger.labels, challenger.predictions, champion.predictions,
+                             len(challenger.per_class_f1))
 
 
 def describe(decision: Decision, level: int = 1) -> str:
@@ -155,11 +183,14 @@ def describe(decision: Decision, level: int = 1) -> str:
     where = ("held-out test split" if decision.challenger.scored_on == "test"
              else "validation split (it has no test split, data.test_fraction: 0)")
     lines += ["", f"Scored on the new snapshot's {where} ({decision.challenger.num_images} images), ONNX Runtime.", "",
-              "| class | champion F1 | challenger F1 | drop |", "|---|---|---|---|"]
+              "| class | champion F1 | challenger F1 | change (+ gain, − loss) |", "|---|---|---|---|"]
     for c, f1 in decision.challenger.per_class_f1.items():
         old = "" if champion is None else f"{champion.per_class_f1[c]:.4f}"
-        drop = f"{decision.class_drops[c]:+.4f}" if c in decision.class_drops else ""
+        drop = f"{-decision.class_drops[c]:+.4f}" if c in decision.class_drops else ""
         lines.append(f"| {md_text(c)} | {old} | {f1:.4f} | {drop} |")
     old_macro = "" if champion is None else f"{champion.macro_f1:.4f}"
-    lines.append(f"| **macro** | {old_macro} | {decision.challenger.macro_f1:.4f} | |")
+    gain = "" if champion is None else f"{decision.challenger.macro_f1 - champion.macro_f1:+.5f}"
+    if decision.gain:
+        gain += f" (95 % [{decision.gain['low']:+.4f}, {decision.gain['high']:+.4f}])"
+    lines.append(f"| **macro** | {old_macro} | {decision.challenger.macro_f1:.4f} | {gain} |")
     return "\n".join(lines) + "\n"

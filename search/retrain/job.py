@@ -195,7 +195,9 @@ def _search(cfg: RunConfig, store: RunStore, champion: Version | None, snapshot:
     searched = cfg.model_copy(update={
         "name": f"{section.model_name}-retrain",
         "search": cfg.search.model_copy(update={"export": True, **({
-            "num_samples": section.num_samples, "time_budget_s": section.time_budget_s} if champion else {})}),
+            "num_samples": section.num_samples,
+            # A later retrain without retrain.time_budget_s keeps search.time_budget_s: it had run uncapped.
+            "time_budget_s": section.time_budget_s or cfg.search.time_budget_s} if champion else {})}),
     })
     warm, history = None, []
     if champion is not None:
@@ -203,6 +205,10 @@ def _search(cfg: RunConfig, store: RunStore, champion: Version | None, snapshot:
         if section.top_k:
             warm = top_configurations(previous, section.top_k)
             print_fn(f"warm start: the top {len(warm)} configuration(s) of the champion's run {previous} first")
+            if len(warm) >= section.num_samples:
+                print_fn(f"warning: retrain.num_samples {section.num_samples} is not more than the "
+                         f"{len(warm)} configuration(s) warm-started from retrain.top_k: this retrain only "
+                         "replays the champion's configurations and tries no new one; raise retrain.num_samples")
         if section.history:
             history = history_trials(previous, champion.fingerprint)
     try:
