@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from search.config import parse_config
-from search.layout import GATE_JSON, GATE_MARKDOWN, SPLIT
+from search.layout import GATE_JSON, GATE_MARKDOWN, REPORT_MARKDOWN, SPLIT
 from search.retrain.gate import Decision
 from search.retrain.registry import (
     CHALLENGER, CHAMPION, DECISION, FINGERPRINT, REGISTERED, REGISTERING, RUN_DIR, STATE, TRIAL, Registry,
@@ -177,6 +177,17 @@ def test_a_weak_challenger_on_changed_classes_is_refused_with_its_numbers(snapsh
 
     run = RunStore.at(registry.versions()[-1].tags[RUN_DIR])
     assert "Champion/challenger gate" in build_report(load_run(run)).markdown  # `tunecv report` shows it
+    # The retrain writes the run's report after its gate: the decision heads report.md and report.html.
+    markdown = run.read_text(REPORT_MARKDOWN)
+    assert markdown.index("Champion/challenger gate") < markdown.index("trials ranked by")
+    from tests.browser import visit
+
+    seen = visit(Path(run.location) / "report.html", tmp_path / "gate.png")
+    assert seen.errors == [], seen.errors
+    above_trials = seen.text[:seen.text.index("Trials\n")]
+    assert "Retrain gate: challenger not promoted (against champion version" in above_trials
+    assert "min_gain 0.5" in above_trials and "stripes" in above_trials and "change (+ gain, − loss)" in above_trials
+    assert "## " not in seen.text and "**" not in seen.text  # HTML, not Markdown in a <pre>
 
     # The refused snapshot on the next tick: decided before, so nothing is trained again.
     lines.clear()

@@ -49,7 +49,7 @@ class PageInputs:
     verification: dict[str, Any] | None  # export/metrics.json's "verification"
     config_text: str
     space_text: str
-    gate_markdown: str | None
+    gate_html: str | None  # a retrain's gate decision (search.retrain.gate.describe_html)
     test: dict[str, Any] | None = None  # export/metrics.json's "test": the held-out score
     test_sentence: str = ""
     finalists: list = field(default_factory=list)  # FinalistGroup, best mean first (search/results/selection.py)
@@ -80,6 +80,8 @@ def render(page: PageInputs) -> str:
                     f'<p id="test-score"><strong>{_e(page.test_sentence)}</strong></p>'
                     f"<p>{len(page.ranked)} trials ranked by best validation "
                     f"{RANKING_METRIC} (ties: lower val_loss, then fewer parameters): {_e(summary)}.</p>")
+    if page.gate_html:  # a retrain's decision, at the top where readers look
+        sections.append(page.gate_html)
     sections.append("<h2>Trials</h2><p class=note>Click a column header to sort. The interval is a bootstrap 95 % "
                     "interval over the validation images; <em>tied</em>: a paired bootstrap cannot tell the trial "
                     "from the leader, so their order is noise.</p>" + _table(page.rows))
@@ -112,8 +114,6 @@ def render(page: PageInputs) -> str:
 
     sections.append(_data_section(page.split))
     sections.append(_export_section(page.verification))
-    if page.gate_markdown:
-        sections.append(f"<h2>Retrain gate</h2><pre>{_e(page.gate_markdown)}</pre>")
     sections.append(f"<h2>Run config</h2><pre>{_e(page.config_text)}</pre>")
     sections.append(f"<h2>Search space</h2><pre>{_e(page.space_text or '(not written yet)')}</pre>")
 

@@ -95,7 +95,7 @@ def build_report(run: RunView) -> Report:
     if split is not None:
         _add_intervals(rows, details, [s.label for s in split.val], len(split.class_names))
     top = [(t, *details[t.trial_id]) for t in ranked if t.trial_id in details][:TOP_DETAILED]
-    gate = _gate_markdown(run.store)
+    gate = _gate(run.store)
     test = _export_test(run.store)
     return Report(rows, format_markdown(run, ranked, rows, top, gate, test),
                   render_html(page_inputs(run, ranked, rows, top, gate, split)))
@@ -149,17 +149,29 @@ def test_sentence(test: dict[str, Any] | None) -> str:
             "Validation chose the model, so its validation numbers are optimistic; this is the one to quote.")
 
 
-def _gate_markdown(store: RunStore) -> str | None:
-    """A retrain's champion/challenger decision, when the run is a retrain's."""
+def _gate_html(decision) -> str:
+    from search.retrain.gate import describe_html  # onnxruntime's import: only for a retrain's run
+
+    return describe_html(decision)
+
+
+def _gate_markdown(decision) -> list[str]:
+    from search.retrain.gate import describe
+
+    return [describe(decision, level=2)]
+
+
+def _gate(store: RunStore):
+    """A retrain's champion/challenger decision (``gate.Decision``), when the run is a retrain's."""
     if not store.exists(GATE_JSON):
         return None
-    from search.retrain.gate import Decision, describe
+    from search.retrain.gate import Decision
 
-    return describe(Decision.from_json(store.read_text(GATE_JSON)), level=2)
+    return Decision.from_json(store.read_text(GATE_JSON))
 
 
 def page_inputs(run: RunView, ranked: list[TrialView], rows: list[dict[str, Any]],
-                top: list[tuple[TrialView, dict, dict]], gate: str | None, split) -> PageInputs:
+                top: list[tuple[TrialView, dict, dict]], gate, split) -> PageInputs:
     """Everything ``report.html`` shows, read from the run; parts not written yet are None."""
     from search.run.scheduler import create_scheduler
 
@@ -173,7 +185,7 @@ def page_inputs(run: RunView, ranked: list[TrialView], rows: list[dict[str, Any]
     return PageInputs(
         run_name=store.name, ranked=ranked, rows=rows, top_details=top, space=run.space, rungs=sorted(rungs),
         split=split, verification=verification, config_text=store.read_text(CONFIG), space_text=run.space_text,
-        gate_markdown=gate, test=test, test_sentence=test_sentence(test),
+        gate_html=None if gate is None else _gate_html(gate), test=test, test_sentence=test_sentence(test),
         finalists=finalist_groups(ranked), finalists_test=finalists_test(store),
     )
 
@@ -191,13 +203,15 @@ def _per_class_markdown(details: dict[str, Any]) -> list[str]:
 
 
 def format_markdown(run: RunView, ranked: list[TrialView], rows: list[dict[str, Any]],
-                    top: list[tuple[TrialView, dict, dict]], gate: str | None,
+                    top: list[tuple[TrialView, dict, dict]], gate,
                     test: dict[str, Any] | None = None) -> str:
     lines = [
         f"# Trial report: {md_text(run.store.name)}",
         "",
         test_sentence(test),
         "",
+        # A retrain's run: its champion/challenger decision comes first, where readers look.
+        *(_gate_markdown(gate) if gate is not None else []),
         f"{len(ranked)} trials ranked by best validation {RANKING_METRIC} (ties: lower val_loss, then fewer "
         "parameters). " + status_summary(ranked) + ". " + TIED_NOTE,
         "",
@@ -218,8 +232,6 @@ def format_markdown(run: RunView, ranked: list[TrialView], rows: list[dict[str, 
             *_per_class_markdown(details),
             "",
         ]
-    if gate:  # a retrain's run: its champion/challenger decision
-        lines += [gate]
     return "\n".join(lines)
 
 

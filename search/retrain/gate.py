@@ -30,6 +30,7 @@ challenger that passed parity is promoted.
 
 from __future__ import annotations
 
+import html
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -164,6 +165,54 @@ def _gain(challenger: Score, champion: Score):
                              len(challenger.per_class_f1))
 
 
+def _class_rows(decision: Decision) -> list[tuple[str, str, str, str]]:
+    """(class, champion F1, challenger F1, signed change) per new-snapshot class, then macro."""
+    champion, challenger = decision.champion, decision.challenger
+    rows = []
+    for c, f1 in challenger.per_class_f1.items():
+        old = "" if champion is None else f"{champion.per_class_f1[c]:.4f}"
+        change = f"{-decision.class_drops[c]:+.4f}" if c in decision.class_drops else ""
+        rows.append((c, old, f"{f1:.4f}", change))
+    gain = "" if champion is None else f"{challenger.macro_f1 - champion.macro_f1:+.5f}"
+    if decision.gain:
+        gain += f" (95 % [{decision.gain['low']:+.4f}, {decision.gain['high']:+.4f}])"
+    rows.append(("macro", "" if champion is None else f"{champion.macro_f1:.4f}", f"{challenger.macro_f1:.4f}", gain))
+    return rows
+
+
+_CLASS_RULES = (
+    ("added", "the champion cannot predict it: champion F1 0, not checked for drops"),
+    ("removed", "no images in the new snapshot: not scored; champion predictions of it count as errors"),
+)
+
+
+def _scored_on(decision: Decision) -> str:
+    where = ("held-out test split" if decision.challenger.scored_on == "test"
+             else "validation split (it has no test split, data.test_fraction: 0)")
+    return f"Scored on the new snapshot's {where} ({decision.challenger.num_images} images), ONNX Runtime."
+
+
+def describe_html(decision: Decision) -> str:
+    """The decision as an HTML section for the top of report.html: the same verdict,
+    reasons, class changes and table as ``describe``."""
+    e = html.escape
+    verdict = "promoted" if decision.promote else "not promoted"
+    against = f"champion version {e(decision.champion_version)}" if decision.champion_version else "no champion"
+    parts = [f'<section id="gate"><h2>Retrain gate: challenger <strong>{verdict}</strong> ({against})</h2>',
+             "<ul>" + "".join(f"<li>{e(r)}</li>" for r in decision.reasons) + "</ul>"]
+    if decision.challenger is not None:
+        changed = [(c, name, rule) for name, rule in _CLASS_RULES
+                   for c in (decision.added_classes if name == "added" else decision.removed_classes)]
+        if changed:
+            parts.append("<ul>" + "".join(f"<li>Class <code>{e(c)}</code> {name} in the new snapshot: {rule}.</li>"
+                                          for c, name, rule in changed) + "</ul>")
+        head = "".join(f"<th>{h}</th>" for h in ("class", "champion F1", "challenger F1", "change (+ gain, − loss)"))
+        body = "".join("<tr>" + "".join(f"<td>{e(v)}</td>" for v in row) + "</tr>" for row in _class_rows(decision))
+        parts.append(f"<p class=note>{e(_scored_on(decision))}</p><table><thead><tr>{head}</tr></thead>"
+                     f"<tbody>{body}</tbody></table>")
+    return "".join(parts) + "</section>"
+
+
 def describe(decision: Decision, level: int = 1) -> str:
     """The decision as Markdown, under a heading of ``level``: verdict, reasons, class
     changes and the per-class table."""
@@ -173,24 +222,13 @@ def describe(decision: Decision, level: int = 1) -> str:
              *[f"- {md_text(r)}" for r in decision.reasons], ""]  # reasons quote class names and errors
     if decision.challenger is None:
         return "\n".join(lines)
-    for name, classes, rule in (
-        ("added", decision.added_classes, "the champion cannot predict it: champion F1 0, not checked for drops"),
-        ("removed", decision.removed_classes, "no images in the new snapshot: not scored; champion predictions "
-                                              "of it count as errors"),
-    ):
+    for name, rule in _CLASS_RULES:
+        classes = decision.added_classes if name == "added" else decision.removed_classes
         lines += [f"- Class '{md_text(c)}' {name} in the new snapshot: {rule}." for c in classes]
-    champion = decision.champion
-    where = ("held-out test split" if decision.challenger.scored_on == "test"
-             else "validation split (it has no test split, data.test_fraction: 0)")
-    lines += ["", f"Scored on the new snapshot's {where} ({decision.challenger.num_images} images), ONNX Runtime.", "",
+    lines += ["", _scored_on(decision), "",
               "| class | champion F1 | challenger F1 | change (+ gain, − loss) |", "|---|---|---|---|"]
-    for c, f1 in decision.challenger.per_class_f1.items():
-        old = "" if champion is None else f"{champion.per_class_f1[c]:.4f}"
-        drop = f"{-decision.class_drops[c]:+.4f}" if c in decision.class_drops else ""
-        lines.append(f"| {md_text(c)} | {old} | {f1:.4f} | {drop} |")
-    old_macro = "" if champion is None else f"{champion.macro_f1:.4f}"
-    gain = "" if champion is None else f"{decision.challenger.macro_f1 - champion.macro_f1:+.5f}"
-    if decision.gain:
-        gain += f" (95 % [{decision.gain['low']:+.4f}, {decision.gain['high']:+.4f}])"
-    lines.append(f"| **macro** | {old_macro} | {decision.challenger.macro_f1:.4f} | {gain} |")
+    rows = _class_rows(decision)
+    lines += [f"| {md_text(c)} | {old} | {new} | {change} |" for c, old, new, change in rows[:-1]]
+    _, old, new, change = rows[-1]
+    lines.append(f"| **macro** | {old} | {new} | {change} |")
     return "\n".join(lines) + "\n"

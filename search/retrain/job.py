@@ -31,7 +31,7 @@ from pathlib import Path
 from search.config import ConfigError, RunConfig
 from search.data import scan_data
 from search.drivers import is_finished, live_driver, read_drivers
-from search.layout import CONFIG, EXPORT, GATE_JSON, GATE_MARKDOWN, SPACE
+from search.layout import CONFIG, EXPORT, GATE_JSON, GATE_MARKDOWN, REPORT_HTML, SPACE
 from search.retrain.gate import Decision, decide, describe, refuse_export, score_bundle
 from search.retrain.registry import (
     ABANDONED, CHALLENGER, CHAMPION, DECISION, FINGERPRINT, GATED_AGAINST, REGISTERED, REGISTERING, RUN_DIR,
@@ -128,6 +128,10 @@ def _retrain(cfg: RunConfig, registry: Registry, print_fn: PrintFn) -> Decision 
         else:
             export_error = None if store.exists(f"{EXPORT}/model.onnx") else "the finished search has no export"
         decision = _gate(cfg, store, registry, champion, snapshot, export_error, print_fn)
+    if not store.exists(REPORT_HTML):  # its one writer, after the gate: the decision heads the report
+        from search.results.report import write_run_report
+
+        write_run_report(store, print_fn)
     if decision.challenger is None:  # the export failed parity: nothing to register
         print_fn(f"not registered: {decision.reasons[0]}; the champion stays")
         return decision
@@ -213,7 +217,7 @@ def _search(cfg: RunConfig, store: RunStore, champion: Version | None, snapshot:
             history = history_trials(previous, champion.fingerprint)
     try:
         run_search(searched, print_fn=print_fn, run_dir=store.location, warm_points=warm, history=history,
-                   split=snapshot)
+                   split=snapshot, report=False)
     except ExportError as err:
         return str(err)
     return None

@@ -96,6 +96,7 @@ def run_search(
     history: Sequence[HistoryTrial] = (),
     split: DataSplit | None = None,
     trial_resources: dict[str, float] | None = None,
+    report: bool = True,
 ) -> RunStore:
     """Search, rank, report and export; return the run.
 
@@ -123,6 +124,8 @@ def run_search(
             Train workers, if any, still ask for theirs through ``scaling``. The trial
             trains where ``cfg`` says: logical GPUs asked for here do not make it use CUDA
             (``bench/cluster_sim.py`` packs trials onto logical GPUs of a simulated cluster).
+        report: Write the run's report when the search ends. A retrain passes False and
+            writes it after its gate, so the report's one writer can put the decision on top.
 
     Raises:
         ConfigError: The space is invalid, the run to resume is finished, has another
@@ -172,7 +175,7 @@ def run_search(
     else:
         _set_up(store, driver, split, space_path, note, print_fn)
     _search(cfg, space, store, driver, spent_s(earlier) if resuming else None, print_fn, callbacks, warm_points,
-            history, trial_resources)
+            history, trial_resources, report)
     return store
 
 
@@ -203,7 +206,7 @@ def _set_up(store: RunStore, driver: DriverRecord, split: DataSplit, space_path:
 
 def _search(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverRecord, spent_before: float | None,
             print_fn, callbacks, warm_points: Sequence[dict[str, Any]] | None, history: Sequence[HistoryTrial],
-            trial_resources: dict[str, float]) -> None:
+            trial_resources: dict[str, float], report: bool = True) -> None:
     """Tune, then report and export; ``spent_before`` is None for a new run."""
     from search.results.report import write_run_report
     from search.results.winner import export_winner
@@ -261,7 +264,8 @@ def _search(cfg: RunConfig, space: SearchSpace, store: RunStore, driver: DriverR
         # written even when the export fails to verify. The search is over then too: a
         # resume would only export again; `tunecv export RUN` retries it on its own.
         try:
-            write_run_report(store, print_fn)
+            if report:
+                write_run_report(store, print_fn)
         finally:
             driver.finish(FINISHED, asha_rungs=rungs)
 
