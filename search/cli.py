@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -296,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one tunecv line on stderr: Python's default adds its source file and
+    line (``datasets.py:373: UserWarning`` and the code), which is for us, not a user."""
+    print(f"tunecv: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     from search.config import ConfigError
     from search.export.bundle import ExportError
@@ -306,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainables.data.layouts import DataError
 
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _warning_line
     try:
         return args.func(args)
     except (ConfigError, SpaceError, DataError, PretrainedWeightsError, NothingToExportError, ExportError) as err:

@@ -257,3 +257,10 @@ def test_resume_of_a_hand_edited_config_is_refused_before_ray(tmp_path):
         f"values. Restore the file as it was, or start a new run with the edited settings (`tunecv run --config "
         f"{store.uri(CONFIG)} --set name=NEW_NAME`)."]
     assert {p: p.read_bytes() for p in (tmp_path / "old").rglob("*") if p.is_file()} == before
+
+
+def test_a_warning_is_one_tunecv_line_without_python_s_source_line():
+    script = ("import warnings, sys\nfrom search import cli\nwarnings.showwarning = cli._warning_line\n"
+              "warnings.warn('3 held-out image(s) have byte-identical copies', UserWarning)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.stderr == "tunecv: warning: 3 held-out image(s) have byte-identical copies\n"

@@ -422,3 +422,27 @@ def test_the_retrain_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_
     holder.wait()
     with retrain_lock(tmp_path, "digits"):  # SIGKILL released it: no stale lock
         pass
+
+
+def test_a_new_registry_and_a_download_print_nothing_of_mlflow_s_own(tmp_path):
+    """MLflow's INFO lines and its tqdm download bar stay off the console (issue 26, item 6)."""
+    script = (
+        "from pathlib import Path\n"
+        "from search.retrain.registry import Registry\n"
+        f"root = Path({str(tmp_path)!r})\n"
+        "registry = Registry(f'sqlite:///{root}/mlflow.db', 'digits', artifact_root=root / 'artifacts')\n"
+        "assert registry.alias('champion') is None\n"
+        "import mlflow\n"
+        "mlflow.set_tracking_uri(f'sqlite:///{root}/mlflow.db')\n"
+        "(root / 'bundle').mkdir(); (root / 'bundle' / 'model.onnx').write_bytes(b'x' * 10)\n"
+        "with mlflow.start_run() as run:\n"
+        "    mlflow.log_artifacts(str(root / 'bundle'), 'model')\n"
+        "mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path='model', dst_path=str(root / 'got'))\n"
+        "print('done')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "done"
+    assert "Creating initial MLflow database tables" not in proc.stderr and "INFO" not in proc.stderr
+    assert "Downloading artifacts" not in proc.stderr, proc.stderr

@@ -15,6 +15,7 @@ version still ``registering`` is recognisably half-made: the next retrain marks 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -63,7 +64,15 @@ class Registry:
     """The registered model ``name`` at ``uri`` (any MLflow tracking URI)."""
 
     def __init__(self, uri: str, name: str, artifact_root: Path | None = None) -> None:
+        # A quiet console: tunecv prints what a retrain did in its own lines. MLflow's INFO
+        # logs ("Creating initial MLflow database tables...", alembic's migrations) and its
+        # tqdm "Downloading artifacts" bars said nothing a user acts on. A user's own
+        # setting of the bar wins.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         from mlflow import MlflowClient
+
+        for logger in ("mlflow", "alembic"):
+            logging.getLogger(logger).setLevel(logging.WARNING)
 
         self.uri, self.name = uri, name
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
