@@ -127,8 +127,15 @@ def test_retrain_warm_starts_gates_on_new_data_registers_and_never_trains_twice(
     assert sorted(t.value for t in history) == sorted(t.best_epoch["macro_f1"] for t in v1_finished)
     assert len(load_run(v2_run).trials) == 3
     v2_split = read_split(v2_run.uri(SPLIT))
-    assert second.challenger.num_images == second.champion.num_images == len(v2_split.val)
     assert len(v2_split.val) > len(read_split(v1_run.uri(SPLIT)).val)
+    # No test split here, so the gate scores validation, re-drawn for v2: the champion trained
+    # on some of those images. The retrain says how many, and the gate leaves them out.
+    v1_trained = {s.sha1 for s in read_split(v1_run.uri(SPLIT)).train}
+    seen = sum(s.sha1 in v1_trained for s in v2_split.val)
+    assert f"the champion trained on {seen} of this snapshot's {len(v2_split.val)} validation images" in "\n".join(lines)
+    assert second.left_out == seen > 0
+    assert second.challenger.num_images == second.champion.num_images == len(v2_split.val) - seen
+    assert f"Neither model trained on any of them" in v2_run.read_text(GATE_MARKDOWN)
     assert Decision.from_json(v2_run.read_text(GATE_JSON)) == second
     assert registry.alias(CHALLENGER).number == "2"
     expected_champion = "2" if second.promote else "1"
@@ -340,6 +347,20 @@ def test_gate_a_gain_its_interval_cannot_tell_from_zero_is_no_evidence_whatever_
     legacy = decide(_score({"a": 0.9, "b": 0.9}, ["a", "b"]), _score({"a": 0.8, "b": 0.8}, ["a", "b"]), "1",
                     min_gain=0.005, max_class_drop=0.05)
     assert legacy.promote and legacy.gain is None
+
+
+def test_the_gate_scores_only_images_neither_model_trained_on():
+    from search.retrain.gate import unseen_split
+    from trainables.data.datasets import DataSplit, Sample
+
+    train = (Sample("a/1.png", 0, "h1"), Sample("b/1.png", 1, "h2"))
+    test = (Sample("a/2.png", 0, "h3"), Sample("a/copy.png", 0, "h1"), Sample("b/2.png", 1, "h4"),
+            Sample("b/old.png", 1, "h9"))
+    split = DataSplit("/data", ("a", "b"), train, (), (), (), test)
+    scored, left_out = unseen_split(split, champion_trained={"h9"})
+    # a/copy.png is the challenger's own training image under another name; b/old.png the champion's.
+    assert [s.path for s in scored.test] == ["a/2.png", "b/2.png"] and left_out == 2
+    assert scored.train == split.train and scored.val == split.val
 
 
 def test_near_ties_show_the_difference_itself():

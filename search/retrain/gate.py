@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import html
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +78,9 @@ class Decision:
     # Challenger minus champion macro-F1 with its paired bootstrap interval (intervals.Interval.to_json);
     # None without a champion or in gate.json files written before intervals.
     gain: dict[str, float] | None = None
+    # Images of the scored split left out because a model trained on an identical one (by
+    # content); None: not checked (no champion, or gate.json files written before the check).
+    left_out: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -92,6 +95,24 @@ class Decision:
 def gate_split(split: DataSplit) -> str:
     """The split the gate scores on: the held-out test split, or validation without one."""
     return "test" if split.test else "val"
+
+
+def unseen_split(split: DataSplit, champion_trained: set[str]) -> tuple[DataSplit, int]:
+    """``split`` with its gate images (``gate_split``) limited to those neither model trained
+    on, by content (sha1): the champion's training images (``champion_trained``) and the
+    challenger's (``split.train``). Returns it and how many images were left out.
+
+    With the same ``data.test_fraction`` the test split already holds none (its files are
+    picked by path hash); a copy of a training image under another name, or a changed
+    fraction, is what this catches. A split left empty is kept whole, and the count says so.
+    """
+    which = gate_split(split)
+    trained = champion_trained | {sample.sha1 for sample in split.train}
+    images = split.samples(which)
+    kept = tuple(sample for sample in images if sample.sha1 not in trained)
+    if not kept:
+        return split, len(images)
+    return replace(split, **{which: kept}), len(images) - len(kept)
 
 
 def score_bundle(bundle: Path, split: DataSplit, batch_size: int = 64) -> Score:
@@ -189,7 +210,11 @@ _CLASS_RULES = (
 def _scored_on(decision: Decision) -> str:
     where = ("held-out test split" if decision.challenger.scored_on == "test"
              else "validation split (it has no test split, data.test_fraction: 0)")
-    return f"Scored on the new snapshot's {where} ({decision.challenger.num_images} images), ONNX Runtime."
+    text = f"Scored on the new snapshot's {where} ({decision.challenger.num_images} images), ONNX Runtime."
+    if decision.left_out is not None and decision.champion is not None:
+        text += (f" Neither model trained on any of them (checked by content against both training splits; "
+                 f"{decision.left_out} left out for that).")
+    return text
 
 
 def describe_html(decision: Decision) -> str:

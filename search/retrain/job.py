@@ -26,20 +26,21 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from search.config import ConfigError, RunConfig
 from search.data import scan_data
 from search.drivers import is_finished, live_driver, read_drivers
-from search.layout import CONFIG, EXPORT, GATE_JSON, GATE_MARKDOWN, REPORT_HTML, SPACE
-from search.retrain.gate import Decision, decide, describe, refuse_export, score_bundle
+from search.layout import CONFIG, EXPORT, GATE_JSON, GATE_MARKDOWN, REPORT_HTML, SPACE, SPLIT
+from search.retrain.gate import Decision, decide, describe, refuse_export, score_bundle, unseen_split
 from search.retrain.registry import (
     ABANDONED, CHALLENGER, CHAMPION, DECISION, FINGERPRINT, GATED_AGAINST, REGISTERED, REGISTERING, RUN_DIR,
     SNAPSHOT, STATE, TRIAL, Registry, Version, metric_key, registry_uri,
 )
 from search.retrain.warm import history_trials, top_configurations
 from search.storage import RunStore
-from trainables.data.datasets import DataSplit
+from trainables.data.datasets import DataSplit, read_split
 from trainables.data.locations import is_uri
 from trainables.training.metrics import RANKING_METRIC
 
@@ -120,6 +121,7 @@ def _retrain(cfg: RunConfig, registry: Registry, print_fn: PrintFn) -> Decision 
         _finish_decided(registry, decided, decided is registered[-1], champion, print_fn)
         return None
 
+    trained = _champion_trained(champion, snapshot, print_fn) if champion is not None else set()
     store = _run_dir(cfg, fingerprint, print_fn)
     decision = _decided_in(store)
     if decision is None:
@@ -127,7 +129,7 @@ def _retrain(cfg: RunConfig, registry: Registry, print_fn: PrintFn) -> Decision 
             export_error = _search(cfg, store, champion, snapshot, print_fn)
         else:
             export_error = None if store.exists(f"{EXPORT}/model.onnx") else "the finished search has no export"
-        decision = _gate(cfg, store, registry, champion, snapshot, export_error, print_fn)
+        decision = _gate(cfg, store, registry, champion, snapshot, trained, export_error, print_fn)
     if not store.exists(REPORT_HTML):  # its one writer, after the gate: the decision heads the report
         from search.results.report import write_run_report
 
@@ -230,21 +232,39 @@ def _bundle(store: RunStore) -> Iterator[Path]:
         yield local
 
 
+def _champion_trained(champion: Version, snapshot: DataSplit, print_fn: PrintFn) -> set[str]:
+    """The content hashes of the champion's training images (its run's split), and, said in
+    numbers, how many of this snapshot's validation and test images are among them."""
+    store = RunStore.at(champion.tags[RUN_DIR])
+    if not store.exists(SPLIT):
+        print_fn(f"the champion's run {store} has no {SPLIT}: which images it trained on cannot be checked")
+        return set()
+    trained = {sample.sha1 for sample in read_split(store.uri(SPLIT)).train}
+    seen = {which: sum(s.sha1 in trained for s in snapshot.samples(which)) for which in ("val", "test")}
+    print_fn(f"the champion trained on {seen['val']} of this snapshot's {len(snapshot.val)} validation images and "
+             f"{seen['test']} of its {len(snapshot.test)} test images; the gate scores only images neither model "
+             "trained on")
+    return trained
+
+
 def _gate(cfg: RunConfig, store: RunStore, registry: Registry, champion: Version | None, split: DataSplit,
-          export_error: str | None, print_fn: PrintFn) -> Decision:
-    """Score both exports on ``split`` (the snapshot's, as the run holds it) and decide."""
+          trained: set[str], export_error: str | None, print_fn: PrintFn) -> Decision:
+    """Score both exports on ``split``'s images that neither model trained on (``trained``:
+    the champion's, by content) and decide."""
     section = cfg.retrain
     against = champion.number if champion else None
     if export_error is not None:
         decision = refuse_export(export_error, against, section.min_gain, section.max_class_drop)
     else:
+        split, left_out = unseen_split(split, trained)
         with _bundle(store) as bundle:
             challenger = score_bundle(bundle, split)
         champion_score = None
         if champion is not None:
             with tempfile.TemporaryDirectory(prefix="tunecv-champion-") as tmp:
                 champion_score = score_bundle(registry.download(champion, Path(tmp)), split)
-        decision = decide(challenger, champion_score, against, section.min_gain, section.max_class_drop)
+        decision = replace(decide(challenger, champion_score, against, section.min_gain, section.max_class_drop),
+                           left_out=left_out)
     store.write_text(GATE_JSON, decision.to_json())  # first: its presence means the gate has decided
     store.write_text(GATE_MARKDOWN, describe(decision))
     print_fn(describe(decision).rstrip())
