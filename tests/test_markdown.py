@@ -12,7 +12,7 @@ from search.export.bundle import ExportResult, readme_markdown
 from search.markdown import md_text
 from search.results.report import format_markdown, report_row
 from search.results.trials import FAILED, RunView, TrialView
-from search.retrain.gate import Score, decide, describe, refuse_export
+from search.retrain.gate import Score, decide, describe, describe_html, refuse_export
 from search.run.trial import trial_config
 from search.storage import RunStore
 from tests.conftest import small_run_config
@@ -71,7 +71,7 @@ def test_report_md_escapes_class_names_backbones_reasons_and_the_run_name(tmp_pa
     details = {"per_class": {name: m for name in NAMES}, "confusion_matrix": [[1, 1, 0], [0, 1, 1], [1, 0, 1]]}
     test = {"num_images": 6, "macro_f1": 0.5, "macro_f1_interval": {"low": 0.1, "high": 0.9}, **details}
     run = RunView(RunStore.at(tmp_path / "<b>run|x"), cfg, (trial,))
-    gate = describe(decide(Score(0.5, dict.fromkeys(NAMES, 0.5), 6, NAMES), None, None, 0.0, 0.1), level=2)
+    gate = decide(Score(0.5, dict.fromkeys(NAMES, 0.5), 6, NAMES), None, None, 0.0, 0.1)
 
     markdown = format_markdown(run, [trial], [row], [(trial, epoch, details)], gate, test)
 
@@ -102,11 +102,15 @@ def test_gate_md_escapes_class_names_in_reasons_changes_and_the_table(champion):
     old = Score(0.6, {HOSTILE: 0.9, "class_0": 0.9, "added|<b>": 0.0}, 6, known) if champion else None
     new = Score(0.5, {HOSTILE: 0.1, "class_0": 0.9, "added|<b>": 0.5}, 6, [HOSTILE, "class_0", "added|<b>"])
 
-    text = describe(decide(new, old, "1" if champion else None, min_gain=0.0, max_class_drop=0.05))
+    decision = decide(new, old, "1" if champion else None, min_gain=0.0, max_class_drop=0.05)
+    text = describe(decision)
 
     if champion:  # the drop reason, the removed and added classes quote names
         assert "for '&lt;img src=x onerror=alert(1)&gt;\\|x' by 0.8000" in text
         assert "- Class '\ufffd\\[31mred line\\\\' removed" in text and r"- Class 'added\|&lt;b&gt;' added" in text
     _assert_inert(text, table_rows=1)
+    # The same decision as report.html's section: every name escaped there too.
+    page = describe_html(decision)
+    assert "<img" not in page and "&lt;img src=x onerror=alert(1)&gt;|x" in page and "<b>" not in page
     refused = describe(refuse_export(f"ExportError: checkpoint '/runs/{HOSTILE}' failed", None, 0.0, 0.1))
     assert "'/runs/&lt;img" in refused and "<img" not in refused

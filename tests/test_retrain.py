@@ -135,7 +135,7 @@ def test_retrain_warm_starts_gates_on_new_data_registers_and_never_trains_twice(
     assert f"the champion trained on {seen} of this snapshot's {len(v2_split.val)} validation images" in "\n".join(lines)
     assert second.left_out == seen > 0
     assert second.challenger.num_images == second.champion.num_images == len(v2_split.val) - seen
-    assert f"Neither model trained on any of them" in v2_run.read_text(GATE_MARKDOWN)
+    assert "Neither model trained on any of them" in v2_run.read_text(GATE_MARKDOWN)
     assert Decision.from_json(v2_run.read_text(GATE_JSON)) == second
     assert registry.alias(CHALLENGER).number == "2"
     expected_champion = "2" if second.promote else "1"

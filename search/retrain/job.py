@@ -40,7 +40,8 @@ from search.retrain.registry import (
 )
 from search.retrain.warm import history_trials, top_configurations
 from search.storage import RunStore
-from trainables.data.datasets import DataSplit, read_split
+from trainables.data.datasets import DataSplit
+from trainables.data.split_files import read_split
 from trainables.data.locations import is_uri
 from trainables.training.metrics import RANKING_METRIC
 
