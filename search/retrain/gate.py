@@ -223,7 +223,7 @@ def describe_html(decision: Decision) -> str:
     e = html.escape
     verdict = "promoted" if decision.promote else "not promoted"
     against = f"champion version {e(decision.champion_version)}" if decision.champion_version else "no champion"
-    parts = [f'<section id="gate"><h2>Retrain gate: challenger <strong>{verdict}</strong> ({against})</h2>',
+    parts = [f'<section id="gate"><h2>Retrain gate: challenger <strong>{verdict}</strong> (against {against})</h2>',
              "<ul>" + "".join(f"<li>{e(r)}</li>" for r in decision.reasons) + "</ul>"]
     if decision.challenger is not None:
         changed = [(c, name, rule) for name, rule in _CLASS_RULES
