@@ -304,6 +304,16 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from search.console import escaped_console
+
+    with escaped_console():  # user-named text never drives the terminal (search/console.py)
+        args = build_parser().parse_args(argv)
+        warnings.showwarning = _warning_line
+        return _dispatch(args)
+
+
+def _dispatch(args) -> int:
+    """``args.func(args)``, with input problems and a full disk as one line and an exit code."""
     from search.config import ConfigError
     from search.export.bundle import ExportError
     from search.results.winner import NothingToExportError
@@ -312,8 +322,6 @@ def main(argv: list[str] | None = None) -> int:
     from trainables.model.backbones import PretrainedWeightsError
     from trainables.data.layouts import DataError
 
-    args = build_parser().parse_args(argv)
-    warnings.showwarning = _warning_line
     try:
         return args.func(args)
     except (ConfigError, SpaceError, DataError, PretrainedWeightsError, NothingToExportError, ExportError) as err:

@@ -1,5 +1,6 @@
 """The tunecv command line, run as a user runs it."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,13 +19,20 @@ def _tunecv(*args, cwd=None):
 
 
 def test_train_prints_epochs_and_per_class_report(synthetic_root, tmp_path):
+    # A class folder whose name would retitle the terminal and clear it, printed raw.
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    hostile = "class_3\x1b]0;owned\x07\x1b[2J"
+    (data / "class_3").rename(data / hostile)
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(small_run_config(synthetic_root, tmp_path / "runs")))
+    path.write_text(yaml.safe_dump(small_run_config(data, tmp_path / "runs")))
     proc = _tunecv("train", "--config", str(path), "--set", "optim.epochs=1")
     assert proc.returncode == 0, proc.stderr
     assert "epoch   1" in proc.stdout
-    for k in range(4):
+    for k in range(3):
         assert f"class_{k}" in proc.stdout
+    assert "class_3\\x1b]0;owned\\x07\\x1b[2J" in proc.stdout  # shown, escaped
+    assert "\x1b]" not in proc.stdout + proc.stderr and "\x1b[2J" not in proc.stdout + proc.stderr
     assert "macro-F1" in proc.stdout
     run_dirs = [d for d in (tmp_path / "runs").iterdir() if d.name != CACHE_DIR]
     assert len(run_dirs) == 1
@@ -264,3 +272,12 @@ def test_a_warning_is_one_tunecv_line_without_python_s_source_line():
               "warnings.warn('3 held-out image(s) have byte-identical copies', UserWarning)\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.stderr == "tunecv: warning: 3 held-out image(s) have byte-identical copies\n"
+
+
+def test_the_console_keeps_colour_and_line_breaks_and_shows_every_other_control_escaped():
+    from search.console import console_text
+
+    # Ray's log prefixes are coloured (SGR): kept. A title (OSC), a one-byte CSI, a bell: shown.
+    assert (console_text("\x1b[2m\x1b[36m(pid=1)\x1b[0m a\x1b]0;t\x07\x9b2J\tb\r\n")
+            == "\x1b[2m\x1b[36m(pid=1)\x1b[0m a\\x1b]0;t\\x07\\x9b2J\tb\r\n")
+    assert console_text("class_0: 9 train") == "class_0: 9 train"
