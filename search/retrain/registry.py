@@ -15,6 +15,7 @@ version still ``registering`` is recognisably half-made: the next retrain marks 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -32,6 +33,14 @@ ARTIFACT_PATH = "model"
 # INVALID_PARAMETER_VALUE for an unknown alias); anything else, such as a registry that
 # cannot be reached, must not read as "no champion".
 _ABSENT = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+# How long the first request may take. MLflow's own default retries an unreachable server
+# for about 4 minutes (7 retries, backoff 2) before a traceback: a scheduled retrain
+# should say at once, before any training, that it cannot reach its registry.
+REACH_TIMEOUT_S = 8
+
+
+class RegistryUnreachable(RuntimeError):
+    """The registry's first request failed: the message names the URI and what to fix."""
 
 
 def registry_uri(configured: str | None, output_dir: str) -> str:
@@ -75,9 +84,33 @@ class Registry:
             logging.getLogger(logger).setLevel(logging.WARNING)
 
         self.uri, self.name = uri, name
-        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        try:
+            self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        except Exception as err:  # noqa: BLE001 - an unknown URI scheme fails here
+            raise self._unusable(err) from None
         # An embedded (SQLite) registry keeps artifacts next to it; a server decides itself.
         self.artifact_root = artifact_root
+
+    def check_reachable(self) -> None:
+        """One request, no retries, within ``REACH_TIMEOUT_S``: the registry answers as an
+        MLflow registry, or this raises :class:`RegistryUnreachable` naming the URI.
+        (An unknown URI scheme must not pass for "no champion yet" later: MLflow says
+        INVALID_PARAMETER_VALUE for it, as for an alias that does not exist.)"""
+        try:
+            with _environ(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(REACH_TIMEOUT_S)):
+                self.client.search_registered_models(max_results=1)
+        except Exception as err:  # noqa: BLE001 - any failure here means the same to a user
+            raise self._unusable(err) from None
+
+    def _unusable(self, err: Exception) -> RegistryUnreachable:
+        reason = " ".join(str(err).split())
+        if "(Caused by " in reason:  # requests' innermost cause says it: refused, timed out, no such host
+            reason = reason[reason.index("(Caused by ") + len("(Caused by "):].rstrip(")")
+        if len(reason) > 300:
+            reason = reason[:300] + "..."
+        return RegistryUnreachable(
+            f"cannot use the MLflow registry at {self.uri} (retrain.registry_uri, else MLFLOW_TRACKING_URI): "
+            f"{type(err).__name__}: {reason}. Start the tracking server or fix the URI; nothing was trained.")
 
     def _version(self, mv) -> Version:
         return Version(str(mv.version), dict(mv.tags or {}), mv.source, mv.run_id)
@@ -153,3 +186,19 @@ class Registry:
 def metric_key(name: str) -> str:
     """An MLflow metric name for ``name`` (class names may hold any character)."""
     return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    """``os.environ`` with ``values`` set for the block (MLflow reads its HTTP settings
+    from the environment at each request), then as it was."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
