@@ -153,21 +153,21 @@ def _refused_before_ray(proc, tmp_path, *phrases):
 def test_a_batch_larger_than_the_training_set_is_refused_before_ray_and_before_a_run_directory(
         synthetic_root, tmp_path):
     path = tmp_path / "run.yaml"
-    # 160 images, 20% held out for validation: 128 train.
+    # 160 images, 20% held out for validation by hash: 130 train.
     path.write_text(yaml.safe_dump(small_run_config(synthetic_root, tmp_path / "runs")))
     proc = _tunecv("train", "--config", str(path), "--set", "optim.batch_size=500")
-    _refused_before_ray(proc, tmp_path, "optim.batch_size 500 is larger than the 128 training images; "
-                                        "set optim.batch_size to at most 128.")
+    _refused_before_ray(proc, tmp_path, "optim.batch_size 500 is larger than the 130 training images; "
+                                        "set optim.batch_size to at most 130.")
     plain = _space_file(tmp_path)
     proc = _tunecv("run", "--config", str(path), "--set", "optim.batch_size=500", "--space", str(plain))
-    _refused_before_ray(proc, tmp_path, "optim.batch_size 500 is larger than the 128 training images")
+    _refused_before_ray(proc, tmp_path, "optim.batch_size 500 is larger than the 130 training images")
     proc = _tunecv("run", "--config", str(path), "--set", "optim.batch_size=100", "--set",
                    "scaling.num_workers=2", "--space", str(plain))
     _refused_before_ray(proc, tmp_path, "(64 for each of 2 workers)", "at most 64")
     searched = _space_file(tmp_path, batch_size=[16, 200, 500])
     proc = _tunecv("run", "--config", str(path), "--space", str(searched))
     _refused_before_ray(proc, tmp_path, "searches batch_size [16, 200, 500], and [200, 500] are larger than the "
-                                        "128 training images")
+                                        "130 training images")
 
 
 def test_resume_of_a_train_directory_is_refused_before_ray(synthetic_root, tmp_path):

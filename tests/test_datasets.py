@@ -1,4 +1,4 @@
-"""Sample discovery, path safety, the stratified split, split files and ImageDataset."""
+"""Sample discovery, path safety, the per-class hash holdout, split files and ImageDataset."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from PIL import Image
 
-from trainables.data.datasets import ImageDataset, Sample, prepare_split
+from trainables.data.datasets import ImageDataset, Sample, list_data, prepare_split
+from trainables.data.holdout import val_position
 
 from trainables.data.split_files import read_split, write_split
 from trainables.data.layouts import DataError, resolve_inside
@@ -43,7 +44,7 @@ def _labels_of(split, samples) -> list[str]:
     return [split.class_names[s.label] for s in samples]
 
 
-def test_holdout_is_stratified_disjoint_and_complete(tmp_path):
+def test_holdout_is_per_class_disjoint_and_complete(tmp_path):
     counts = {"cat": 20, "dog": 10, "emu": 15}
     _class_folders(tmp_path, counts)
     split = prepare_split(tmp_path, val_fraction=0.2, seed=0)
@@ -53,15 +54,39 @@ def test_holdout_is_stratified_disjoint_and_complete(tmp_path):
     val_paths = {s.path for s in split.val}
     assert not train_paths & val_paths
     assert len(train_paths | val_paths) == 45
-    assert len(split.val) == 9  # ceil(45 * 0.2)
+    # The rule, image by image: val exactly when its hash position is below 0.2, except a
+    # class with none below gives its lowest (never the case for all three classes at once).
+    below = {path for path in train_paths | val_paths if val_position(path, 0) < 0.2}
+    floors = val_paths - below
+    assert below <= val_paths and len(floors) <= 1
+    for floor in floors:
+        cls = floor.split("/")[0]
+        assert not {p for p in below if p.startswith(cls + "/")}
+        assert val_position(floor, 0) == min(val_position(p, 0) for p in train_paths | val_paths
+                                               if p.startswith(cls + "/"))
     val_counts = Counter(_labels_of(split, split.val))
-    for name, count in counts.items():
-        assert abs(val_counts[name] - count * 0.2) <= 1
+    assert all(1 <= val_counts[name] <= count - 1 for name, count in counts.items())
+    assert 4 <= len(split.val) <= 14  # binomial(45, 0.2): 9 +- 2.3 sd
     assert split.class_counts("train") == [n - val_counts[name] for name, n in counts.items()]
     assert split.class_counts("val") == [val_counts["cat"], val_counts["dog"], val_counts["emu"]]
     # Labels follow the folder each file sits in.
     assert all(s.path.split("/")[0] == split.class_names[s.label] for s in split.train + split.val)
     assert [s.path for s in split.val] == sorted(val_paths)
+
+
+def test_an_image_keeps_its_side_as_its_class_grows(tmp_path):
+    _class_folders(tmp_path, {"a": 30, "b": 30})
+    before = prepare_split(tmp_path, seed=0, test_fraction=0.15)
+    _class_folders(tmp_path, {"a": 90, "b": 60, "c": 40})  # the same 60 files and 130 new ones
+    after = prepare_split(tmp_path, seed=0, test_fraction=0.15)
+    for side in ("train", "val", "test"):
+        assert {s.path for s in before.samples(side)} <= {s.path for s in after.samples(side)}
+    # What a retrain's gate needs: nothing the old split trained on is held out now.
+    assert not {s.sha1 for s in before.train} & {s.sha1 for s in after.val + after.test}
+    # The listing knows the training set exactly before any image is read.
+    assert list_data(tmp_path).most_train_images(0.2, 0.15, seed=0) == len(after.train)
+    assert list_data(tmp_path).most_train_images(0.25, 0.1, seed=4) == len(prepare_split(
+        tmp_path, val_fraction=0.25, test_fraction=0.1, seed=4).train)
 
 
 def test_holdout_is_seeded(tmp_path):
@@ -184,11 +209,11 @@ def test_single_image_class_cannot_be_stratified(tmp_path):
         prepare_split(tmp_path)
 
 
-def test_too_few_images_for_the_holdout(tmp_path):
-    # 6 images * 0.2 -> 2 val images, fewer than the 3 classes.
+def test_a_class_of_two_gives_one_image_to_each_side(tmp_path):
+    # 6 images * 0.2 is fewer than the 3 classes: each class still gives one of its two.
     _class_folders(tmp_path, {"a": 2, "b": 2, "c": 2})
-    with pytest.raises(DataError, match="cannot hold out val_fraction=0.2 of 6 images"):
-        prepare_split(tmp_path)
+    split = prepare_split(tmp_path)
+    assert split.class_counts("train") == split.class_counts("val") == [1, 1, 1]
 
 
 def test_duplicates_across_splits_warn_and_are_recorded(tmp_path):
@@ -303,14 +328,16 @@ def test_csv_manifest_with_split_column(tmp_path):
     assert _labels_of(split, split.val) == ["dog", "cat", "dog", "cat"]
 
 
-def test_csv_manifest_without_split_uses_stratified_holdout(tmp_path):
+def test_csv_manifest_without_split_uses_the_hash_holdout(tmp_path):
     root = _manifest_root(tmp_path)
     # Labels stay text: "01" and "1" are two different classes.
     rows = [f"{root / 'img' / f'{i:02d}.png'},{'01' if i < 6 else '1'}" for i in range(12)]
     manifest = _write_csv(tmp_path / "m.csv", ["path,label", *rows])
     split = prepare_split(root, manifest=manifest, val_fraction=0.3, seed=3)
     assert split.class_names == ("01", "1")
-    assert split.class_counts("val") == [2, 2]  # ceil(12 * 0.3) = 4, split evenly
+    # Held out by the same rule as folders: a hash of each stored (relative) path.
+    below = [sum(val_position(f"img/{i:02d}.png", 3) < 0.3 for i in range(start, start + 6)) for start in (0, 6)]
+    assert split.class_counts("val") == [min(max(n, 1), 5) for n in below]
     assert all(s.path.startswith("img/") for s in split.train)  # absolute rows stored relative
 
 
@@ -328,7 +355,7 @@ def test_parquet_manifest_with_and_without_split(tmp_path):
     without = tmp_path / "without.parquet"
     pq.write_table(pa.table({"path": paths, "label": labels}), without)
     holdout = prepare_split(root, manifest=without, val_fraction=0.25)
-    assert holdout.class_counts("val") == [1, 1, 1]
+    assert all(1 <= n <= 3 for n in holdout.class_counts("val")) and len(holdout.train + holdout.val) == 12
 
 
 def test_manifest_missing_columns(tmp_path):

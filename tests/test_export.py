@@ -156,7 +156,7 @@ def test_bundle_files_hold_the_checkpoint_metadata(exported, checkpoint, split):
 
 def test_onnx_logits_match_eager_over_the_whole_val_split(exported, split):
     result, _, _ = exported
-    assert result.num_images == len(split.val) == 12  # 60 images, 20 % held out
+    assert result.num_images == len(split.val) > 0  # every validation image
     assert result.max_abs_logit_diff < 1e-4
     assert result.argmax_agreement == 1.0
 
@@ -228,16 +228,17 @@ def test_vit_family_exports_and_verifies(tmp_path, split):
 
 
 def test_the_retrain_gate_scores_a_bundle_on_the_held_out_test_split(exported, data_root):
-    """The gate compares champion and challenger on the new snapshot's test images (the
-    validation split is re-drawn per snapshot; test images keep their side by path)."""
+    """The gate compares champion and challenger on the new snapshot's test images (kept
+    out of every search; like validation, picked by path, so they keep their side)."""
     from search.retrain.gate import decide, describe, score_bundle
 
     result, _, _ = exported
     held_out = prepare_split(data_root, test_fraction=0.2)
     score = score_bundle(result.out_dir, held_out)
     assert score.scored_on == "test" and score.num_images == len(held_out.test) != len(held_out.val)
-    plain = score_bundle(result.out_dir, prepare_split(data_root))
-    assert plain.scored_on == "val" and plain.num_images == 12
+    whole = prepare_split(data_root)
+    plain = score_bundle(result.out_dir, whole)
+    assert plain.scored_on == "val" and plain.num_images == len(whole.val) > 0
     assert "held-out test split" in describe(decide(score, None, None, min_gain=0.0, max_class_drop=0.1))
     assert "it has no test split" in describe(decide(plain, None, None, min_gain=0.0, max_class_drop=0.1))
 

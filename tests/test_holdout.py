@@ -31,8 +31,8 @@ def test_test_split_is_disjoint_stratified_and_kept_out_of_the_search(tmp_path):
     assert abs(test_counts["cat"] - 9) <= 5 and abs(test_counts["dog"] - 4.5) <= 4
     assert test_counts["emu"] == 1 and test_counts["fox"] == 0  # 3 images: one each; 2: none
     assert split.class_counts("train")[2] == 1 and split.class_counts("val")[2] == 1
-    # The validation holdout is drawn from what the test split left.
-    assert len(split.val) == pytest.approx(0.2 * (95 - len(split.test)), abs=1)
+    # The validation holdout is drawn from what the test split left, by its own hash.
+    assert abs(len(split.val) - 0.2 * (95 - len(split.test))) <= 8  # binomial: sd 3.6
 
 
 def test_a_file_never_changes_side_as_the_data_grows_or_the_seed_changes(tmp_path):

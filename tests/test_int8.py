@@ -71,7 +71,7 @@ def test_a_shipped_int8_model_is_checked_qdq_and_reproduces_its_reported_macro_f
                {w.name for w in int8_weights})
 
     f1, num_images = _ort_macro_f1(out / INT8_FILE, checkpoint, split)
-    assert num_images == len(split.val) == 360
+    assert num_images == len(split.val) > 300  # the whole validation split, about 20 % of 1,797
     assert check["macro_f1"] == pytest.approx(f1, abs=1e-12)
     assert check["fp32_macro_f1"] == pytest.approx(result.onnx_macro_f1, abs=1e-12)
     assert check["macro_f1_drop_points"] == pytest.approx(100 * (result.onnx_macro_f1 - f1), abs=1e-9)
@@ -88,7 +88,7 @@ def test_an_int8_model_that_loses_more_than_max_drop_is_refused_and_fp32_ships(w
     out = tmp_path / "export"
     # Calibrated on one black image, every activation range is that image's: real digits
     # clip, and int8 loses points on any CPU. (A single real image, clipped by the
-    # percentile method, flipped one prediction of 360 on one machine and none on another.)
+    # percentile method, flipped one prediction of ~360 on one machine and none on another.)
     # A copy of the data whose training images are black: the split, and so its
     # fingerprint, stays the run's; validation images stay real.
     root = tmp_path / "digits"

@@ -102,7 +102,7 @@ def test_batch_larger_than_training_set_is_refused_before_training(synthetic_roo
     from search.config import ConfigError
 
     cfg = parse_config(small_run_config(synthetic_root, tmp_path / "runs", optim={"batch_size": 1000}))
-    with pytest.raises(ConfigError, match="set optim.batch_size to at most 128"):
+    with pytest.raises(ConfigError, match="set optim.batch_size to at most 130"):
         train(cfg, print_fn=lambda *_: None)
     runs = tmp_path / "runs"  # refused before the run directory (the scan cache is kept)
     assert [p.name for p in runs.iterdir()] == [CACHE_DIR]

@@ -330,4 +330,6 @@ def test_multi_worker_trials_run_through_torch_trainer(synthetic_root, tmp_path)
     assert best.startswith(f"tune/001/{first.trial_id}/train/checkpoint_")
     assert (Path(store.location) / best / "model.safetensors").is_file()
     table = pq.read_table(Path(store.location) / REPORT_PARQUET).to_pylist()
-    assert table[0]["macro_f1"] > 0.3
+    # Rank 0's gathered metrics reach the report (two epochs of 2-rank training on 130
+    # images is near chance: whether it learned is test_loop's two-rank test).
+    assert table[0]["macro_f1"] == max(t.best_epoch["macro_f1"] for t in trials) > 0

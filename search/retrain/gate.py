@@ -1,13 +1,15 @@
 """Champion against challenger: both ONNX exports scored on the new snapshot's held-out
 test split, and the rule that decides whether the challenger takes over.
 
-Why the test split: the validation split is re-drawn per snapshot, so the champion had
-trained on many of the new validation images (161 of 360 on a grown snapshot), and the
-challenger's search chose it on them. Test images are picked by a hash of their path
+Why the test split: the challenger's search chose it on the validation split, so its
+validation score is optimistic. Test images are picked by a hash of their path
 (``trainables.data.holdout.carve_test``): with the same ``data.test_fraction`` a file held
 out of the champion's snapshot is held out of every later one, and a new file is new
 to both models. A snapshot without a test split (``data.test_fraction: 0``) is scored
-on its validation split, and the gate says so.
+on its validation split, and the gate says so; validation is picked by a hash too
+(``carve_val``), so with the same seed the champion trained on none of it either. (A
+stratified draw re-made per snapshot had the champion trained on 161 of 360 validation
+images of a grown snapshot.)
 
 Both bundles run in ONNX Runtime, the artefact that will serve, each with the
 preprocessing recorded in its bundle, over the same images. Scores are over the **new
@@ -102,9 +104,9 @@ def unseen_split(split: DataSplit, champion_trained: set[str]) -> tuple[DataSpli
     on, by content (sha1): the champion's training images (``champion_trained``) and the
     challenger's (``split.train``). Returns it and how many images were left out.
 
-    With the same ``data.test_fraction`` the test split already holds none (its files are
-    picked by path hash); a copy of a training image under another name, or a changed
-    fraction, is what this catches. A split left empty is kept whole, and the count says so.
+    With the same ``data.test_fraction`` and seed the split already holds none (its files
+    are picked by path hash); a copy of a training image under another name, a changed
+    fraction or seed, or a tiny class's bounds (``carve_val``) is what this catches. A split left empty is kept whole, and the count says so.
     """
     which = gate_split(split)
     trained = champion_trained | {sample.sha1 for sample in split.train}

@@ -155,7 +155,7 @@ def run_search(
         # the scan cache), and the checks run again on the valid images.
         listing = None if split else list_run_data(cfg)
         if listing is not None:
-            most_train = listing.most_train_images(cfg.data.val_fraction, cfg.data.test_fraction)
+            most_train = listing.most_train_images(cfg.data.val_fraction, cfg.data.test_fraction, cfg.optim.seed)
             checked = _check_data_and_space(cfg, explicit, most_train)
     connect_ray()
     trial_resources = trial_resources or _trial_resources(cfg)

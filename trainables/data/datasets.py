@@ -1,4 +1,4 @@
-"""The train/val/test split: from candidate files to a frozen, scanned, stratified split.
+"""The train/val/test split: from candidate files to a frozen, scanned split, held out per class.
 
 This module owns the step from "a data root on disk" to a frozen
 :class:`DataSplit`: taking the candidates that ``trainables.data.layouts`` finds,
@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import pyarrow as pa
 import torch.utils.data
 
 from trainables.data.holdout import (
-    carve_test, check_test_fraction, check_val_fraction, duplicate_pairs, stratified_holdout,
+    carve_test, carve_val, check_test_fraction, check_val_fraction, duplicate_pairs, hash_holdout,
 )
 from trainables.data.images import DEFAULT_MAX_PIXELS, BadImage, decode_rgb, load_rgb
 from trainables.data.layouts import SPLITS, Candidate, DataError, listed_candidates, manifest_candidates, walk_folders
@@ -102,17 +101,18 @@ class Listing:
     candidates: list[Candidate]
     entries: list[FileEntry]  # one per candidate, in order; size -1 when it cannot be found
 
-    def most_train_images(self, val_fraction: float, test_fraction: float = 0.0) -> int:
-        """The training images the split can have at most (all listed files valid):
-        what batch sizes are checked against before the scan."""
+    def most_train_images(self, val_fraction: float, test_fraction: float = 0.0, seed: int = 0) -> int:
+        """The training images the split will have if every listed file is valid (the
+        holdouts hash paths, so the listing decides them): what batch sizes are checked
+        against before the scan."""
         by_class = lambda c: c.class_name  # noqa: E731
         if any(c.split is not None for c in self.candidates):
             train = [c for c in self.candidates if c.split == "train"]
             if any(c.split == "test" for c in self.candidates):
                 return len(train)
             return len(carve_test(train, test_fraction, by_class)[0])
-        rest = len(carve_test(self.candidates, test_fraction, by_class)[0])
-        return rest - math.ceil(rest * val_fraction)  # as train_test_split
+        rest = carve_test(self.candidates, test_fraction, by_class)[0]
+        return len(carve_val(rest, val_fraction, by_class, seed)[0])
 
 
 def list_data(root: str | Path, manifest: str | Path | None = None) -> Listing:
@@ -186,7 +186,7 @@ def prepare_split(
             ``None`` reads class folders instead.
         val_fraction: Validation share of what is left after the test split, when no
             split is given, within 0.15-0.30.
-        seed: Seed of the stratified validation holdout.
+        seed: Seed of the validation holdout's hash (:func:`carve_val`).
         strict: Raise on any bad file instead of skipping it.
         max_pixels: Largest ``width * height`` accepted per image.
         test_fraction: Share held out as test when the data gives no test split
@@ -198,8 +198,8 @@ def prepare_split(
     Raises:
         DataError: Out-of-range ``val_fraction``, a path escaping the root, a
             malformed manifest, bad files with ``strict``, fewer than two
-            classes, a class without valid images, or a class too small to
-            stratify.
+            classes, a class without valid images, or a class of one image
+            to hold out from.
     """
     check_val_fraction(val_fraction)
     check_test_fraction(test_fraction)
@@ -220,7 +220,7 @@ def split_scanned(listing: Listing, scanned: pa.Table, *, val_fraction: float = 
     by_label = lambda sample: sample.label  # noqa: E731
     if all(c.split is None for c in candidates):
         rest, test = carve_test([s for s, _ in labelled], test_fraction, by_label)
-        train, val = stratified_holdout(rest, class_names, val_fraction, seed)
+        train, val = hash_holdout(rest, class_names, val_fraction, seed)
     else:
         train = [sample for sample, split in labelled if split == "train"]
         val = [sample for sample, split in labelled if split == "val"]

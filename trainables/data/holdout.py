@@ -1,6 +1,7 @@
-"""Which images are held out, and how much: the held-out test split carved by a hash of
-each path (:func:`carve_test`, stable as the data grows), the seeded stratified
-validation holdout, the checks of both fractions, and the duplicate check across splits.
+"""Which images are held out, and how much: the held-out test split and the validation
+holdout, each carved class by class by a hash of each path (:func:`carve_test`,
+:func:`carve_val`) so that a file keeps its split as the data grows around it; the checks
+of both fractions, and the duplicate check across splits.
 ``trainables/data/datasets.py`` applies them when it builds a split."""
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ import hashlib
 import warnings
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Any, Callable, Sequence
-
-import numpy as np
 
 from trainables.data.layouts import DataError
 
@@ -22,6 +21,7 @@ if TYPE_CHECKING:
 VAL_FRACTION_RANGE = (0.15, 0.30)
 TEST_FRACTION_MAX = 0.30
 _TEST_SALT = b"tunecv-test:"
+_VAL_SALT = b"tunecv-val:"
 _MAX_DUPLICATE_EXAMPLES = 5
 
 
@@ -53,17 +53,25 @@ def carve_test(items: Sequence[Any], test_fraction: float, label_of: Callable[[A
     """
     if not test_fraction:
         return list(items), []
+    return _carve(items, label_of, test_position, test_fraction, keep=2)
+
+
+def _carve(items: Sequence[Any], label_of: Callable[[Any], Any], position: Callable[[str], float],
+           fraction: float, keep: int) -> tuple[list[Any], list[Any]]:
+    """(kept, carved): per class, the items whose ``position`` is below ``fraction``; at
+    least one, its lowest, and never more than leave ``keep`` behind (a class of ``keep``
+    or fewer gives none). Both lists keep the order of ``items``."""
     by_class: dict[Any, list[Any]] = defaultdict(list)
     for item in items:
         by_class[label_of(item)].append(item)
-    test_paths = set()
+    carved = set()
     for members in by_class.values():
-        positions = sorted((test_position(item.path), item.path) for item in members)
-        below = sum(position < test_fraction for position, _ in positions)
-        count = min(max(below, 1), len(members) - 2) if len(members) >= 3 else 0
-        test_paths.update(path for _, path in positions[:count])
-    return ([item for item in items if item.path not in test_paths],
-            [item for item in items if item.path in test_paths])
+        positions = sorted((position(item.path), item.path) for item in members)
+        below = sum(p < fraction for p, _ in positions)
+        count = min(max(below, 1), len(members) - keep) if len(members) > keep else 0
+        carved.update(path for _, path in positions[:count])
+    return ([item for item in items if item.path not in carved],
+            [item for item in items if item.path in carved])
 
 
 def check_val_fraction(val_fraction: float) -> None:
@@ -76,32 +84,45 @@ def check_val_fraction(val_fraction: float) -> None:
         )
 
 
-def stratified_holdout(
+def val_position(path: str, seed: int) -> float:
+    """Where ``path`` falls in [0, 1) for the validation holdout: a hash of the seed and the
+    path alone, so with the same seed a file keeps its side however the data grows."""
+    digest = hashlib.sha256(_VAL_SALT + f"{seed}:".encode() + path.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def carve_val(items: Sequence[Any], val_fraction: float, label_of: Callable[[Any], Any], seed: int
+              ) -> tuple[list[Any], list[Any]]:
+    """Split ``items`` (anything with a ``path``) into (train, val), class by class.
+
+    An item is val when its :func:`val_position` is below ``val_fraction``. A quantile rule
+    (the ``k`` lowest of each class, as a stratified draw takes) would move old training
+    images into validation as a class grows; a threshold never does, so a retrain's
+    champion is not scored on a new draw of images it trained on. The price is a binomial
+    share per class instead of an exact one (README "What the numbers mean" measures it).
+    Each class gives at least one val item, its lowest, and keeps at least one for
+    training: a class of two has one of each. Those two bounds are the only way a file
+    changes side as its class grows, and only in classes of a few images: the floor
+    moves its val image to train when a new file falls lower; the cap, when every
+    position of a tiny class was below the threshold, moves its kept image to val once
+    the class grows. The retrain gate leaves such images out (``search/retrain/gate.py``).
+    """
+    return _carve(items, label_of, lambda path: val_position(path, seed), val_fraction, keep=1)
+
+
+def hash_holdout(
     samples: list[Sample], class_names: Sequence[str], val_fraction: float, seed: int
 ) -> tuple[list[Sample], list[Sample]]:
-    from sklearn.model_selection import train_test_split  # deferred: slow import, holdout only
-
+    """The validation holdout of ``samples`` (:func:`carve_val`), refusing classes of one image."""
     counts = Counter(s.label for s in samples)
     singles = [class_names[label] for label, count in sorted(counts.items()) if count < 2]
     if singles:
         raise DataError(
-            f"classes {singles} have a single valid image; a stratified holdout needs at least 2 "
+            f"classes {singles} have a single valid image; a validation holdout needs at least 2 "
             "per class (one for train, one for val). Add images, drop the class, or give an "
             "explicit train/val split."
         )
-    try:
-        train_idx, val_idx = train_test_split(
-            np.arange(len(samples)),
-            test_size=val_fraction,
-            random_state=seed,
-            stratify=[s.label for s in samples],
-        )
-    except ValueError as err:
-        raise DataError(
-            f"cannot hold out val_fraction={val_fraction} of {len(samples)} images stratified over "
-            f"{len(class_names)} classes ({err}). Add images or give an explicit train/val split."
-        ) from err
-    return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
+    return carve_val(samples, val_fraction, lambda s: s.label, seed)
 
 
 def duplicate_pairs(train: Sequence[Sample], val: Sequence[Sample]) -> tuple[tuple[str, str], ...]:

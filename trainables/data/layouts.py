@@ -32,7 +32,7 @@ class DataError(ValueError):
 class Candidate(NamedTuple):
     path: str  # relative to the root, posix style
     class_name: str
-    split: str | None  # None when the split is a stratified holdout
+    split: str | None  # None when the split is held out by hash (trainables/data/holdout.py)
 
 
 def resolve_inside(root: Path, relpath: str) -> Path:
