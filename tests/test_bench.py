@@ -190,6 +190,19 @@ def test_scan_cache_smoke_run_reads_each_file_once(tmp_path):
     assert 0 < result["warm_over_cold"] < 1 and result["one_changed_s"] > 0
 
 
+def test_split_balance_smoke_run_measures_both_rules_on_both_shapes(tmp_path):
+    from bench.split_balance import main
+
+    result = _stamped(main(["--smoke", "--results", str(tmp_path)]))
+    for shape in ("digits", "imbalanced_12_classes_20_to_1"):
+        stratified, hashed = result[shape]["stratified"], result[shape]["hash"]
+        # What each rule is for: the hash keeps old training images out of the held-out
+        # splits; a stratified draw re-made per snapshot does not, but balances classes.
+        assert hashed["v2_val_images_v1_trained_on"] == 0 < stratified["v2_val_images_v1_trained_on"]
+        assert (stratified["per_class_share_abs_deviation_points"]["mean"]
+                < hashed["per_class_share_abs_deviation_points"]["mean"])
+
+
 @pytest.mark.slow
 def test_data_stream_smoke_run_times_both_loaders(tmp_path, shared_ray):
     from bench.data_stream import main
