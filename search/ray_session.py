@@ -9,6 +9,12 @@ from __future__ import annotations
 import logging
 import os
 
+from search.ray_reaper import start_reaper
+
+# The watcher of the local Ray this process started; kept so that its pipe's write end
+# stays open until this process ends.
+_reaper = None
+
 
 def connect_ray() -> None:
     """Join ``RAY_ADDRESS`` or start a local Ray, unless this process already joined one."""
@@ -42,6 +48,8 @@ def connect_ray() -> None:
     _listen_on_loopback_only()
     # "local": a Ray of its own, never one a `ray start` on this host left running.
     ray.init(address="local", logging_level=logging.WARNING)
+    global _reaper
+    _reaper = start_reaper()  # its pipe lives as long as this process (search/ray_reaper.py)
 
 
 def _listen_on_loopback_only() -> None:

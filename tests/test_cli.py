@@ -341,3 +341,62 @@ def socket_closed_port():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     yield port
+
+
+@pytest.mark.slow
+def test_a_sigkilled_driver_leaves_no_process_of_its_local_ray_behind(synthetic_root, tmp_path):
+    """Ray's two agents outlived a SIGKILLed driver by more than 60 s (they report the
+    raylet's death to a GCS that died with it); the watcher (search/ray_reaper.py) ends them."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(small_run_config(synthetic_root, tmp_path / "runs", optim={"epochs": 50},
+                                                    search={"num_samples": 2, "max_concurrent_trials": 2})))
+    proc = subprocess.Popen([sys.executable, "-m", "search.cli", "run", "--config", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = psutil.Process(proc.pid)
+
+    def training() -> bool:
+        tree = driver.children(recursive=True)
+        return any(p.name() == "raylet" for p in tree) and any(
+            " ".join(p.cmdline()).startswith("ray::ImplicitFunc") for p in tree if p.is_running())
+
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if training():
+                break
+        except psutil.NoSuchProcess:
+            pass
+        time.sleep(0.5)
+    else:
+        pytest.fail("the search never started a trial")
+    ours = driver.children(recursive=True)  # Ray's processes, the trials, the watcher
+    agents = [p for p in ours if p.name() == "raylet"][0].children()
+    assert {" ".join(p.cmdline()).strip() for p in agents} >= {"ray::DashboardAgent", "ray::RuntimeEnvAgent"}
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    start = time.monotonic()
+
+    def alive() -> list[str]:
+        left = []
+        for p in ours:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    left.append(p.name())
+            except psutil.NoSuchProcess:
+                pass
+        return left
+
+    while alive() and time.monotonic() - start < 20:
+        time.sleep(0.2)
+    gone_after = time.monotonic() - start
+    left = alive()
+    for p in ours:  # never leave them to the next test
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    assert not left and gone_after < 6, (left, gone_after)  # ~2.1 s here: the watcher's 2 s grace
