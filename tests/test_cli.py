@@ -163,7 +163,7 @@ def test_a_batch_larger_than_the_training_set_is_refused_before_ray_and_before_a
     _refused_before_ray(proc, tmp_path, "optim.batch_size 500 is larger than the 130 training images")
     proc = _tunecv("run", "--config", str(path), "--set", "optim.batch_size=100", "--set",
                    "scaling.num_workers=2", "--space", str(plain))
-    _refused_before_ray(proc, tmp_path, "(64 for each of 2 workers)", "at most 64")
+    _refused_before_ray(proc, tmp_path, "(65 for each of 2 workers)", "at most 65")
     searched = _space_file(tmp_path, batch_size=[16, 200, 500])
     proc = _tunecv("run", "--config", str(path), "--space", str(searched))
     _refused_before_ray(proc, tmp_path, "searches batch_size [16, 200, 500], and [200, 500] are larger than the "
