@@ -241,7 +241,8 @@ def test_killed_and_concurrent_retrains_against_an_mlflow_server(snapshots, tmp_
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = {**os.environ, "RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": mlflow_server}
-    first = subprocess.Popen([sys.executable, str(REPO / "tests" / "retrain_paused.py"), "--config", str(config)],
+    first = subprocess.Popen([sys.executable, str(REPO / "tests" / "retrain_paused.py"), "registering", "--config",
+                              str(config)],
                              cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     seen = []
     for line in first.stdout:  # until it has created the version and stopped there
@@ -285,6 +286,45 @@ def test_killed_and_concurrent_retrains_against_an_mlflow_server(snapshots, tmp_
     assert decision.champion_version == "2"
     assert decision.champion.num_images == decision.challenger.num_images > 0
     assert registry.alias(CHALLENGER).number == "3"
+
+
+@pytest.mark.slow
+def test_a_retrain_killed_in_either_alias_window_is_repaired_by_the_next(snapshots, tmp_path, ray_address,
+                                                                         mlflow_server):
+    """The windows the registering test leaves: killed before the model version exists (its
+    MLflow run logged), and between the challenger alias and the champion alias."""
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": mlflow_server}
+    for window in ("model-version", "champion"):
+        name = f"digits-{window}"
+        cfg = _config(tmp_path, snapshots["v1"], model_name=name, num_samples=1)
+        config = tmp_path / f"{window}.yaml"
+        config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        first = subprocess.Popen([sys.executable, str(REPO / "tests" / "retrain_paused.py"), window, "--config",
+                                  str(config)], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT)
+        seen = []
+        for line in first.stdout:
+            seen.append(line)
+            if line.startswith(f"paused at {window}"):
+                break
+        else:
+            pytest.fail("".join(seen[-30:]))
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        registry = Registry(mlflow_server, name)
+        if window == "model-version":
+            assert registry.versions() == []
+        else:
+            (version,) = registry.versions()
+            assert version.state == REGISTERED and registry.alias(CHALLENGER).number == version.number
+            assert registry.alias(CHAMPION) is None
+        again = subprocess.run([sys.executable, "-m", "search.cli", "retrain", "--config", str(config)],
+                               cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        # Nothing searched again; one whole version, and both aliases on it.
+        assert ("finished before" if window == "model-version" else "nothing is trained again") in again.stdout
+        assert [(v.number, v.state) for v in registry.versions()] == [("1", REGISTERED)]
+        assert registry.alias(CHALLENGER).number == registry.alias(CHAMPION).number == "1", window
 
 
 # ---- the parts, without Ray ----
