@@ -304,8 +304,9 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from search.console import escaped_console
+    from search.console import escaped_console, escaped_excepthook
 
+    sys.excepthook = escaped_excepthook  # a traceback is printed after the block below
     with escaped_console():  # user-named text never drives the terminal (search/console.py)
         args = build_parser().parse_args(argv)
         warnings.showwarning = _warning_line

@@ -5,7 +5,9 @@ retitle the terminal, and ``\\x1b[2J`` clear it. While a ``tunecv`` command runs
 ``sys.stdout`` and ``sys.stderr`` write through :class:`ConsoleStream`, which shows every
 control character as its Python escape (``\\x1b``) and lets through only what a console
 line needs: tab, newline, carriage return, and colour (SGR, ``ESC [ ... m``), which
-Ray's own log prefixes use and which can change nothing but colour.
+Ray's own log prefixes use and which can change nothing but colour. A traceback, which
+Python prints after the command's streams are restored, goes through
+:func:`escaped_excepthook`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import re
 import sys
+import traceback
 from typing import Iterator, TextIO
 
 _SGR = re.compile(r"\x1b\[[0-9;]*m")
@@ -64,3 +67,8 @@ def escaped_console() -> Iterator[None]:
         yield
     finally:
         sys.stdout, sys.stderr = saved
+
+
+def escaped_excepthook(kind, value, tb) -> None:
+    """``sys.excepthook``: the traceback Python would print, through :func:`console_text`."""
+    sys.stderr.write(console_text("".join(traceback.format_exception(kind, value, tb))))

@@ -282,6 +282,11 @@ def test_the_console_keeps_colour_and_line_breaks_and_shows_every_other_control_
     assert (console_text("\x1b[2m\x1b[36m(pid=1)\x1b[0m a\x1b]0;t\x07\x9b2J\tb\r\n")
             == "\x1b[2m\x1b[36m(pid=1)\x1b[0m a\\x1b]0;t\\x07\\x9b2J\tb\r\n")
     assert console_text("class_0: 9 train") == "class_0: 9 train"
+    # An unexpected error's traceback, printed once the command has ended, too.
+    script = ("import sys\nfrom search.console import escaped_excepthook\nsys.excepthook = escaped_excepthook\n"
+              "raise ValueError('class_\\x1b]0;owned\\x07')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "ValueError: class_\\x1b]0;owned\\x07" in proc.stderr and "\x1b" not in proc.stderr
 
 
 def test_a_registry_that_cannot_be_used_is_one_line_naming_it_before_any_work(synthetic_root, tmp_path, capsys,
