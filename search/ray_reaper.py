@@ -50,15 +50,15 @@ def _name(process) -> str:
         return ""
 
 
-def watch(raylet_pid: int, driver_gone: threading.Event) -> list[int]:
+def watch(raylet_pid: int, driver_gone: threading.Event) -> None:
     """Until ``driver_gone`` is set, track the raylet's children; then, after
-    ``GRACE_S``, kill those still alive. Returns the pids it killed."""
+    ``GRACE_S``, kill those still alive."""
     import psutil
 
     try:
         raylet = psutil.Process(raylet_pid)
     except psutil.NoSuchProcess:
-        return []
+        return
     seen: dict[int, psutil.Process] = {}
     while not driver_gone.wait(POLL_S):
         try:
@@ -71,15 +71,12 @@ def watch(raylet_pid: int, driver_gone: threading.Event) -> list[int]:
         for child in children:
             seen.setdefault(child.pid, child)
     time.sleep(GRACE_S)
-    killed = []
-    for pid, process in seen.items():
+    for process in seen.values():
         try:
             if process.is_running():  # the same process: psutil compares its start time
                 process.kill()
-                killed.append(pid)
         except psutil.NoSuchProcess:
             pass
-    return killed
 
 
 def main(argv: list[str]) -> int:

@@ -313,39 +313,36 @@ def test_a_registry_that_cannot_be_used_is_one_line_naming_it_before_any_work(sy
     silent = socket.socket()  # accepts connections (the kernel's backlog) and never answers
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
-    with socket_closed_port() as closed:
-        uris = {f"http://127.0.0.1:{closed}": "Connection refused",
-                f"http://127.0.0.1:{server.server_port}/wrong": "404 != 200", "foo://registry": "unsupported URI",
-                # MLflow's own retries waited 256 s on a server that does not answer.
-                f"http://127.0.0.1:{silent.getsockname()[1]}": "Read timed out"}
-        path = tmp_path / "run.yaml"
-        out = tmp_path / "runs"
-        path.write_text(yaml.safe_dump(small_run_config(synthetic_root, out, retrain={
-            "model_name": "m", "snapshot": str(synthetic_root), "num_samples": 1})))
-        try:
-            for uri, why in uris.items():
-                monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-                start = time.monotonic()
-                assert main(["retrain", "--config", str(path)]) == 2
-                assert time.monotonic() - start < 10  # the probe waits at most 8 s
-                lines = capsys.readouterr().err.strip().splitlines()
-                assert len(lines) == 1 and lines[0].startswith(f"tunecv: error: cannot use the MLflow registry at {uri} ")
-                assert why in lines[0] and "nothing was trained" in lines[0], lines[0]
-                assert [p.name for p in out.iterdir()] == [".retrain-m.lock"]  # no run, no database
-        finally:
-            server.shutdown()
-            silent.close()
+    uris = {f"http://127.0.0.1:{_closed_port()}": "Connection refused",
+            f"http://127.0.0.1:{server.server_port}/wrong": "404 != 200", "foo://registry": "unsupported URI",
+            # MLflow's own retries waited 256 s on a server that does not answer.
+            f"http://127.0.0.1:{silent.getsockname()[1]}": "Read timed out"}
+    path = tmp_path / "run.yaml"
+    out = tmp_path / "runs"
+    path.write_text(yaml.safe_dump(small_run_config(synthetic_root, out, retrain={
+        "model_name": "m", "snapshot": str(synthetic_root), "num_samples": 1})))
+    try:
+        for uri, why in uris.items():
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+            start = time.monotonic()
+            assert main(["retrain", "--config", str(path)]) == 2
+            assert time.monotonic() - start < 10  # the probe waits at most 8 s
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith(f"tunecv: error: cannot use the MLflow registry at {uri} ")
+            assert why in lines[0] and "nothing was trained" in lines[0], lines[0]
+            assert [p.name for p in out.iterdir()] == [".retrain-m.lock"]  # no run, no database
+    finally:
+        server.shutdown()
+        silent.close()
 
 
-@contextlib.contextmanager
-def socket_closed_port():
+def _closed_port() -> int:
     """A loopback port nothing listens on (bound, then closed)."""
     import socket
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    yield port
+        return probe.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -106,7 +106,8 @@ def unseen_split(split: DataSplit, champion_trained: set[str]) -> tuple[DataSpli
 
     With the same ``data.test_fraction`` and seed the split already holds none (its files
     are picked by path hash); a copy of a training image under another name, a changed
-    fraction or seed, or a tiny class's bounds (``carve_val``) is what this catches. A split left empty is kept whole, and the count says so.
+    fraction or seed, or a tiny class's bounds (``carve_val``) is what this catches. A
+    split left empty is kept whole, and the count says so.
     """
     which = gate_split(split)
     trained = champion_trained | {sample.sha1 for sample in split.train}

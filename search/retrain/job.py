@@ -36,7 +36,7 @@ from search.layout import CONFIG, EXPORT, GATE_JSON, GATE_MARKDOWN, REPORT_HTML,
 from search.retrain.gate import Decision, decide, describe, refuse_export, score_bundle, unseen_split
 from search.retrain.registry import (
     ABANDONED, CHALLENGER, CHAMPION, DECISION, FINGERPRINT, GATED_AGAINST, REGISTERED, REGISTERING, RUN_DIR,
-    SNAPSHOT, STATE, TRIAL, Registry, RegistryUnreachable, Version, metric_key, registry_uri,
+    SNAPSHOT, STATE, TRIAL, Registry, Version, metric_key, registry_uri,
 )
 from search.retrain.warm import history_trials, top_configurations
 from search.storage import RunStore
@@ -94,18 +94,15 @@ def retrain(cfg: RunConfig, print_fn: PrintFn = print) -> Decision | None:
     out = Path(cfg.output_dir)
     with retrain_lock(out, section.model_name):
         embedded = not (section.registry_uri or os.environ.get("MLFLOW_TRACKING_URI"))
-        try:
-            registry = Registry(registry_uri(section.registry_uri, cfg.output_dir), section.model_name,
-                                out / "mlflow-artifacts" if embedded else None)
-            registry.check_reachable()
-        except RegistryUnreachable as err:
-            raise ConfigError(str(err)) from None
+        registry = Registry(registry_uri(section.registry_uri, cfg.output_dir), section.model_name,
+                            out / "mlflow-artifacts" if embedded else None)
+        registry.check_reachable()  # before the scan: an unusable registry is one line, nothing done
         return _retrain(cfg, registry, print_fn)
 
 
 def _retrain(cfg: RunConfig, registry: Registry, print_fn: PrintFn) -> Decision | None:
     section = cfg.retrain
-    champion = registry.alias(CHAMPION)  # first: an unreachable registry fails before the scan
+    champion = registry.alias(CHAMPION)
     snapshot = scan_data(cfg, print_fn)  # data.root is the snapshot; the search reuses this scan
     fingerprint = snapshot.fingerprint()
     print_fn(f"snapshot {section.snapshot}: fingerprint {fingerprint[:12]}, {len(snapshot.train)} train / "

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from search.config import ConfigError
+
 CHAMPION, CHALLENGER = "champion", "challenger"
 STATE, REGISTERING, REGISTERED, ABANDONED = "tunecv.state", "registering", "registered", "abandoned"
 FINGERPRINT, RUN_DIR, DECISION = "tunecv.data_fingerprint", "tunecv.run_dir", "tunecv.decision"
@@ -39,8 +41,9 @@ _ABSENT = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 REACH_TIMEOUT_S = 8
 
 
-class RegistryUnreachable(RuntimeError):
-    """The registry's first request failed: the message names the URI and what to fix."""
+class RegistryUnreachable(ConfigError):
+    """The registry's first request failed: the message names the URI and what to fix
+    (a ``ConfigError``: the URI is the run's input, and the CLI prints it as one line)."""
 
 
 def registry_uri(configured: str | None, output_dir: str) -> str:

@@ -37,7 +37,12 @@ def check_test_fraction(test_fraction: float) -> None:
 def test_position(path: str) -> float:
     """Where ``path`` falls in [0, 1): a hash of the path alone, so a file keeps its side of
     the test split whatever the seed and however the data grows around it."""
-    digest = hashlib.sha256(_TEST_SALT + path.encode("utf-8")).digest()
+    return _position(_TEST_SALT, path)
+
+
+def _position(salt: bytes, path: str) -> float:
+    """The first 8 bytes of sha256(salt + path) as a fraction of 2**64."""
+    digest = hashlib.sha256(salt + path.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
@@ -87,8 +92,7 @@ def check_val_fraction(val_fraction: float) -> None:
 def val_position(path: str, seed: int) -> float:
     """Where ``path`` falls in [0, 1) for the validation holdout: a hash of the seed and the
     path alone, so with the same seed a file keeps its side however the data grows."""
-    digest = hashlib.sha256(_VAL_SALT + f"{seed}:".encode() + path.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
+    return _position(_VAL_SALT + f"{seed}:".encode(), path)
 
 
 def carve_val(items: Sequence[Any], val_fraction: float, label_of: Callable[[Any], Any], seed: int
