@@ -8,7 +8,7 @@ CONSTRAINTS := constraints.txt
 PRODUCT := $(VENV)/.installed-product
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean browser constraints
+.PHONY: demo test bench install clean browser constraints docs
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,11 @@ bench: $(STAMP) data/digits
 	$(BIN)/python -m bench.export_latency
 	$(BIN)/python -m bench.resume_tuner_restore
 	$(BIN)/python -m bench.cluster_sim
+
+# The docs site (docs/, mkdocs.yml) on 127.0.0.1:8000, rebuilt on every save. MkDocs comes
+# with the test extra; tests/test_docs.py builds the site with --strict.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 clean:
 	rm -rf runs data/digits

@@ -21,15 +21,15 @@ def _stamped(path) -> dict:
     return result
 
 
-def test_every_committed_result_names_a_clean_commit_and_the_readme_names_it_too():
-    readme = (REPO / "README.md").read_text()
+def test_every_committed_result_names_a_clean_commit_and_the_benchmarks_page_names_it_too():
+    page = (REPO / "docs" / "benchmarks.md").read_text()
     results = sorted(RESULTS.glob("*.json"))
     assert len(results) >= 6
     for path in results:
         commit = json.loads(path.read_text()).get("commit", "")
         # A result measured on uncommitted code cannot be reproduced from the repository.
         assert re.fullmatch(r"[0-9a-f]{12}", commit), f"{path.name}: commit {commit!r}"
-        assert f"`{path.name}`" in readme and commit[:7] in readme, f"README's benchmark table lacks {path.name} at {commit[:7]}"
+        assert f"`{path.name}`" in page and commit[:7] in page, f"docs/benchmarks.md's table lacks {path.name} at {commit[:7]}"
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ def test_resume_tuner_restore_smoke_run_kills_and_restores(tmp_path, shared_ray)
     (run,) = result["runs"]
     assert run["driver_killed_after_s"] > 0
     assert 1 <= run["trials_finished_before_kill"] < run["trials_started_before_kill"] <= samples
-    assert run["unpickle_calls_during_restore"] > 0  # what the README's table is about
+    assert run["unpickle_calls_during_restore"] > 0  # what docs/benchmarks.md's table is about
     assert run["trials_started_before_kill"] <= run["study_trials"] <= samples
     assert "restore_failed" in run or run["trials_after"] > 0
     assert not math.isnan(run["epochs_trained_twice"])
