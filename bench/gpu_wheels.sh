@@ -5,7 +5,7 @@
 # A device call carries 64 MiB at most and Ray's cp312 wheel is 79 MB, so the wheel is
 # cut in two: `.gpu-wheels-ray/` holds its second half and travels first, parked on the
 # warm machine's /tmp by a call of its own (the next call removes it from the tree); `.gpu-wheels/` holds the rest and travels with the
-# call that runs bench/gpu_check.sh, which joins the halves (README, "GPU check"):
+# call that runs bench/gpu_check.sh, which joins the halves (docs/benchmarks.md, "GPU check"):
 #   run(carry=[".gpu-wheels-ray"], command="cp -r .gpu-wheels-ray /tmp/")
 #   run(carry=[".gpu-wheels"], command="bash bench/gpu_check.sh")   # within 30 s
 # TensorRT (over 1 GB) cannot travel.

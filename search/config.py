@@ -92,7 +92,7 @@ class SearchConfig(BaseModel):
     # Each attempt's wall-clock limit: a trial past it (a hung step) fails, not retried.
     trial_timeout_s: float | None = Field(None, gt=0)
     # The top configurations trained again with other seeds before one is exported
-    # (search/run/finalists.py); README "What the numbers mean".
+    # (search/run/finalists.py); docs/numbers.md.
     finalists: FinalistsConfig = Field(default_factory=lambda: FinalistsConfig())
     export: bool = True  # export the winner to ONNX at the end of the run
     int8: Int8Config | None = None  # also a gated static int8 model in the export; null: fp32 only
@@ -124,7 +124,7 @@ class RetrainConfig(BaseModel):
     # The champion run's completed trials join the new study as history (marked with
     # their snapshot), so TPE starts from what they showed instead of from random points.
     history: bool = False
-    # Macro-F1 the challenger must add. 0.005 (half a point), the README's and configs'
+    # Macro-F1 the challenger must add. 0.005 (half a point), the docs' and configs'
     # value: a model change costs a deploy and a review, and a smaller gain is within
     # what a second seed of the same configuration moves (bench/results/selection.json).
     min_gain: float = Field(0.005, ge=0.0, le=1.0)
@@ -224,7 +224,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key; remove it or check its spelling against the README's config reference"
+            msg = "unknown key; remove it or check its spelling against the run-file reference, docs/run-file.md"
         got = e.get("input")
         shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
         lines.append(f"  - {loc}: {msg}{shown}")

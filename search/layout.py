@@ -1,6 +1,6 @@
 """Every path in a run location, relative to it with ``/`` separators, so the same names
-serve a local directory, a shared filesystem and an object-store prefix. The README's
-"Run directory" table names the one writer of each; this module only names them.
+serve a local directory, a shared filesystem and an object-store prefix. The table in
+docs/run-directory.md names the one writer of each; this module only names them.
 """
 
 from __future__ import annotations

@@ -37,8 +37,8 @@ def connect_ray() -> None:
     # Tune's result grid, which looks for the per-trial logs tunecv turned off above.
     logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR + 1)
-    # "Token authentication is enabled for this Ray cluster": it stays on (the README's
-    # Security section); the warning only says so, on every local start.
+    # "Token authentication is enabled for this Ray cluster": it stays on (docs/security.md);
+    # the warning only says so, on every local start.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if ray.is_initialized():
         return

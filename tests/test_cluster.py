@@ -182,7 +182,7 @@ def test_submitted_job_writes_ranked_report_and_model_to_storage(head, synthetic
 
 
 def test_ray_job_submit_runs_the_cli_as_documented(head, synthetic_root):
-    """Ray's own `ray job submit --working-dir . -- tunecv run ...`, as the README shows."""
+    """Ray's own `ray job submit --working-dir . -- tunecv run ...`, as docs/cluster.md shows."""
     storage = head["work"] / "shared-cli"
     space = head["work"] / "cli-space.yaml"
     space.write_text(yaml.safe_dump(SPACE))

@@ -100,7 +100,7 @@ def test_a_search_loads_each_backbones_own_weights(digits_halves, tmp_path, monk
     from search.run.driver import run_search
 
     second, weights = digits_halves
-    # As the README's example writes it: `weights_dir: weights`, relative to where tunecv
+    # As the run-file example (docs/run-file.md) writes it: `weights_dir: weights`, relative to where tunecv
     # runs. Trials run in their own directories, so the driver hands them an absolute path.
     monkeypatch.chdir(weights.parent)
     cfg = _search_config(second, weights.relative_to(weights.parent), tmp_path, _space(tmp_path))

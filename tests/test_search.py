@@ -149,7 +149,7 @@ def test_report_html_in_a_browser_shows_stopped_and_failed_trials_and_the_export
 
 @pytest.mark.slow
 def test_the_study_opens_in_optuna_dashboard(search_run, tmp_path):
-    """The README's `optuna-dashboard RUN/optuna.journal`, on loopback, read back through its API."""
+    """docs/search.md's `optuna-dashboard RUN/optuna.journal`, on loopback, read back through its API."""
     import os
     import signal
     import socket

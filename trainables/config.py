@@ -37,7 +37,7 @@ class DataConfig(_Frozen):
     manifest: Location | None = None  # CSV or Parquet with path,label[,split]
     val_fraction: float = Field(0.2, ge=0.15, le=0.30)  # of what the test split leaves
     # Held out by path hash before anything else, scored only on the exported model after
-    # the search (trainables/data/holdout.py:carve_test); 0 for none. README "What the numbers mean".
+    # the search (trainables/data/holdout.py:carve_test); 0 for none. docs/numbers.md.
     test_fraction: float = Field(0.15, ge=0.0, le=0.30)
     image_size: int = Field(224, ge=16, le=1024)
     resize_mode: Literal["center_crop", "pad"] = "center_crop"

@@ -4,8 +4,8 @@
 runs' macro-F1 wins, and its best run's checkpoint is exported.
 
 Why a mean over seeds: on a small validation split the top trials are often within an
-image or two of each other, and one run's maximum over epochs is mostly luck (the
-README's "What the numbers mean"). Averaging seeds is SMAC's intensification, done once.
+image or two of each other, and one run's maximum over epochs is mostly luck
+(docs/numbers.md). Averaging seeds is SMAC's intensification, done once.
 """
 
 from __future__ import annotations

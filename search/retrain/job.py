@@ -81,7 +81,7 @@ def retrain(cfg: RunConfig, print_fn: PrintFn = print) -> Decision | None:
     """
     if cfg.retrain is None:
         raise ConfigError("tunecv retrain needs a `retrain:` section in the run file (model_name, snapshot, "
-                          "num_samples); see the README's \"Scheduled retraining\".")
+                          "num_samples); see docs/retraining.md.")
     if is_uri(cfg.output_dir):
         raise ConfigError(f"output_dir: tunecv retrain needs a local or shared filesystem (it holds the per-model "
                           f"lock and the default registry), got {cfg.output_dir}; use a path such as "

@@ -103,7 +103,7 @@ def carve_val(items: Sequence[Any], val_fraction: float, label_of: Callable[[Any
     (the ``k`` lowest of each class, as a stratified draw takes) would move old training
     images into validation as a class grows; a threshold never does, so a retrain's
     champion is not scored on a new draw of images it trained on. The price is a binomial
-    share per class instead of an exact one (README "What the numbers mean" measures it).
+    share per class instead of an exact one (docs/numbers.md measures it).
     Each class gives at least one val item, its lowest, and keeps at least one for
     training: a class of two has one of each. Those two bounds are the only way a file
     changes side as its class grows, and only in classes of a few images: the floor
