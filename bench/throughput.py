@@ -6,8 +6,9 @@ augmentation) get to the same model, optimizer and loss stepping on batches alre
 decoded and augmented, with the same torch threads, in the same process? Target:
 loop / raw >= 0.9. Also times decode + augment in one process, which is what one
 DataLoader worker can supply. Loop and raw passes alternate (ABBA); each pass records
-the CPU that other processes used (from /proc), and passes on a busy machine are kept
-but left out of the medians. No product code changes: the parts come from ``_build``.
+the CPU that other processes used (from /proc, ``bench/timing.py``), and passes on a
+busy machine are kept but left out of the medians. No product code changes: the parts
+come from ``_build``.
 
 Before it writes ``bench/results/throughput.json`` it checks what it measured: at least
 one loop/raw pair, every rate above zero, and a loop/raw ratio in (0, 10); otherwise it
@@ -29,10 +30,10 @@ import platform
 import statistics
 import sys
 import time
-from itertools import islice
 from pathlib import Path
 
 from bench._common import REPO, RESULTS, BenchError, smoke_root, write_result
+from bench.timing import StepClock, timed
 
 DIGITS_ROOT = Path("data/digits")
 TARGET_RATIO = 0.9
@@ -70,97 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-# ---- CPU accounting: how much of the machine other processes used during a pass ----
-
-def _proc_ticks(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
-
-
-def _tree_ticks(root_pid: int) -> int:
-    """CPU ticks of ``root_pid`` and every live descendant (the DataLoader workers)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue  # exited while we looked
-            children.setdefault(ppid, []).append(int(entry))
-    total, stack = 0, [root_pid]
-    while stack:
-        pid = stack.pop()
-        try:
-            total += _proc_ticks(pid)
-        except OSError:
-            pass
-        stack.extend(children.get(pid, []))
-    return total
-
-
-def cpu_snapshot() -> tuple[int, int, int] | None:
-    """Busy ticks of the machine, of this process tree, of this process; None off Linux."""
-    try:
-        with open("/proc/stat") as handle:
-            values = [int(v) for v in handle.readline().split()[1:9]]
-        busy = sum(values) - values[3] - values[4]  # all but idle and iowait
-        return busy, _tree_ticks(os.getpid()), _proc_ticks(os.getpid())
-    except OSError:
-        return None
-
-
-def cpu_usage(before, after, wall_s: float) -> dict:
-    """Average cores used during a pass by this process, its children (the DataLoader
-    workers) and every other process on the machine."""
-    if before is None or after is None:
-        return {}
-    busy, tree, main = ((b - a) / os.sysconf("SC_CLK_TCK") / wall_s for a, b in zip(before, after))
-    return {"main_cores": round(main, 2), "child_cores": round(tree - main, 3),
-            "other_cores": round(max(0.0, busy - tree), 2)}
-
-
 # ---- the three measurements ----
-
-class _StepClock:
-    """Hands batches through unchanged (at most ``max_steps``, for ``--steps``) and
-    notes when each one is handed over.
-
-    A step's time is the gap between two handovers (data wait + compute), the last
-    one ending with the pass. Their median shrugs off a burst of outside load that
-    a whole-pass total on a shared machine cannot.
-    """
-
-    def __init__(self, batches, max_steps: int | None = None):
-        self.batches, self.sampler, self.marks = batches, getattr(batches, "sampler", None), []
-        self.max_steps = max_steps or len(batches)
-
-    def __len__(self) -> int:
-        return min(self.max_steps, len(self.batches))
-
-    def __iter__(self):
-        for batch in islice(self.batches, len(self)):
-            self.marks.append(time.perf_counter())
-            yield batch
-
-
-def _timed(fn, clock: _StepClock | None = None) -> dict:
-    """Run ``fn`` (returning an image count); report images/s, step times and CPU use."""
-    if clock is not None:
-        clock.marks.clear()
-    before, start = cpu_snapshot(), time.perf_counter()
-    images = fn()
-    end = time.perf_counter()
-    wall_s = end - start
-    out = {"images": images, "wall_s": round(wall_s, 3), "images_per_s": round(images / wall_s, 2)}
-    if clock is not None and clock.marks:
-        steps_s = [b - a for a, b in zip(clock.marks, clock.marks[1:] + [end])]
-        step_s = statistics.median(steps_s)
-        out |= {"step_ms_median": round(1000 * step_s, 1),
-                "step_median_images_per_s": round(images / len(steps_s) / step_s, 2)}
-    return out | cpu_usage(before, cpu_snapshot(), wall_s)
-
 
 def loop_pass(parts, runtime, accum_steps: int, scaler, epochs: int, first_epoch: int) -> int:
     """The real loop: ``train_one_epoch`` as ``run_trial`` calls it, ``epochs`` times."""
@@ -236,8 +147,8 @@ def measure_decode(cfg, split, model, num_images: int, repeats: int) -> dict:
     torch.set_num_threads(1)
     cv2.setNumThreads(0)
     try:
-        full = [_timed(lambda: read_items(augmented, num_images)) for _ in range(repeats)]
-        bare = [_timed(lambda: read_items(decoded, num_images)) for _ in range(repeats)]
+        full = [timed(lambda: read_items(augmented, num_images)) for _ in range(repeats)]
+        bare = [timed(lambda: read_items(decoded, num_images)) for _ in range(repeats)]
     finally:
         torch.set_num_threads(torch_threads)
         cv2.setNumThreads(cv2_threads)
@@ -292,17 +203,17 @@ def run_pairs(parts, runtime, cfg, args) -> dict:
 
     accum = cfg.optim.grad_accum_steps
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=parts.precision.grad_scaling)
-    parts.train_loader = loader = _StepClock(parts.train_loader, args.steps)
+    parts.train_loader = loader = StepClock(parts.train_loader, args.steps)
     epoch = 1
 
     def timed_loop() -> dict:
         nonlocal epoch
         first, epoch = epoch, epoch + args.epochs  # a fresh shuffle for every pass
-        return _timed(lambda: loop_pass(parts, runtime, accum, scaler, args.epochs, first), loader)
+        return timed(lambda: loop_pass(parts, runtime, accum, scaler, args.epochs, first), loader)
 
     # Epoch 1 of every trial: forks the (persistent) worker and fills its prefetch queue.
-    cold = _timed(lambda: loop_pass(parts, runtime, accum, scaler, 1, epoch), loader)
-    batches = _StepClock(collect_batches(loader, epoch + 1, args.epochs))
+    cold = timed(lambda: loop_pass(parts, runtime, accum, scaler, 1, epoch), loader)
+    batches = StepClock(collect_batches(loader, epoch + 1, args.epochs))
     epoch += 1 + args.epochs
     raw_pass(parts, runtime, accum, batches)  # warm-up: allocator and oneDNN caches
     loop, raw, start = [], [], time.perf_counter()
@@ -312,7 +223,7 @@ def run_pairs(parts, runtime, cfg, args) -> dict:
             break
         if len(loop) % 2 == 0:  # ABBA: loop, raw, raw, loop, ... against drift
             loop.append(timed_loop())
-        raw.append(_timed(lambda: raw_pass(parts, runtime, accum, batches), batches))
+        raw.append(timed(lambda: raw_pass(parts, runtime, accum, batches), batches))
         if len(loop) < len(raw):
             loop.append(timed_loop())
         clean = _is_clean(loop[-1]) and _is_clean(raw[-1])
