@@ -65,13 +65,13 @@ def snapshots(tmp_path_factory) -> dict[str, Path]:
     return {"v1": v1, "v2": full, "v3": v3}
 
 
-def _config(tmp: Path, snapshot: Path, **retrain):
+def _config(tmp: Path, snapshot: Path, search: dict | None = None, **retrain):
     space = tmp / "space.yaml"
     space.write_text(yaml.safe_dump(SPACE))
     raw = small_run_config(
         snapshot, tmp / "runs", data={"image_size": 16}, optim={"epochs": 2, "batch_size": 32, "warmup_epochs": 0.2},
         search={"space": str(space), "num_samples": 3, "max_concurrent_trials": 2,
-                "asha": {"grace_period": 1}, "seed": 0},
+                "asha": {"grace_period": 1}, "seed": 0, **(search or {})},
         retrain={"model_name": "digits", "snapshot": str(snapshot), "num_samples": 3, "top_k": 2, **retrain},
     )
     return parse_config(raw)
@@ -202,6 +202,33 @@ def test_a_weak_challenger_on_changed_classes_is_refused_with_its_numbers(snapsh
     assert retrain(_config(tmp_path, snapshots["v3"], num_samples=1, top_k=0, min_gain=0.5),
                    print_fn=lines.append) is None
     assert any("retrained before" in line for line in lines) and len(registry.versions()) == 2
+
+
+@pytest.mark.slow
+def test_the_second_and_third_retrain_stop_at_the_search_budget(snapshots, tmp_path, ray_address):
+    """Without retrain.time_budget_s every retrain keeps search.time_budget_s, not only the
+    first: the later ones, asked for more trials than it holds, stop when it runs out."""
+    from search.drivers import read_drivers
+    from search.retrain.job import retrain
+    from search.study import TIMESTAMP
+
+    budget = 12
+    retrain(_config(tmp_path, snapshots["v1"], search={"num_samples": 1, "time_budget_s": budget}),
+            print_fn=lambda *_: None)
+    registry = _registry(tmp_path)
+    for n, snapshot in ((2, "v2"), (3, "v3")):
+        lines = []
+        retrain(_config(tmp_path, snapshots[snapshot], search={"time_budget_s": budget}, num_samples=50, top_k=0),
+                print_fn=lines.append)
+        run = RunStore.at(registry.versions()[-1].tags[RUN_DIR])
+        assert registry.versions()[-1].number == str(n) and snapshot in run.read_text("config.yaml")
+        status = [line for line in lines if line.startswith("trials ")]
+        assert status and all(line.endswith(" of 0:12") for line in status), status  # the budget, shown
+        trials = load_run(run).trials
+        assert 0 < len(trials) < 50 and any(t.best_epoch for t in trials)  # stopped by the budget, not the count
+        (driver,) = read_drivers(run)
+        last = max(e[TIMESTAMP] for t in trials for e in t.epochs)
+        assert last - driver.started < budget + 5, (last - driver.started, lines)
 
 
 def _free_port() -> int:
