@@ -14,13 +14,20 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# pip byte-compiles what it installs on one core (45 of the product's 98 s here); compileall
+# does the same on every core (24 s). Its exit status is 1 because some packages ship
+# files that are not Python 3 on purpose (templates, test data), which pip skips too.
+COMPILE := $(BIN)/python -m compileall -q -j 0 $(VENV)/lib >/dev/null || true
+
 # The demo needs the product only, not the test extra (MLflow's server, moto, Playwright).
 $(PRODUCT): pyproject.toml $(CONSTRAINTS) | $(VENV)/bin/python
-	$(BIN)/pip install -q -c $(CONSTRAINTS) -e .
+	$(BIN)/pip install -q --no-compile -c $(CONSTRAINTS) -e .
+	$(COMPILE)
 	touch $(PRODUCT)
 
 $(STAMP): pyproject.toml $(CONSTRAINTS) | $(VENV)/bin/python
-	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[test]"
+	$(BIN)/pip install -q --no-compile -c $(CONSTRAINTS) -e ".[test]"
+	$(COMPILE)
 	touch $(PRODUCT) $(STAMP)
 
 install: $(STAMP)
