@@ -226,9 +226,11 @@ def test_the_second_and_third_retrain_stop_at_the_search_budget(snapshots, tmp_p
         assert status and all(line.endswith(" of 0:08") for line in status), status  # the budget, shown
         trials = load_run(run).trials
         assert 0 < len(trials) < 50 and any(t.best_epoch for t in trials)  # stopped by the budget, not the count
+        # The last result came within the budget of the search's start (the driver's set-up
+        # before Tune is in the slack); 50 trials uncapped take about a minute.
         (driver,) = read_drivers(run)
         last = max(e[TIMESTAMP] for t in trials for e in t.epochs)
-        assert last - driver.started < budget + 5, (last - driver.started, lines)
+        assert last - driver.started < budget + 10, (last - driver.started, lines)
 
 
 def _free_port() -> int:
