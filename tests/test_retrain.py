@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from search.config import parse_config
-from search.layout import GATE_JSON, GATE_MARKDOWN, REPORT_MARKDOWN, SPLIT
+from search.layout import CONFIG, GATE_JSON, GATE_MARKDOWN, REPORT_MARKDOWN, SPLIT
 from search.retrain.gate import Decision
 from search.retrain.registry import (
     CHALLENGER, CHAMPION, DECISION, FINGERPRINT, REGISTERED, REGISTERING, RUN_DIR, STATE, TRIAL, Registry,
@@ -220,8 +220,9 @@ def test_the_second_and_third_retrain_stop_at_the_search_budget(snapshots, tmp_p
         lines = []
         retrain(_config(tmp_path, snapshots[snapshot], search={"time_budget_s": budget}, num_samples=50, top_k=0),
                 print_fn=lines.append)
-        run = RunStore.at(registry.versions()[-1].tags[RUN_DIR])
-        assert registry.versions()[-1].number == str(n) and snapshot in run.read_text("config.yaml")
+        version = registry.versions()[-1]
+        run = RunStore.at(version.tags[RUN_DIR])
+        assert version.number == str(n) and snapshot in run.read_text(CONFIG)
         status = [line for line in lines if line.startswith("status: trials ")]
         assert status and all(line.endswith(" of 0:20") for line in status), status  # the budget, shown
         trials = load_run(run).trials
