@@ -66,6 +66,10 @@ class FinalistsConfig(BaseModel):
     # Below this many validation images the finalists always run; from it on, only when
     # the leader cannot be told apart from the next trials (a paired bootstrap).
     always_below: int = Field(2000, ge=0)
+    # Export the winning configuration's runs as one model (logits averaged) when that
+    # beats the mean of its runs on validation (search/export/ensemble.py). It costs a
+    # forward pass per run when serving; false exports the best single run.
+    ensemble: bool = True
 
     @property
     def enabled(self) -> bool:

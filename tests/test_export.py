@@ -187,6 +187,30 @@ def test_tampered_reported_metric_is_refused(tmp_path, checkpoint, split):
     assert not out_dir.exists(), "an unverified export must not reach out_dir"
 
 
+def test_an_ensemble_exports_as_one_graph_that_averages_its_members(tmp_path, checkpoint, split):
+    """The finalists' ensemble (search/export/ensemble.py) goes through the same export:
+    one ONNX graph whose logits are its members' mean, verified against the validation
+    macro-F1 the ensemble's PyTorch form scored."""
+    from search.export.ensemble import LogitMean
+    from search.export.onnx import export_model
+    from search.export.scoring import eval_loader, metrics_from_logits
+
+    other = tmp_path / "other"
+    make_checkpoint(other, split, "test_resnet", 32, fit_steps=4)  # another member: fewer steps, other logits
+    (first, meta), (second, _) = load_model(checkpoint), load_model(other)
+    ensemble = LogitMean([first, second]).eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = ((first(x) + second(x)) / 2).numpy()
+        assert np.abs(first(x).numpy() - second(x).numpy()).max() > 1e-3  # the members differ
+        logits, labels = zip(*[(ensemble(v).numpy(), y.numpy()) for v, y in eval_loader(split, meta, 8)])
+    scored = metrics_from_logits(np.concatenate(logits), np.concatenate(labels), meta["class_names"])
+    result = export_model(ensemble, {**meta, "metrics": scored.scalars()}, split, tmp_path / "export", tensorrt=False)
+    assert abs(result.onnx_macro_f1 - scored.macro_f1) <= 1e-6 and result.argmax_agreement == 1.0
+    served = create_session(result.onnx_path).run(["logits"], {"input": x.numpy()})[0]
+    np.testing.assert_allclose(served, expected, atol=1e-4)
+
+
 def test_other_split_is_refused_as_wrong_data(tmp_path, checkpoint, data_root):
     other = prepare_split(data_root, seed=1)
     with pytest.raises(ExportError, match="wrong data"):

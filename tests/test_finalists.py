@@ -165,8 +165,17 @@ def test_a_search_runs_its_finalists_with_new_seeds_and_exports_the_best_mean(sy
     finalists = metrics["finalists"]
     assert [f["configuration_of"] for f in finalists] == [g.source for g in finalist_groups(trials)]
     assert finalists[0]["trial_id"] == metrics["source"]["trial_id"]
+    # The winner's runs averaged (search/export/ensemble.py), shipped only when that beats their mean.
+    ensemble, winner = metrics["ensemble"], finalist_groups(trials)[0]
+    assert ensemble["members"] == [m.trial_id for m in winner.members]
+    assert ensemble["members_mean_macro_f1"] == pytest.approx(winner.mean)
+    assert ensemble["shipped"] == (ensemble["validation_macro_f1"] > ensemble["members_mean_macro_f1"])
+    shipped_test = ensemble["test"] if ensemble["shipped"] else finalists[0]["test"]
+    if ensemble["shipped"]:
+        assert metrics["source"]["members"] == ensemble["members"]
+        assert metrics["verification"]["reported_macro_f1"] == pytest.approx(ensemble["validation_macro_f1"])
     # (PyTorch against ONNX Runtime: an image on a near-tie may flip, hence not exact.)
-    assert finalists[0]["test"]["macro_f1"] == pytest.approx(metrics["test"]["macro_f1"], abs=0.05)
+    assert shipped_test["macro_f1"] == pytest.approx(metrics["test"]["macro_f1"], abs=0.05)
     assert all(f["test"]["num_images"] == metrics["test"]["num_images"] > 0 for f in finalists)
     report = (Path(store.location) / "report.md").read_text()
     assert "## Finalists" in report and f"{finalists[1]['test']['macro_f1']:.4f} (" in report
@@ -178,5 +187,7 @@ def test_a_search_runs_its_finalists_with_new_seeds_and_exports_the_best_mean(sy
     assert seen.errors == [], seen.errors
     assert f"{metrics['test']['macro_f1']:.4f}, 95 % interval" in seen.text
     assert "Finalists" in seen.text and "std over seeds" in seen.text
+    assert "Ensemble of the best configuration's runs" in seen.text
+    assert ("ensemble of " in seen.text) == ensemble["shipped"]  # the finalists table's "exported" cell
     assert "95 % interval" in seen.text and ("tied" in seen.text or "behind" in seen.text)
     assert len(seen.statuses) == 5

@@ -98,10 +98,31 @@ def export_checkpoint(
             TensorRT was required but is unavailable.
     """
     _check_args(opset, batch_size, tensorrt)
-    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    checkpoint_dir = Path(checkpoint_dir)
     _check_meta(read_meta(checkpoint_dir), split, checkpoint_dir)
-    use_tensorrt = _resolve_tensorrt(tensorrt)
     model, meta = load_model(checkpoint_dir)
+    return export_model(model, meta, split, out_dir, opset=opset, batch_size=batch_size, tensorrt=tensorrt,
+                        int8=int8, annotations=annotations)
+
+
+def export_model(
+    model: nn.Module,
+    meta: dict[str, Any],
+    split: DataSplit,
+    out_dir: Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    batch_size: int = 32,
+    tensorrt: bool | None = None,
+    int8: Int8Config | None = None,
+    annotations: dict[str, Any] | None = None,
+) -> ExportResult:
+    """``export_checkpoint`` for a model already in memory, with the metadata a checkpoint
+    would hold (``meta["metrics"]`` the macro-F1 its ONNX file must reproduce on
+    ``split``'s validation images): the finalists' ensemble (``search/export/ensemble.py``)."""
+    _check_args(opset, batch_size, tensorrt)
+    out_dir = Path(out_dir)
+    use_tensorrt = _resolve_tensorrt(tensorrt)
     loader = eval_loader(split, meta, batch_size)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))

@@ -59,12 +59,20 @@ def checkpoint_test_report(checkpoint_dir: Path, split: DataSplit, batch_size: i
     if not split.test:
         return None
     model, meta = load_model(checkpoint_dir)
+    return model_test_report(model, meta, split, batch_size, "PyTorch, the checkpoint")
+
+
+def model_test_report(model: torch.nn.Module, meta: dict[str, Any], split: DataSplit, batch_size: int = 64,
+                      scored_by: str = "PyTorch") -> dict[str, Any] | None:
+    """``test_report`` for an eval-mode model in memory, preprocessed as ``meta`` says."""
+    if not split.test:
+        return None
 
     def run(x: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
             return model(x).numpy()
 
-    return _test_scores(run, split, meta, batch_size, "PyTorch, the checkpoint")
+    return _test_scores(run, split, meta, batch_size, scored_by)
 
 
 def _test_scores(run, split: DataSplit, meta: dict[str, Any], batch_size: int, scored_by: str) -> dict[str, Any]:

@@ -54,6 +54,7 @@ class PageInputs:
     test_sentence: str = ""
     finalists: list = field(default_factory=list)  # FinalistGroup, best mean first (search/results/selection.py)
     finalists_test: dict = field(default_factory=dict)  # source trial -> its best run's test score, once exported
+    ensemble: dict | None = None  # export/metrics.json's "ensemble": the winner's runs averaged, once exported
 
 
 @lru_cache(maxsize=1)
@@ -92,7 +93,7 @@ def render(page: PageInputs) -> str:
                         + "</div>")
 
     if page.finalists:
-        sections.append(_finalists_section(page.finalists, page.finalists_test))
+        sections.append(_finalists_section(page.finalists, page.finalists_test, page.ensemble))
 
     sections.append("<h2>Search</h2>")
     sections.append(plot(figures.optimisation_history(page.ranked)))
@@ -153,8 +154,8 @@ def _sort_key(value: Any) -> str:
     return str(value)
 
 
-def _finalists_section(groups, tests: dict) -> str:
-    from search.results.report import test_cell
+def _finalists_section(groups, tests: dict, ensemble: dict | None) -> str:
+    from search.results.report import ensemble_sentence, exported_cell, test_cell
     from search.results.selection import FINALISTS_NOTE
 
     head = "".join(f"<th>{_e(h)}</th>" for h in (
@@ -162,7 +163,7 @@ def _finalists_section(groups, tests: dict) -> str:
         f"test {RANKING_METRIC} (best run, 95 % interval)", "exported"))
     body = []
     for i, group in enumerate(groups):
-        exported = group.best_member().trial_id if i == 0 and group.mean is not None else ""
+        exported = exported_cell(group, i, ensemble).replace("`", "")
         body.append("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in (
             group.source, ", ".join(m.trial_id for m in group.members),
             ", ".join(f"{v:.4f}" for v in group.scores) or "-",
@@ -170,7 +171,8 @@ def _finalists_section(groups, tests: dict) -> str:
             "-" if group.spread is None else f"{group.spread:.4f}", test_cell(tests.get(group.source)),
             exported)) + "</tr>")
     return (f'<h2>Finalists</h2><p class=note>{_e(FINALISTS_NOTE)}</p>'
-            f'<table id="finalists"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
+            f'<table id="finalists"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+            + (f'<p id="ensemble">{_e(ensemble_sentence(ensemble))}</p>' if ensemble else ""))
 
 
 def _data_section(split) -> str:

@@ -138,6 +138,24 @@ def finalists_test(store: RunStore) -> dict[str, dict[str, Any]]:
     return {e["configuration_of"]: e["test"] for e in entries if e.get("test")}
 
 
+def export_ensemble(store: RunStore) -> dict[str, Any] | None:
+    """The finalists' ensemble and its decision (``export/metrics.json``, "ensemble"), once exported."""
+    path = join(EXPORT, "metrics.json")
+    return store.read_json(path).get("ensemble") if store.exists(path) else None
+
+
+def ensemble_sentence(ensemble: dict[str, Any] | None) -> str:
+    """What averaging the winning configuration's runs gave, and whether it was shipped."""
+    if not ensemble:
+        return ""
+    key = RANKING_METRIC
+    verdict = ("shipped: it beats their mean" if ensemble["shipped"]
+               else "not shipped: it does not beat their mean, so the best run is exported")
+    return (f"Ensemble of the best configuration's runs ({', '.join(ensemble['members'])}, logits averaged): "
+            f"validation {key} {ensemble[f'validation_{key}']:.4f} against their mean "
+            f"{ensemble[f'members_mean_{key}']:.4f}; {verdict}. Held-out test {key}: {test_cell(ensemble['test'])}.")
+
+
 def test_sentence(test: dict[str, Any] | None) -> str:
     """What the exported model scored on the held-out test split, in one sentence."""
     if not test:
@@ -186,7 +204,7 @@ def page_inputs(run: RunView, ranked: list[TrialView], rows: list[dict[str, Any]
         run_name=store.name, ranked=ranked, rows=rows, top_details=top, space=run.space, rungs=sorted(rungs),
         split=split, verification=verification, config_text=store.read_text(CONFIG), space_text=run.space_text,
         gate_html=None if gate is None else _gate_html(gate), test=test, test_sentence=test_sentence(test),
-        finalists=finalist_groups(ranked), finalists_test=finalists_test(store),
+        finalists=finalist_groups(ranked), finalists_test=finalists_test(store), ensemble=export_ensemble(store),
     )
 
 
@@ -220,7 +238,7 @@ def format_markdown(run: RunView, ranked: list[TrialView], rows: list[dict[str, 
     ]
     if test:
         lines += ["## Exported model on the held-out test split", "", *_per_class_markdown(test), ""]
-    lines += finalists_markdown(finalist_groups(ranked), finalists_test(run.store))
+    lines += finalists_markdown(finalist_groups(ranked), finalists_test(run.store), export_ensemble(run.store))
     failed = [r for r in rows if r["reason"]]
     if failed:
         lines += ["## Failed or stopped trials", ""]
@@ -235,9 +253,11 @@ def format_markdown(run: RunView, ranked: list[TrialView], rows: list[dict[str, 
     return "\n".join(lines)
 
 
-def finalists_markdown(groups: list[FinalistGroup], tests: dict[str, dict[str, Any]] | None = None) -> list[str]:
+def finalists_markdown(groups: list[FinalistGroup], tests: dict[str, dict[str, Any]] | None = None,
+                       ensemble: dict[str, Any] | None = None) -> list[str]:
     """The finalists' table: each configuration's runs, their mean and spread, and its
-    best run's held-out test score (``tests``, by source trial), the winner first."""
+    best run's held-out test score (``tests``, by source trial), the winner first; then
+    the ensemble of the winner's runs, when the export built one."""
     if not groups:
         return []
     lines = ["## Finalists", "", FINALISTS_NOTE, "",
@@ -248,10 +268,19 @@ def finalists_markdown(groups: list[FinalistGroup], tests: dict[str, dict[str, A
         scores = ", ".join(f"{v:.4f}" for v in group.scores) or "-"
         mean = f"{group.mean:.4f}" if group.mean is not None else "-"
         spread = f"{group.spread:.4f}" if group.spread is not None else "-"
-        exported = f"yes (`{group.best_member().trial_id}`)" if i == 0 and group.mean is not None else ""
+        exported = exported_cell(group, i, ensemble)
         lines.append(f"| `{group.source}` | {', '.join(m.trial_id for m in group.members)} | {scores} | {mean} "
                      f"| {spread} | {test_cell((tests or {}).get(group.source))} | {exported} |")
-    return lines + [""]
+    return lines + [""] + ([ensemble_sentence(ensemble), ""] if ensemble else [])
+
+
+def exported_cell(group: FinalistGroup, index: int, ensemble: dict[str, Any] | None) -> str:
+    """The finalists table's "exported" cell: the winner's best run, or the ensemble of its runs."""
+    if index != 0 or group.mean is None:
+        return ""
+    if ensemble and ensemble["shipped"]:
+        return f"yes (ensemble of {', '.join(ensemble['members'])})"
+    return f"yes (`{group.best_member().trial_id}`)"
 
 
 def test_cell(test: dict[str, Any] | None) -> str:

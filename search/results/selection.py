@@ -1,7 +1,9 @@
 """Which trial the run ships. Without finalists it is the top-ranked trial. With them
 (``search.finalists``, ``search/run/finalists.py``) each finalist configuration ran
 ``1 + repeats`` times with different seeds; the configuration with the best mean of its
-runs' macro-F1 wins, and its best run's checkpoint is exported.
+runs' macro-F1 wins, and its best run's checkpoint is exported - or, with
+``search.finalists.ensemble``, all its runs averaged in one model when that beats their
+mean on validation (``search/export/ensemble.py``).
 
 Why a mean over seeds: on a small validation split the top trials are often within an
 image or two of each other, and one run's maximum over epochs is mostly luck

@@ -1,6 +1,7 @@
 """Exporting the winner (or a named trial): the first trial in the selection order
 (``search/results/selection.py``) whose best checkpoint Ray still keeps, its weights and metadata fetched alone, handed with the run's split to
-``search/export/onnx.py``. The finishing driver exports into ``export/``; ``tunecv
+``search/export/onnx.py``; or the ensemble of the winner's runs
+(``search/export/ensemble.py``). The finishing driver exports into ``export/``; ``tunecv
 export`` writes where ``--out`` says.
 """
 
@@ -14,6 +15,7 @@ from search.results.selection import finalist_groups, selection_order, selection
 from search.results.trials import load_run
 from search.storage import RunStore
 from trainables.model.checkpoint import META_FILE, WEIGHTS_FILE
+from trainables.training.metrics import RANKING_METRIC
 
 
 class NothingToExportError(ValueError):
@@ -38,8 +40,9 @@ def best_checkpoint(store: RunStore, trial_id: str | None = None, trials=None) -
 
 
 def export_trial(store: RunStore, out_dir: Path, trial_id: str | None = None, int8=None):
-    """Export the best checkpoint of ``trial_id`` (default: the top-ranked trial) to ``out_dir``,
-    with a gated static int8 model when ``int8`` (an ``Int8Config``) is given.
+    """Export the best checkpoint of ``trial_id`` (default: the winner, or the finalists'
+    ensemble when the run's config asks for it and its rule ships it) to ``out_dir``, with
+    a gated static int8 model when ``int8`` (an ``Int8Config``) is given.
 
     Returns:
         The ``ExportResult``.
@@ -47,18 +50,34 @@ def export_trial(store: RunStore, out_dir: Path, trial_id: str | None = None, in
     Raises:
         NothingToExportError: No trial has a checkpoint, or ``trial_id`` is unknown or has none.
     """
-    from search.export.onnx import export_checkpoint
+    from search.export.ensemble import winning_ensemble
+    from search.export.onnx import export_checkpoint, export_model
+    from search.export.scoring import model_test_report
     from trainables.data.split_files import read_split
 
-    trials = load_run(store).trials
+    run = load_run(store)
+    trials = run.trials
     chosen, rel = best_checkpoint(store, trial_id, trials)
     split = read_split(store.uri(SPLIT))
     annotations = {"source": {"trial_id": chosen, "checkpoint": rel,
                               "chosen_by": "asked for" if trial_id else selection_rule(trials)}}
     if trial_id is None and finalist_groups(trials):
         annotations["finalists"] = finalists_on_test(store, trials, split)
+        ensemble = winning_ensemble(store, trials, split) if run.config.search.finalists.ensemble else None
+        if ensemble is not None:  # its test score beside the winner's, shipped or not (PyTorch)
+            annotations["ensemble"] = ensemble.summary(model_test_report(ensemble.model, ensemble.meta, split))
+        if ensemble is not None and ensemble.shipped:
+            annotations["source"] = {"trial_id": chosen, "members": list(ensemble.members),
+                                     "chosen_by": ensemble_rule(ensemble)}
+            return export_model(ensemble.model, ensemble.meta, split, out_dir, int8=int8, annotations=annotations)
     with store.local_files(rel, (WEIGHTS_FILE, META_FILE)) as checkpoint:
         return export_checkpoint(checkpoint, split, out_dir, int8=int8, annotations=annotations)
+
+
+def ensemble_rule(ensemble) -> str:
+    """Why the ensemble is exported, in a few words."""
+    return (f"ensemble of the best finalist's {len(ensemble.members)} runs ({', '.join(ensemble.members)}): "
+            f"validation {RANKING_METRIC} {ensemble.macro_f1:.4f} against their mean {ensemble.members_mean:.4f}")
 
 
 def finalists_on_test(store: RunStore, trials, split) -> list[dict]:
@@ -92,6 +111,11 @@ def export_winner(store: RunStore, print_fn=print, int8=None):
         f"{result.reported_macro_f1:.4f}), argmax agreement {result.argmax_agreement:.4f}, "
         f"max |logit diff| {result.max_abs_logit_diff:.2e}"
     )
+    ensemble = result.annotations.get("ensemble")
+    if ensemble and not ensemble["shipped"]:
+        print_fn(f"ensemble of {', '.join(ensemble['members'])} not shipped: validation {RANKING_METRIC} "
+                 f"{ensemble[f'validation_{RANKING_METRIC}']:.4f}, no better than their mean "
+                 f"{ensemble[f'members_mean_{RANKING_METRIC}']:.4f}")
     if result.test:
         interval = result.test["macro_f1_interval"]
         print_fn(f"held-out test: macro-F1 {result.test['macro_f1']:.4f} on {result.test['num_images']} images "
