@@ -6,7 +6,8 @@ Optuna trial with the same id), ``epoch_NNNN`` (the epoch's scalars and the chec
 Ray wrote for it), ``reason``, ``failures`` and, on a continuation,
 ``tunecv_resume_from``. Only the live driver writes it: on a filesystem through
 Optuna's ``JournalFileBackend``, in an object store through ``StoreJournal``, which
-uploads the same journal format whole; ``search.storage`` may name a database.
+uploads the same journal format in append-only segments; ``search.storage`` may name a
+database.
 """
 
 from __future__ import annotations
@@ -77,27 +78,61 @@ def recorded_epochs(trial: optuna.trial.FrozenTrial) -> list[dict[str, Any]]:
 
 
 class StoreJournal(BaseJournalBackend):
-    """Optuna's journal, kept in memory and written to a run store as one whole object.
+    """Optuna's journal on object storage, as append-only segments each uploaded once.
 
-    Object stores have no appends and no locks; the driver is the journal's only writer,
-    so it holds the log and uploads all of it (``flush``) after every change it makes:
-    each ask, each epoch, each end. A resume after a crash then knows every epoch whose
-    checkpoint Ray may already have replaced. The upload grows with the study (a 6-trial
-    test search of 3 epochs wrote 22 KB: some 1 KB per trial epoch); for thousands of
-    trials name a database in ``search.storage`` instead. Readers load it read-only; a
-    local journal that is being appended to may end in a partial line, left out here.
+    Object stores have no appends and no locks; the driver is the journal's only writer.
+    It keeps the log in memory, and each ``flush`` (after every change it makes: each
+    ask, each epoch, each end, so a resume knows every epoch whose checkpoint Ray may
+    already have replaced) uploads only the events since the last one, as a new object
+    ``optuna.journal.d/<first>-<end>-<level>.jsonl`` holding log numbers [first, end).
+    Nothing is ever rewritten: the upload per event is flat, where uploading the whole
+    journal each time grew with the study (quadratic in trials; optuna/optuna#6003 was
+    closed for that reason).
+
+    So that a reader does not fetch thousands of small objects, every ``fanout``
+    consecutive segments of one level are also written merged, as one segment of the
+    next level (up to ``MAX_LEVEL``): each event is uploaded at most ``MAX_LEVEL + 1``
+    times, and a reader fetches at most ``fanout - 1`` objects per level plus the top
+    level's. A reader lists the directory once and follows the chain from log 0, at each
+    step taking the segment that starts there and reaches furthest; a missing segment
+    ends the chain, so a reader of a live run sees a prefix of the journal, never a gap.
+
+    Runs written before keep a whole-file ``optuna.journal``: it is read as the start of
+    the chain and never written again. Concatenated in order the segments are Optuna's
+    own journal format (``JournalFileBackend`` reads them).
     """
 
-    def __init__(self, store: RunStore, rel: str = JOURNAL, writable: bool = True) -> None:
-        self.store, self.rel, self.writable = store, rel, writable
-        data = store.read_bytes(rel) if store.exists(rel) else b""
-        complete = data[: data.rfind(b"\n") + 1]
-        self._encoded = bytearray(complete)
-        self._logs = [json.loads(line) for line in complete.splitlines() if line.strip()]
-        self._dirty = False
+    MAX_LEVEL = 3
+
+    def __init__(self, store: RunStore, rel: str = JOURNAL, writable: bool = True, fanout: int = 16) -> None:
+        if fanout < 2:
+            raise ValueError(f"fanout must be at least 2, got {fanout}")
+        self.store, self.rel, self.writable, self.fanout = store, rel, writable, fanout
+        self.segments_dir = f"{rel}.d"
+        legacy = store.read_bytes(rel) if store.exists(rel) else b""
+        # A whole file (a filesystem run's, being appended to) may end mid-line: left out.
+        self._lines = [line + b"\n" for line in legacy[: legacy.rfind(b"\n") + 1].splitlines() if line.strip()]
+        self._logs = [json.loads(line) for line in self._lines]
+        self._base = len(self._logs)  # logs in the whole file; segments start here
+        self._chain: list[tuple[int, int, int]] = []  # (first, end, level) of the segments read, in order
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the segments uploaded since this journal last read (one listing, and a GET
+        for each new segment): a reader following a live run."""
+        for first, end, level in _segment_chain(self.store.list_names(self.segments_dir), self.persisted):
+            data = self.store.read_bytes(f"{self.segments_dir}/{_segment_name(first, end, level)}")
+            lines = [line + b"\n" for line in data.splitlines() if line.strip()]
+            self._lines += lines
+            self._logs += [json.loads(line) for line in lines]
+            self._chain.append((first, end, level))
 
     def read_logs(self, log_number_from: int):
         return self._logs[log_number_from:]
+
+    def encoded(self) -> bytes:
+        """The whole journal in Optuna's file format: what ``optuna-dashboard`` opens."""
+        return b"".join(self._lines)
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
         if not self.writable:
@@ -105,14 +140,52 @@ class StoreJournal(BaseJournalBackend):
         for log in logs:
             line = json.dumps(log, separators=(",", ":"))
             self._logs.append(json.loads(line))  # a copy, as a file backend would return
-            self._encoded += line.encode("utf-8") + b"\n"
-        self._dirty = True
+            self._lines.append(line.encode("utf-8") + b"\n")
+
+    @property
+    def persisted(self) -> int:
+        """Log numbers below this one are uploaded."""
+        return self._chain[-1][1] if self._chain else self._base
 
     def flush(self) -> None:
-        """Upload the whole journal if it changed since the last upload."""
-        if self._dirty:
-            self.store.write_bytes(self.rel, bytes(self._encoded))
-            self._dirty = False
+        """Upload the events since the last flush as one new segment, then any merge it completes."""
+        if len(self._logs) == self.persisted:
+            return
+        self._write(self.persisted, len(self._logs), 0)
+        while True:
+            tail = self._chain[-self.fanout:]
+            level = tail[0][2]
+            if len(tail) < self.fanout or level >= self.MAX_LEVEL or any(t[2] != level for t in tail):
+                return
+            del self._chain[-self.fanout:]
+            self._write(tail[0][0], tail[-1][1], level + 1)
+
+    def _write(self, first: int, end: int, level: int) -> None:
+        data = b"".join(self._lines[first:end])
+        self.store.write_bytes(f"{self.segments_dir}/{_segment_name(first, end, level)}", data)
+        self._chain.append((first, end, level))
+
+
+def _segment_name(first: int, end: int, level: int) -> str:
+    return f"{first:012d}-{end:012d}-{level}.jsonl"
+
+
+def _segment_chain(names: list[str], start: int) -> list[tuple[int, int, int]]:
+    """The segments to read from log ``start`` on: at each position the one that reaches
+    furthest (a merged segment over its parts); the chain ends where none starts."""
+    reach: dict[int, tuple[int, int, int]] = {}
+    for name in names:
+        parts = name.removesuffix(".jsonl").split("-")
+        if not name.endswith(".jsonl") or len(parts) != 3 or not all(p.isdigit() for p in parts):
+            continue  # a temporary file of a local write in progress, or anything else
+        first, end, level = map(int, parts)
+        if end > first and (first not in reach or end > reach[first][1]):
+            reach[first] = (first, end, level)
+    chain, position = [], start
+    while position in reach:
+        chain.append(reach[position])
+        position = reach[position][1]
+    return chain
 
 
 @dataclass

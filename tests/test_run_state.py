@@ -196,7 +196,8 @@ def test_the_drivers_state_reads_whole_while_it_beats_in_an_object_store(s3_buck
 
 
 def test_the_object_store_journal_is_optunas_own_format(tmp_path):
-    """What StoreJournal uploads whole, Optuna's file backend (and optuna-dashboard) reads."""
+    """What StoreJournal uploads in segments, concatenated, Optuna's file backend (and
+    optuna-dashboard) reads; a whole-file journal of an older run still reads."""
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     store = RunStore.at(tmp_path / "run")
@@ -206,18 +207,23 @@ def test_the_object_store_journal_is_optunas_own_format(tmp_path):
     trial.set_user_attr(TRIAL_ID_KEY, "t0000")
     trial.report(0.5, step=1)
     study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    assert not (tmp_path / "run" / "optuna.journal").exists()  # nothing is written before flush
+    assert not (tmp_path / "run").exists()  # nothing is written before flush
     journal.flush()
-    read = optuna.load_study(study_name="run", storage=JournalStorage(JournalFileBackend(
-        str(tmp_path / "run" / "optuna.journal"))))
+    assert not (tmp_path / "run" / "optuna.journal").exists()
+    (segment,) = (tmp_path / "run" / "optuna.journal.d").iterdir()
+    assert segment.read_bytes() == journal.encoded()
+    copy = tmp_path / "optuna.journal"
+    copy.write_bytes(StoreJournal(store, writable=False).encoded())
+    read = optuna.load_study(study_name="run", storage=JournalStorage(JournalFileBackend(str(copy))))
     (frozen,) = read.trials
     assert frozen.state == optuna.trial.TrialState.PRUNED and frozen.intermediate_values == {1: 0.5}
     assert frozen.user_attrs[TRIAL_ID_KEY] == "t0000" and frozen.value == 0.5
-    # A reader of a journal that is being appended to ignores a partial last line.
-    with (tmp_path / "run" / "optuna.journal").open("ab") as f:
-        f.write(b'{"op_code": 5, "trial_id"')
-    reader = StoreJournal(store, writable=False)
-    assert len(list(reader.read_logs(0))) == len((tmp_path / "run" / "optuna.journal").read_bytes().splitlines()) - 1
+    # An older run's whole-file journal, being appended to: its partial last line is left out.
+    old = RunStore.at(tmp_path / "old")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "optuna.journal").write_bytes(copy.read_bytes() + b'{"op_code": 5, "trial_id"')
+    reader = StoreJournal(old, writable=False)
+    assert reader.encoded() == copy.read_bytes() and len(reader.read_logs(0)) == len(copy.read_bytes().splitlines())
     with pytest.raises(RuntimeError, match="read-only"):
         reader.append_logs([{"op_code": 0}])
 
