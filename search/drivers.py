@@ -12,17 +12,23 @@ rewrite got the old length of the new text, a torn JSON (seen in CI).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
+import uuid
 from dataclasses import asdict, dataclass, replace
 
+from search.config import ConfigError
 from search.layout import DRIVERS, driver_beat, driver_beats, driver_end, driver_start
 from search.storage import RunStore
 
 HEARTBEAT_S = 10.0  # how often a live driver writes a heartbeat
 STALE_AFTER_S = 60.0  # a driver on another host that has been silent this long is dead
 RUNNING, FINISHED, INTERRUPTED = "running", "finished", "interrupted"
+# How long a driver on an object store waits between writing its claim and reading the
+# others' (DriverRecord): longer than a claim's upload plus the clocks' skew.
+CLAIM_SETTLE_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -90,10 +96,26 @@ def spent_s(drivers: list[DriverState]) -> float:
     return sum(d.spent_s for d in drivers)
 
 
-class DriverRecord:
-    """This process as the run's next driver; it alone writes the files of driver ``k``."""
+class RunTakenError(ConfigError):
+    """Another driver claimed the run at the same moment; it searches, this one stops."""
 
-    def __init__(self, store: RunStore, k: int) -> None:
+
+class DriverRecord:
+    """This process as the run's next driver; it alone writes the files of driver ``k``.
+
+    Two drivers started at one instant (two ``tunecv run --resume``) both find the run
+    resumable and both want to be driver ``k``: the claim lets exactly one through, and
+    the other raises ``RunTakenError`` naming it. On a filesystem the start file is
+    created exclusively (``RunStore.create_exclusive``). An object store reached through
+    pyarrow has no conditional write, so each contender writes a claim named by its clock
+    (``drivers/<k>/claim-<ns>-<random>.json``), waits ``settle_s``, lists the claims,
+    and the earliest wins. With strongly consistent listings (S3, GCS, Azure) every
+    contender that lists after all claims landed sees the same earliest; one that listed
+    before a later claim landed holds an earlier clock than it, so that later one loses.
+    This holds while a claim's upload and the clocks' skew stay under ``settle_s``.
+    """
+
+    def __init__(self, store: RunStore, k: int, settle_s: float = CLAIM_SETTLE_S) -> None:
         self.store = store
         now = time.time()
         self.state = DriverState(
@@ -102,7 +124,28 @@ class DriverRecord:
         )
         self.beats = 0
         self.ended = False
-        store.write_json(driver_start(k), asdict(self.state))
+        self._claim(settle_s)
+
+    def _claim(self, settle_s: float) -> None:
+        k, start = self.state.k, json.dumps(asdict(self.state), indent=1) + "\n"
+        if self.store.is_local:
+            if not self.store.create_exclusive(driver_start(k), start.encode("utf-8")):
+                self._taken(DriverState(**self.store.read_json(driver_start(k))))
+            return
+        mine = f"claim-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.json"
+        self.store.write_text(f"{driver_beats(k)}/{mine}", start)
+        time.sleep(settle_s)
+        claims = sorted(n for n in self.store.list_names(driver_beats(k)) if n.startswith("claim-"))
+        if claims[0] != mine:
+            self._taken(DriverState(**self.store.read_json(f"{driver_beats(k)}/{claims[0]}")))
+        self.store.write_text(driver_start(k), start)
+
+    def _taken(self, winner: DriverState) -> None:
+        raise RunTakenError(
+            f"run '{self.store}' was taken at the same moment by another driver, pid {winner.pid} on "
+            f"{winner.hostname} ({driver_start(winner.k)}), which searches it now; nothing was changed. "
+            "Wait for it to finish, or stop it and resume again."
+        )
 
     def beat(self) -> None:
         """Write the next heartbeat, then delete the one before: one or two exist at a time."""

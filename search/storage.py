@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
@@ -112,6 +113,24 @@ class RunStore:
             return
         with self.filesystem.open_output_stream(self.fs_path(rel)) as f:  # one object, one upload
             f.write(data)
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Write ``rel`` whole unless it exists; True when this call created it. Local
+        filesystems only: ``link(2)`` of a finished temporary file is atomic and fails on
+        an existing name (NFS included), so of two callers at one instant exactly one wins."""
+        if not self.is_local:
+            raise ValueError(f"create_exclusive needs a local filesystem, not {self}")
+        target = Path(self.fs_path(rel))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_bytes(data)
+        try:
+            os.link(tmp, target)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink()
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode("utf-8"))

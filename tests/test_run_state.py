@@ -147,6 +147,39 @@ def test_each_driver_writes_its_own_state_file(tmp_path):
     assert files == ["001.json", "001/end.json", "002.json", "002/beat-000002.json"]  # beat 1 deleted
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_of_two_drivers_claiming_a_run_at_one_instant_exactly_one_wins(where, tmp_path, request):
+    """Two resumes that both found the run resumable: 20 rounds of two threads released
+    at once; one becomes driver 2, the other is refused naming it (search/drivers.py)."""
+    import threading
+
+    from search.drivers import RunTakenError
+
+    root = str(tmp_path) if where == "local" else f"{request.getfixturevalue('s3_bucket')}/claims"
+    for attempt in range(20):
+        store = RunStore.at(f"{root}/run-{attempt}")
+        DriverRecord(store, 1, settle_s=0).finish(INTERRUPTED)
+        barrier, won, lost = threading.Barrier(2), [], []
+
+        def contend() -> None:
+            barrier.wait()
+            try:
+                won.append(DriverRecord(store, 2, settle_s=0.3))
+            except RunTakenError as err:
+                lost.append(str(err))
+
+        threads = [threading.Thread(target=contend) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(won) == 1 and len(lost) == 1, (attempt, won, lost)
+        assert "was taken at the same moment by another driver, pid" in lost[0] and "drivers/002.json" in lost[0]
+        first, second = read_drivers(store)
+        assert first.status == INTERRUPTED and second.status == RUNNING
+        assert second.started == won[0].state.started  # the winner's start file, not the loser's
+
+
 def test_a_driver_writes_each_file_once(tmp_path):
     """Its start file keeps the start; the end file is written by the first finish only."""
     store = RunStore.at(tmp_path / "run")
@@ -169,7 +202,7 @@ def test_the_drivers_state_reads_whole_while_it_beats_in_an_object_store(s3_buck
     import threading
 
     store = RunStore.at(f"{s3_bucket}/beats")
-    record = DriverRecord(store, 1)
+    record = DriverRecord(store, 1, settle_s=0)  # no other driver to wait for
     stop, errors, seen = threading.Event(), [], []
 
     def beat() -> None:

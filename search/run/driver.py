@@ -147,8 +147,13 @@ def run_search(
         space_path, note = resolve_space_name(cfg.search.space)
         explicit = (check_space(cfg, space_path.read_text(), str(space_path)), space_path, note)
     store, resuming = locate_run(cfg, run_dir)
+    driver = None
     if resuming:
         check_resumable(store, cfg)
+        earlier = read_drivers(store)
+        # The claim, before Ray: of two resumes started at one instant exactly one gets
+        # here (search/drivers.py); the other stops with a ConfigError naming it.
+        driver = DriverRecord(store, earlier[-1].k + 1)
     else:
         # A bad data root, layout or batch size fails on the data's listing, before Ray
         # starts; the images are then read by Ray tasks across the cluster (or come from
@@ -157,19 +162,24 @@ def run_search(
         if listing is not None:
             most_train = listing.most_train_images(cfg.data.val_fraction, cfg.data.test_fraction, cfg.optim.seed)
             checked = _check_data_and_space(cfg, explicit, most_train)
-    connect_ray()
-    trial_resources = trial_resources or _trial_resources(cfg)
-    check_trials_fit(cfg, trial_resources)
-    if not resuming:
-        split = split or scan_data(cfg, print_fn, listing)
-        space, space_path, note = _check_data_and_space(cfg, explicit, len(split.train), checked)
-    check_shared_storage(RunStore.at(store.location.rsplit("/", 1)[0]))
-    earlier = read_drivers(store)
+    try:
+        connect_ray()
+        trial_resources = trial_resources or _trial_resources(cfg)
+        check_trials_fit(cfg, trial_resources)
+        if not resuming:
+            split = split or scan_data(cfg, print_fn, listing)
+            space, space_path, note = _check_data_and_space(cfg, explicit, len(split.train), checked)
+        check_shared_storage(RunStore.at(store.location.rsplit("/", 1)[0]))
+    except BaseException:
+        if driver is not None:  # a resume refused before searching leaves the run resumable
+            driver.finish(INTERRUPTED)
+        raise
     print_fn(f"{'resuming run directory' if resuming else 'run directory'}: {store}")
     if not resuming:
         write_config(store, cfg)
-    # From here on the run has a live driver: no other `tunecv run` takes it over.
-    driver = DriverRecord(store, earlier[-1].k + 1 if earlier else 1)
+        earlier = []
+        # From here on the run has a live driver: no other `tunecv run` takes it over.
+        driver = DriverRecord(store, 1)
     if resuming:
         space = check_space(cfg, store.read_text(SPACE), store.uri(SPACE))
     else:
