@@ -8,7 +8,7 @@ CONSTRAINTS := constraints.txt
 PRODUCT := $(VENV)/.installed-product
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean browser constraints docs
+.PHONY: demo test bench install clean browser postgres constraints docs
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,7 +54,14 @@ browser:
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } || \
 	  echo "no Chromium: report.html's browser tests will skip (apt-get install chromium)"
 
-test: $(STAMP) browser
+# The study-store tests run a real PostgreSQL server (the OS's package, started by the
+# tests on loopback); installed here as root (CI), elsewhere those tests skip.
+postgres:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; } || \
+	  echo "no PostgreSQL: the search.storage tests will skip (apt-get install postgresql)"
+
+test: $(STAMP) browser postgres
 	$(BIN)/python -m pytest -q -ra
 
 bench: $(STAMP) data/digits

@@ -108,6 +108,16 @@ class SearchConfig(BaseModel):
                 f"search.storage must be an SQLAlchemy URL such as "
                 f"postgresql://user@host/db or sqlite:///path.db, got {self.storage!r}."
             )
+        if self.storage is not None:  # the database's Python driver, before any compute
+            from sqlalchemy.engine import make_url
+
+            url = make_url(self.storage)
+            try:
+                url.get_dialect().import_dbapi()
+            except ImportError as err:
+                hint = {"postgresql": "pip install 'psycopg[binary]'", "mysql": "pip install pymysql and use "
+                        "mysql+pymysql://"}.get(url.get_backend_name(), "install the driver SQLAlchemy names")
+                raise ValueError(f"search.storage: the {url.drivername} driver is not installed ({err}); {hint}.")
         return self
 
 

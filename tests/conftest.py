@@ -38,6 +38,22 @@ def small_run_config(data_root: Path, output_dir: Path, **sections) -> dict:
 
 
 @pytest.fixture(scope="module")
+def postgres_url(tmp_path_factory):
+    """A real PostgreSQL server on loopback (tests/postgres.py) with an empty database.
+    Skips where the OS has no server, unless TUNECV_REQUIRE_POSTGRES is set (CI)."""
+    import os
+
+    from tests.postgres import postgres_bin, postgres_server
+
+    if postgres_bin() is None:
+        if os.environ.get("TUNECV_REQUIRE_POSTGRES"):
+            pytest.fail("no PostgreSQL server: `make test` installs it as root (apt-get install postgresql)")
+        pytest.skip("no PostgreSQL server (apt-get install postgresql)")
+    with postgres_server(tmp_path_factory.mktemp("postgres")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
 def s3_bucket():
     """An S3 endpoint on loopback (moto's server: real HTTP, pyarrow's real S3 client).
 

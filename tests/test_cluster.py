@@ -216,12 +216,17 @@ STRESS_REPEAT = int(os.environ.get("TUNECV_STRESS_REPEAT", "1"))
 
 
 @pytest.mark.parametrize("attempt", range(STRESS_REPEAT))
-@pytest.mark.parametrize("storage", ["shared_fs", "s3"])
-def test_killed_driver_resumes_without_rerunning_or_duplicating(head, synthetic_root, s3_bucket, storage, attempt):
+@pytest.mark.parametrize("storage", ["shared_fs", "s3", "postgres"])
+def test_killed_driver_resumes_without_rerunning_or_duplicating(head, synthetic_root, s3_bucket, storage, attempt,
+                                                                request):
+    """``postgres``: the run directory on the filesystem, the study in a real PostgreSQL
+    server (``search.storage``)."""
     name = f"resume-{storage.replace('_', '')}-{attempt}"
+    database = request.getfixturevalue("postgres_url") if storage == "postgres" else None
     config = _write_config(
         head, synthetic_root, name, output_dir=f"{s3_bucket}/{name}" if storage == "s3" else None,
         num_samples=5, max_concurrent_trials=2, asha={"grace_period": 1, "reduction_factor": 2},
+        **({"storage": database} if database else {}),
     )
     first = subprocess.Popen(_cli("run", "--config", str(config)), env=head["env"], cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -264,7 +269,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(head, synthetic_
     from search.study import read_trials, run_trial_id
 
     State = optuna.trial.TrialState
-    study_trials = read_trials(run, None)
+    study_trials = read_trials(run, database)
     ended = [run_trial_id(t) for t in study_trials if t.state in (State.COMPLETE, State.PRUNED)]
     interrupted = [run_trial_id(t) for t in study_trials if t.state == State.FAIL]
     assert sorted(ended) == sorted(trials)
@@ -290,6 +295,32 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(head, synthetic_
         expected = {t.trial_id: next(e["macro_f1"] for e in t.epochs if e["epoch"] >= int(milestone))
                     for t in trials.values() if t.epochs and t.epochs[-1]["epoch"] >= int(milestone)}
         assert recorded == pytest.approx(expected), (milestone, recorded, expected)
+
+
+def test_two_drivers_on_one_database_each_search_their_own_study(head, synthetic_root, postgres_url):
+    """Two `tunecv run` at once, one PostgreSQL database: each run's study holds its own
+    trials and nothing of the other's."""
+    import optuna
+
+    from search.study import read_trials, run_trial_id
+
+    configs = [_write_config(head, synthetic_root, f"database-{i}", num_samples=2, max_concurrent_trials=1,
+                             scheduler="fifo", storage=postgres_url) for i in range(2)]
+    drivers = [subprocess.Popen(_cli("run", "--config", str(c)), env=head["env"], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in configs]
+    for driver in drivers:
+        output, _ = driver.communicate(timeout=900)
+        assert driver.returncode == 0, output[-3000:]
+    runs = [_run(c) for c in configs]
+    for run in runs:
+        trials = load_run(run).trials
+        assert [t.trial_id for t in trials] == ["t0000", "t0001"]
+        assert all(t.status == COMPLETED and len(t.epochs) == 4 for t in trials), [(t.trial_id, t.status) for t in trials]
+        study = read_trials(run, postgres_url)
+        assert sorted(run_trial_id(t) for t in study) == ["t0000", "t0001"]
+        assert not run.exists("optuna.journal") and not run.exists("optuna.journal.d")  # the study is in the database
+    names = {s.study_name for s in optuna.get_all_study_summaries(postgres_url)}
+    assert {run.name for run in runs} <= names
 
 
 @pytest.mark.parametrize("attempt", range(STRESS_REPEAT))

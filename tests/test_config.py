@@ -158,3 +158,10 @@ def test_the_output_dir_check_writes_a_file_and_leaves_nothing(tmp_path):
     raw["output_dir"] = str(tmp_path / "data")
     parse_config(raw)
     assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_a_database_url_whose_driver_is_not_installed_is_refused_with_the_fix(tmp_path):
+    message = _error(_raw(tmp_path, search={"storage": "mysql://tunecv@127.0.0.1/studies"}))
+    assert "search.storage: the mysql driver is not installed" in message and "pip install pymysql" in message
+    cfg = parse_config(_raw(tmp_path, search={"storage": "postgresql://tunecv@127.0.0.1/studies"}))
+    assert cfg.search.storage.startswith("postgresql://")  # psycopg comes with the test extra
