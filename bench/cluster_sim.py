@@ -22,6 +22,12 @@ Measured:
   report: ``wall_s.to_report_line``).
 
     .venv/bin/python -m bench.cluster_sim [--trace-memory]
+    .venv/bin/python -m bench.cluster_sim --trials 1000 --s3   # the run in moto's S3, what it sends there
+
+With ``--s3`` the run directory is in a bucket of moto's S3 server, run in a process of
+its own that logs every request (``bench/_s3_counter.py``), and the result adds the
+requests and bytes sent per trial early in the search and at its end (the study's
+share apart): what a run on S3 costs must not grow with the trial number.
     .venv/bin/python -m bench.cluster_sim --smoke --results DIR   # 2 nodes x 2 GPUs, 12 trials (tests)
 """
 
@@ -221,13 +227,35 @@ def check(probe: DriverProbe, placed: dict[str, dict], views, sizes: Sizes) -> N
         raise BenchError("cluster_sim measured nothing trustworthy: " + "; ".join(problems))
 
 
-def run(sizes: Sizes, trace_memory: bool, work: Path) -> dict:
+def s3_traffic(requests, probe: DriverProbe, sizes: Sizes) -> dict:
+    """Requests and bytes sent to S3 per trial, over the trials that ended in a window
+    early in the search and in one at its end; the study's share (``optuna.journal``) apart."""
+    ends = sorted(probe.end.values())
+    span = max(1, (sizes.trials - sizes.rss_from_trial) // 9)
+
+    def window(first: int) -> dict:
+        begin, end = ends[first - 1], ends[first - 1 + span]
+        sent = [r for r in requests if begin <= r.at < end]
+        study = [r for r in sent if "optuna.journal" in r.path]
+        puts = lambda rs: [r for r in rs if r.method in ("PUT", "POST")]  # noqa: E731
+        return {"trials": f"{first}-{first + span}", "requests": round(len(sent) / span, 1),
+                "put_kb": round(sum(r.bytes_in for r in puts(sent)) / span / 1e3, 1),
+                "study_requests": round(len(study) / span, 2),
+                "study_put_kb": round(sum(r.bytes_in for r in puts(study)) / span / 1e3, 2)}
+
+    study = [r for r in requests if "optuna.journal" in r.path]
+    return {"per_trial_early": window(sizes.rss_from_trial), "per_trial_late": window(sizes.trials - span),
+            "total_requests": len(requests), "total_put_mb": round(sum(r.bytes_in for r in requests) / 1e6, 1),
+            "study_requests": len(study), "study_put_mb": round(sum(r.bytes_in for r in study) / 1e6, 2)}
+
+
+def run(sizes: Sizes, trace_memory: bool, work: Path, output_dir: str | None = None) -> dict:
     from search.results.trials import load_run
     from search.run.driver import run_search
 
     (work / "space.yaml").write_text(SPACE)
     cfg = load_demo_config([
-        f"data.root={smoke_root()}", "data.image_size=16", f"output_dir={work / 'runs'}",
+        f"data.root={smoke_root()}", "data.image_size=16", f"output_dir={output_dir or work / 'runs'}",
         "model.backbone=test_resnet", "optim.epochs=2", f"search.space={work / 'space.yaml'}",
         f"search.num_samples={sizes.trials}", f"search.max_concurrent_trials={sizes.concurrent}",
         "search.asha.grace_period=1", "search.export=false", "search.time_budget_s=null",
@@ -260,9 +288,11 @@ def run(sizes: Sizes, trace_memory: bool, work: Path) -> dict:
         "packing": packing(probe, placed, TRIAL_RESOURCES["gpu"]),
         "driver_memory": memory(probe, sizes),
         "write_run_report_s": round(report_time(store), 3),
+        "report_html_mb": round(len(store.read_bytes("report.html")) / 1e6, 2),
         # connect_ray turns Tune's JSON/CSV/TensorBoard loggers off unless this says "0".
         "tune_auto_loggers": os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS") != "1",
         "wall_s": wall_times(began, joined, probe, said["report"], returned, ended),
+        "_probe": probe,  # for s3_traffic; not written
     }
 
 
@@ -282,15 +312,31 @@ def main(argv: list[str] | None = None) -> Path:
                         help="2 nodes x 2 GPUs, 12 trials, 4 at a time: checks, not numbers")
     parser.add_argument("--trace-memory", action="store_true",
                         help="tracemalloc over the RSS span: its top 10 growing allocation sites")
+    parser.add_argument("--trials", type=int, help=f"trials of the full run (default {FULL.trials})")
+    parser.add_argument("--s3", action="store_true", help="the run directory in moto's S3; count what is sent")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes")
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else FULL
+    if args.trials and not args.smoke:  # RSS from trial 50 on a long run: after the actors' start-up
+        sizes = dataclasses.replace(sizes, trials=args.trials, rss_from_trial=50 if args.trials >= 500 else 20,
+                                    rss_every=max(10, args.trials // 20))
     with tempfile.TemporaryDirectory(prefix="tunecv-bench-") as work:
-        result = run(sizes, args.trace_memory, Path(work))
+        if args.s3:
+            from bench._s3_counter import counting_s3, read_log
+
+            log = Path(work) / "s3.log"
+            with counting_s3(log) as bucket:
+                result = run(sizes, args.trace_memory, Path(work), f"{bucket}/runs")
+            result["s3"] = s3_traffic(read_log(log), result.pop("_probe"), sizes)
+        else:
+            result = run(sizes, args.trace_memory, Path(work))
+            result.pop("_probe")
     result.update(machine=machine(), smoke=args.smoke,
                   setup="test_resnet at 16 px, 2 epochs of 2 steps, TPE + ASHA (grace 1), journal study, "
-                        "reused actors, trials on the CPU holding logical GPUs")
-    path = write_result("cluster_sim", result, args.results)
+                        "reused actors, trials on the CPU holding logical GPUs"
+                        + ("; run directory in moto's S3 server" if args.s3 else ""))
+    name = "cluster_sim" if not (args.s3 or args.trials) else f"cluster_sim_{sizes.trials}{'_s3' if args.s3 else ''}"
+    path = write_result(name, result, args.results)
     t, p, m = result["throughput"], result["packing"], result["driver_memory"]
     print(f"{sizes.trials} trials in {t['search_s']} s: {t['trials_per_min']} trials/min; at the peak "
           f"{p['peak_running']} trials asked {p['peak_gpus_requested']} GPUs and held {p['peak_gpus_holding']}; "
