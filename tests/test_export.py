@@ -11,6 +11,7 @@ import timm
 import torch
 from PIL import Image
 
+from search.config import Int8Config
 from search.export.bundle import ExportError
 from search.export.onnx import TENSORRT_HINT, create_session, export_checkpoint
 from trainables.model.backbones import data_config
@@ -205,10 +206,15 @@ def test_an_ensemble_exports_as_one_graph_that_averages_its_members(tmp_path, ch
         assert np.abs(first(x).numpy() - second(x).numpy()).max() > 1e-3  # the members differ
         logits, labels = zip(*[(ensemble(v).numpy(), y.numpy()) for v, y in eval_loader(split, meta, 8)])
     scored = metrics_from_logits(np.concatenate(logits), np.concatenate(labels), meta["class_names"])
-    result = export_model(ensemble, {**meta, "metrics": scored.scalars()}, split, tmp_path / "export", tensorrt=False)
+    result = export_model(ensemble, {**meta, "metrics": scored.scalars()}, split, tmp_path / "export", tensorrt=False,
+                          int8=Int8Config(max_drop=100.0))
     assert abs(result.onnx_macro_f1 - scored.macro_f1) <= 1e-6 and result.argmax_agreement == 1.0
     served = create_session(result.onnx_path).run(["logits"], {"input": x.numpy()})[0]
     np.testing.assert_allclose(served, expected, atol=1e-4)
+    # The int8 path quantizes the one graph, both members in it, and gates it like any model.
+    assert result.int8["shipped"], result.int8
+    int8 = create_session(result.out_dir / "model.int8.onnx").run(["logits"], {"input": x.numpy()})[0]
+    assert int8.shape == expected.shape and 0 < result.int8["argmax_agreement"] <= 1  # over the validation images
 
 
 def test_other_split_is_refused_as_wrong_data(tmp_path, checkpoint, data_root):
