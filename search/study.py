@@ -12,6 +12,7 @@ database.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -205,7 +206,7 @@ def _storage(store: RunStore, storage_url: str | None, writable: bool):
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     if storage_url is not None:
-        return optuna.storages.RDBStorage(storage_url), None
+        return _database(storage_url), None
     if writable and store.is_local:
         # A crashed driver can leave the backend's lock behind; the caller made sure no
         # other driver is alive, so it is stale (Optuna would wait 30 s before breaking it).
@@ -215,6 +216,14 @@ def _storage(store: RunStore, storage_url: str | None, writable: bool):
         return JournalStorage(JournalFileBackend(store.fs_path(JOURNAL))), None
     journal = StoreJournal(store, writable=writable)
     return JournalStorage(journal), journal
+
+
+@functools.lru_cache(maxsize=None)
+def _database(storage_url: str) -> optuna.storages.RDBStorage:
+    """One ``RDBStorage`` (one SQLAlchemy engine and its connection pool) per database and
+    process: a new one for each read (a report polled mid-run) kept its connections open
+    until garbage collection, and PostgreSQL ran out of them ("too many clients")."""
+    return optuna.storages.RDBStorage(storage_url)
 
 
 def _drop_torn_tail(journal: Path) -> None:

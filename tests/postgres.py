@@ -53,7 +53,7 @@ def postgres_server(workdir: Path):
     port = _free_port()
     server = subprocess.Popen(
         [*as_user, str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-h", "127.0.0.1",
-         "-k", str(sockets), "-c", "fsync=off", "-c", "max_connections=50"],
+         "-k", str(sockets), "-c", "fsync=off", "-c", "max_connections=100"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         import psycopg

@@ -107,3 +107,20 @@ def test_a_reader_sees_a_prefix_never_a_gap_and_a_resumed_writer_continues_the_c
     for path in segments.iterdir():
         first, end, _ = map(int, path.name.removesuffix(".jsonl").split("-"))
         assert len(path.read_bytes().splitlines()) == end - first
+
+
+def test_a_study_in_a_database_read_many_times_holds_a_few_connections(tmp_path, postgres_url):
+    """A report polled mid-run reads the study again and again: one engine per database
+    and process, so PostgreSQL's connections do not run out (they did: "too many clients")."""
+    import psycopg
+
+    from search.study import open_study, read_trials
+
+    store = RunStore.at(tmp_path / "run")
+    handle = open_study(store, postgres_url)
+    handle.study.enqueue_trial({"x": 1.0})
+    for _ in range(200):
+        assert len(read_trials(store, postgres_url)) == 1
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        (held,) = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = 'tunecv'").fetchone()
+    assert held <= 6, held  # SQLAlchemy's pool (5) and this probe
