@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,8 +122,14 @@ class StoreJournal(BaseJournalBackend):
     def refresh(self) -> None:
         """Read the segments uploaded since this journal last read (one listing, and a GET
         for each new segment): a reader following a live run."""
-        for first, end, level in _segment_chain(self.store.list_names(self.segments_dir), self.persisted):
-            data = self.store.read_bytes(f"{self.segments_dir}/{_segment_name(first, end, level)}")
+        chain = _segment_chain(self.store.list_names(self.segments_dir), self.persisted)
+        paths = [f"{self.segments_dir}/{_segment_name(*segment)}" for segment in chain]
+        if len(paths) > 1 and not self.store.is_local:  # each GET is a round trip: fetch them together
+            with ThreadPoolExecutor(min(8, len(paths))) as pool:
+                contents = list(pool.map(self.store.read_bytes, paths))
+        else:
+            contents = [self.store.read_bytes(path) for path in paths]
+        for (first, end, level), data in zip(chain, contents):
             lines = [line + b"\n" for line in data.splitlines() if line.strip()]
             self._lines += lines
             self._logs += [json.loads(line) for line in lines]
