@@ -41,13 +41,22 @@ class _Persisted(BaseJournalBackend):
 _COUNT = iter(range(10**6))
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "journal_file"])
 def storage(request, tmp_path):
+    """The study stores tunecv writes to a run: its segments on a filesystem and on S3, and
+    Optuna's journal file (a run on a filesystem). A database (``search.storage``) is
+    Optuna's ``RDBStorage`` as it is, which Optuna's own CI runs these tests against."""
+    if request.param == "journal_file":
+        from optuna.storages.journal import JournalFileBackend
+
+        yield JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+        return
     if request.param == "local":
-        return JournalStorage(_Persisted(RunStore.at(str(tmp_path / "run")), fanout=2))
+        yield JournalStorage(_Persisted(RunStore.at(str(tmp_path / "run")), fanout=2))
+        return
     # Fanout 4 on S3: merges at every 4th flush still, in fewer objects to fetch per read.
     location = f"{request.getfixturevalue('s3_bucket')}/conformance-{next(_COUNT)}"
-    return JournalStorage(_Persisted(RunStore.at(location), fanout=4))
+    yield JournalStorage(_Persisted(RunStore.at(location), fanout=4))
 
 
 class TestStoreJournalConformance(StorageTestCase):
