@@ -56,6 +56,16 @@ def main() -> None:
     sys.path.insert(0, str(REPO))  # run as a script: bench/ is importable from the repository root
     from bench._common import write_result
 
+    # Storages not run this time keep their earlier result, stamped with its own commit.
+    import json
+
+    from bench._common import RESULTS
+
+    earlier = RESULTS / "killed_driver_stress.json"
+    if earlier.is_file():
+        old = json.loads(earlier.read_text())
+        summary += [{**r, "commit": r.get("commit", old["commit"])} for r in old["results"]
+                    if r["storage"] not in args.storage]
     out = write_result("killed_driver_stress", {"what": "killed-driver test, repeated per storage",
                                                 "repeat": args.repeat, "results": summary})
     print(f"wrote {out}")
