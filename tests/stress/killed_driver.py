@@ -1,7 +1,7 @@
 """Stress: the killed-driver test, many times on each storage, outside the normal suite.
 
 Runs ``tests/test_cluster.py::test_killed_driver_resumes_without_rerunning_or_duplicating``
-``--repeat`` times on S3 (moto's server) and on a shared filesystem, each storage in one
+``--repeat`` times on S3 (moto's server), on a shared filesystem and with the study in PostgreSQL, each storage in one
 pytest session against one real ``ray start --head``, and writes the pass counts and
 durations to ``bench/results/killed_driver_stress.json``. Start no other Ray on this
 machine meanwhile: two local clusters confuse Ray Train's address detection.
@@ -46,7 +46,7 @@ def run_storage(storage: str, repeat: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=20)
-    parser.add_argument("--storage", nargs="+", default=["s3", "shared_fs"])
+    parser.add_argument("--storage", nargs="+", default=["s3", "shared_fs", "postgres"])
     args = parser.parse_args()
     summary = []
     for storage in args.storage:
