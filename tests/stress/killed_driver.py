@@ -1,12 +1,12 @@
 """Stress: the killed-driver test, many times on each storage, outside the normal suite.
 
 Runs ``tests/test_cluster.py::test_killed_driver_resumes_without_rerunning_or_duplicating``
-``--repeat`` times on S3 (moto's server), on a shared filesystem and with the study in PostgreSQL, each storage in one
-pytest session against one real ``ray start --head``, and writes the pass counts and
-durations to ``bench/results/killed_driver_stress.json``. Start no other Ray on this
+``--repeat`` times on S3 (moto's server), on a shared filesystem and with the study in
+PostgreSQL, each storage in one pytest session against one real ``ray start --head``, and
+writes the pass counts and durations to ``bench/results/killed_driver_stress.json``. Start no other Ray on this
 machine meanwhile: two local clusters confuse Ray Train's address detection.
 
-    .venv/bin/python tests/stress/killed_driver.py [--repeat 20] [--storage s3 shared_fs]
+    .venv/bin/python tests/stress/killed_driver.py [--repeat 20] [--storage s3 shared_fs postgres]
 """
 
 from __future__ import annotations
