@@ -5,7 +5,6 @@ is uploaded a bounded number of times, and a reader of a live run sees a prefix.
 
 import json
 
-import optuna
 import pytest
 from optuna.storages.journal import BaseJournalBackend, JournalStorage
 from optuna.testing.pytest_storages import StorageTestCase
