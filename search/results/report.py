@@ -153,7 +153,8 @@ def ensemble_sentence(ensemble: dict[str, Any] | None) -> str:
                else "not shipped: it does not beat their mean, so the best run is exported")
     return (f"Ensemble of the best configuration's runs ({', '.join(ensemble['members'])}, logits averaged): "
             f"validation {key} {ensemble[f'validation_{key}']:.4f} against their mean "
-            f"{ensemble[f'members_mean_{key}']:.4f}; {verdict}. Held-out test {key}: {test_cell(ensemble['test'])}.")
+            f"{ensemble[f'members_mean_{key}']:.4f}; {verdict}. "
+            + (f"Held-out test {key}: {test_cell(ensemble['test'])}." if ensemble["test"] else "No held-out test split."))
 
 
 def test_sentence(test: dict[str, Any] | None) -> str:
