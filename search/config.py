@@ -61,15 +61,10 @@ class FinalistsConfig(BaseModel):
 
     k: int = Field(3, ge=0, le=20)  # 0 or 1: no finalists, the top trial is exported
     repeats: int = Field(2, ge=1, le=10)  # new runs of each finalist, seeds optim.seed + 1..repeats
-    # Of search.time_budget_s, kept back from the search for the finalists.
-    budget_share: float = Field(0.25, ge=0.0, lt=1.0)
-    # Below this many validation images the finalists always run; from it on, only when
-    # the leader cannot be told apart from the next trials (a paired bootstrap).
+    budget_share: float = Field(0.25, ge=0.0, lt=1.0)  # of search.time_budget_s, kept back for them
+    # From this many validation images on, they run only when the leader is tied with the next (paired bootstrap).
     always_below: int = Field(2000, ge=0)
-    # Export the winning configuration's runs as one model (logits averaged) when that
-    # beats the mean of its runs on validation (search/export/ensemble.py). It costs a
-    # forward pass per run when serving; false exports the best single run.
-    ensemble: bool = True
+    ensemble: bool = True  # the winner's runs averaged, when that beats their mean (search/export/ensemble.py)
 
     @property
     def enabled(self) -> bool:
@@ -93,31 +88,22 @@ class SearchConfig(BaseModel):
     warm_start: bool = True  # evaluate the space's warm-start recipes first
     cpus_per_trial: float = Field(1.0, gt=0)  # in-process trials (scaling.num_workers: 0)
     max_failures: int = Field(2, ge=0, le=100)  # retries of a crashed trial, from its last epoch
-    # Each attempt's wall-clock limit: a trial past it (a hung step) fails, not retried.
-    trial_timeout_s: float | None = Field(None, gt=0)
-    # The top configurations trained again with other seeds before one is exported
-    # (search/run/finalists.py); docs/numbers.md.
-    finalists: FinalistsConfig = Field(default_factory=lambda: FinalistsConfig())
+    trial_timeout_s: float | None = Field(None, gt=0)  # each attempt's limit: past it (a hung step) it fails
+    finalists: FinalistsConfig = Field(default_factory=lambda: FinalistsConfig())  # search/run/finalists.py
     export: bool = True  # export the winner to ONNX at the end of the run
     int8: Int8Config | None = None  # also a gated static int8 model in the export; null: fp32 only
 
     @model_validator(mode="after")
     def _storage_scheme(self) -> SearchConfig:
-        if self.storage is not None and not re.match(r"^(sqlite|postgresql|mysql)(\+\w+)?://", self.storage):
-            raise ValueError(
-                f"search.storage must be an SQLAlchemy URL such as "
-                f"postgresql://user@host/db or sqlite:///path.db, got {self.storage!r}."
-            )
-        if self.storage is not None:  # the database's Python driver, before any compute
-            from sqlalchemy.engine import make_url
+        if self.storage is None:
+            return self
+        if not re.match(r"^(sqlite|postgresql|mysql)(\+\w+)?://", self.storage):
+            raise ValueError(f"search.storage must be an SQLAlchemy URL such as postgresql://user@host/db or "
+                             f"sqlite:///path.db, got {self.storage!r}.")
+        from search.study import database_driver_problem  # optuna's import: only for a database
 
-            url = make_url(self.storage)
-            try:
-                url.get_dialect().import_dbapi()
-            except ImportError as err:
-                hint = {"postgresql": "pip install 'psycopg[binary]'", "mysql": "pip install pymysql and use "
-                        "mysql+pymysql://"}.get(url.get_backend_name(), "install the driver SQLAlchemy names")
-                raise ValueError(f"search.storage: the {url.drivername} driver is not installed ({err}); {hint}.")
+        if problem := database_driver_problem(self.storage):  # before any compute
+            raise ValueError(f"search.storage: {problem}")
         return self
 
 

@@ -225,6 +225,20 @@ def _storage(store: RunStore, storage_url: str | None, writable: bool):
     return JournalStorage(journal), journal
 
 
+def database_driver_problem(storage_url: str) -> str | None:
+    """Why SQLAlchemy cannot load the Python driver of ``storage_url``, with the fix; None if it can."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(storage_url)
+    try:
+        url.get_dialect().import_dbapi()
+    except ImportError as err:
+        hint = {"postgresql": "pip install 'psycopg[binary]'", "mysql": "pip install pymysql and use mysql+pymysql://"}
+        return (f"the {url.drivername} driver is not installed ({err}); "
+                f"{hint.get(url.get_backend_name(), 'install the driver SQLAlchemy names')}.")
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _database(storage_url: str) -> optuna.storages.RDBStorage:
     """One ``RDBStorage`` (one SQLAlchemy engine and its connection pool) per database and

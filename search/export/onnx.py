@@ -61,8 +61,21 @@ class _Predictions:
     onnx: np.ndarray  # [N, C] logits
 
 
-def export_checkpoint(
-    checkpoint_dir: Path,
+def export_checkpoint(checkpoint_dir: Path, split: DataSplit, out_dir: Path, **options) -> ExportResult:
+    """Export ``checkpoint_dir`` (``model.safetensors`` + ``meta.json``) to ONNX in
+    ``out_dir`` and prove it reproduces the checkpoint; ``options`` are ``export_model``'s.
+
+    Raises ``export_model``'s errors, and ExportError when the checkpoint lacks metadata or
+    ``split`` is other data."""
+    checkpoint_dir = Path(checkpoint_dir)
+    _check_meta(read_meta(checkpoint_dir), split, checkpoint_dir)
+    model, meta = load_model(checkpoint_dir)
+    return export_model(model, meta, split, out_dir, **options)
+
+
+def export_model(
+    model: nn.Module,
+    meta: dict[str, Any],
     split: DataSplit,
     out_dir: Path,
     *,
@@ -72,11 +85,12 @@ def export_checkpoint(
     int8: Int8Config | None = None,
     annotations: dict[str, Any] | None = None,
 ) -> ExportResult:
-    """Export ``checkpoint_dir`` to ONNX in ``out_dir`` and prove it reproduces the checkpoint.
+    """Export ``model`` (eval, CPU) to ONNX in ``out_dir``; prove it gives the macro-F1 ``meta``
+    (a checkpoint's ``meta.json``) reports on ``split``'s validation images. Checkpoints come
+    through ``export_checkpoint``, the finalists' ensemble (``search/export/ensemble.py``) here.
 
     Args:
-        checkpoint_dir: A tunecv checkpoint (``model.safetensors`` + ``meta.json``).
-        split: The split the checkpoint was evaluated on (its fingerprint must match).
+        split: The split the model was evaluated on.
         out_dir: Where the bundle goes; created if needed, earlier bundle files replaced.
         opset: ONNX opset, at least 18.
         batch_size: Images per verification batch, and the TensorRT profile's largest batch.
@@ -93,33 +107,9 @@ def export_checkpoint(
 
     Raises:
         ValueError: ``opset``, ``batch_size`` or ``tensorrt`` has an invalid value.
-        ExportError: The checkpoint lacks metadata, ``split`` is other data, conversion
-            or checker fail, the ONNX macro-F1 differs from the reported one, or
-            TensorRT was required but is unavailable.
+        ExportError: Conversion or checker fail, the ONNX macro-F1 differs from the
+            reported one, or TensorRT was required but is unavailable.
     """
-    _check_args(opset, batch_size, tensorrt)
-    checkpoint_dir = Path(checkpoint_dir)
-    _check_meta(read_meta(checkpoint_dir), split, checkpoint_dir)
-    model, meta = load_model(checkpoint_dir)
-    return export_model(model, meta, split, out_dir, opset=opset, batch_size=batch_size, tensorrt=tensorrt,
-                        int8=int8, annotations=annotations)
-
-
-def export_model(
-    model: nn.Module,
-    meta: dict[str, Any],
-    split: DataSplit,
-    out_dir: Path,
-    *,
-    opset: int = DEFAULT_OPSET,
-    batch_size: int = 32,
-    tensorrt: bool | None = None,
-    int8: Int8Config | None = None,
-    annotations: dict[str, Any] | None = None,
-) -> ExportResult:
-    """``export_checkpoint`` for a model already in memory, with the metadata a checkpoint
-    would hold (``meta["metrics"]`` the macro-F1 its ONNX file must reproduce on
-    ``split``'s validation images): the finalists' ensemble (``search/export/ensemble.py``)."""
     _check_args(opset, batch_size, tensorrt)
     out_dir = Path(out_dir)
     use_tensorrt = _resolve_tensorrt(tensorrt)

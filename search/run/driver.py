@@ -151,13 +151,10 @@ def run_search(
     if resuming:
         check_resumable(store, cfg)
         earlier = read_drivers(store)
-        # The claim, before Ray: of two resumes started at one instant exactly one gets
-        # here (search/drivers.py); the other stops with a ConfigError naming it.
-        driver = DriverRecord(store, earlier[-1].k + 1)
+        driver = DriverRecord(store, earlier[-1].k + 1)  # the claim, before Ray (search/drivers.py)
     else:
-        # A bad data root, layout or batch size fails on the data's listing, before Ray
-        # starts; the images are then read by Ray tasks across the cluster (or come from
-        # the scan cache), and the checks run again on the valid images.
+        # A bad data root, layout or batch size fails on the data's listing, before Ray starts; the images
+        # are then read by Ray tasks across the cluster (or the scan cache), and checked again when valid.
         listing = None if split else list_run_data(cfg)
         if listing is not None:
             most_train = listing.most_train_images(cfg.data.val_fraction, cfg.data.test_fraction, cfg.optim.seed)
@@ -175,14 +172,12 @@ def run_search(
             driver.finish(INTERRUPTED)
         raise
     print_fn(f"{'resuming run directory' if resuming else 'run directory'}: {store}")
-    if not resuming:
-        write_config(store, cfg)
-        earlier = []
-        # From here on the run has a live driver: no other `tunecv run` takes it over.
-        driver = DriverRecord(store, 1)
     if resuming:
         space = check_space(cfg, store.read_text(SPACE), store.uri(SPACE))
     else:
+        write_config(store, cfg)
+        # From here on the run has a live driver: no other `tunecv run` takes it over.
+        driver = DriverRecord(store, 1)
         _set_up(store, driver, split, space_path, note, print_fn)
     _search(cfg, space, store, driver, spent_s(earlier) if resuming else None, print_fn, callbacks, warm_points,
             history, trial_resources, report)
