@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,8 +244,21 @@ def database_driver_problem(storage_url: str) -> str | None:
 def _database(storage_url: str) -> optuna.storages.RDBStorage:
     """One ``RDBStorage`` (one SQLAlchemy engine and its connection pool) per database and
     process: a new one for each read (a report polled mid-run) kept its connections open
-    until garbage collection, and PostgreSQL ran out of them ("too many clients")."""
-    return optuna.storages.RDBStorage(storage_url)
+    until garbage collection, and PostgreSQL ran out of them ("too many clients").
+
+    Optuna creates its tables on first use, and two processes doing so at once on an empty
+    database race: the loser's CREATE TABLE fails on the catalogue (a report polled while
+    a first driver starts, in tests/test_cluster.py). The tables then exist, so the loser
+    tries again and finds them."""
+    import sqlalchemy.exc
+
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(storage_url)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == 2:
+                raise
+            time.sleep(0.5)
 
 
 def _drop_torn_tail(journal: Path) -> None:

@@ -132,3 +132,34 @@ def test_a_study_in_a_database_read_many_times_holds_a_few_connections(tmp_path,
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         (held,) = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = 'tunecv'").fetchone()
     assert held <= 6, held  # SQLAlchemy's pool (5) and this probe
+
+
+def test_openers_of_an_empty_database_at_once_all_get_the_study_tables(postgres_url):
+    """Optuna creates its tables on first use; openers racing on an empty database failed
+    on the catalogue ("duplicate key ... alembic_version"). 5 rounds of 4 at once, each
+    round on a new database, as a first driver and a polled report meet."""
+    import threading
+
+    import psycopg
+
+    from search.study import _database
+
+    base = postgres_url.rsplit("/", 1)[0]
+    for round_ in range(5):
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE race{round_}")
+        url, barrier, errors = f"{base}/race{round_}", threading.Barrier(4), []
+
+        def open_it() -> None:
+            barrier.wait()
+            try:
+                _database.__wrapped__(url).get_all_studies()
+            except Exception as err:  # noqa: BLE001 - the assertion names it
+                errors.append(repr(err))
+
+        threads = [threading.Thread(target=open_it) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == [], (round_, errors)
