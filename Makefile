@@ -61,8 +61,11 @@ postgres:
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; } || \
 	  echo "no PostgreSQL: the search.storage tests will skip (apt-get install postgresql)"
 
+# Two pytest-xdist workers, each taking whole test modules (a module's Ray starts once);
+# tests/conftest.py gives each worker its own temp directory, so their Rays stay apart.
+# The suite is half waiting (Ray start-up, subprocesses, servers): two fill both cores.
 test: $(STAMP) browser postgres
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile
 
 bench: $(STAMP) data/digits
 	$(BIN)/python -m bench.throughput

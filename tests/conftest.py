@@ -1,8 +1,20 @@
 """Shared fixtures: small real image folders and run configs for end-to-end tests."""
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# `make test` runs the suite in two pytest-xdist workers. Two local Rays on one host find
+# each other through /tmp/ray (the "latest cluster" file), and a 2-worker TorchTrainer
+# trial then joins the wrong one (ray-notes.md). Each worker gets its own temp directory,
+# so its Rays, and every process its tests start, keep to their own /tmp.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _worker_tmp = Path("/tmp") / f"tunecv-{os.environ['PYTEST_XDIST_WORKER']}"
+    _worker_tmp.mkdir(exist_ok=True)
+    os.environ["TMPDIR"] = str(_worker_tmp)
+    tempfile.tempdir = None
 
 from trainables.data.demo_data import write_synthetic
 
@@ -91,3 +103,16 @@ def s3_bucket():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def pytest_collection_modifyitems(items):
+    """Modules with the most end-to-end (``slow``) tests first, each module's tests kept
+    together and in order: `make test`'s xdist workers take whole modules (--dist
+    loadfile, so a module's Ray fixture starts once) in this order, and the long ones
+    started first leave the short ones to fill the end instead of one worker finishing
+    alone."""
+    slow = {}
+    for item in items:
+        slow[item.module.__name__] = slow.get(item.module.__name__, 0) + (item.get_closest_marker("slow") is not None)
+    first_seen = {name: i for i, name in enumerate(dict.fromkeys(item.module.__name__ for item in items))}
+    items.sort(key=lambda item: (-slow[item.module.__name__], first_seen[item.module.__name__]))

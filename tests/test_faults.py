@@ -86,9 +86,21 @@ def _wait_for_epoch(tmp_path, index: int, epoch: int, proc, timeout: float = 300
 
 
 def _train_workers() -> list:
+    """This test's Ray Train workers: descendants of this process (its cluster's raylets
+    start them), not those of a Ray another pytest worker runs on the same host."""
     import psutil
 
-    return [p for p in psutil.process_iter(["cmdline"]) if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    mine = psutil.Process().children(recursive=True)
+    return [p for p in mine if "ray::RayTrainWorker" in " ".join(_cmdline(p))]
+
+
+def _cmdline(proc) -> list[str]:
+    import psutil
+
+    try:
+        return proc.cmdline()
+    except psutil.Error:  # gone since it was listed
+        return []
 
 
 def _node_of(cluster, pid: int):
