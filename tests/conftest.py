@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-# `make test` runs the suite in two pytest-xdist workers. Two local Rays on one host find
-# each other through /tmp/ray (the "latest cluster" file), and a 2-worker TorchTrainer
-# trial then joins the wrong one (ray-notes.md). Each worker gets its own temp directory,
-# so its Rays, and every process its tests start, keep to their own /tmp.
+# `make test` runs the suite in two pytest-xdist workers. Two local Rays sharing /tmp/ray
+# (session files, the "latest cluster" address file) made a 2-worker TorchTrainer trial
+# die (ray-notes.md); with a temp directory per worker, two of those trials ran at once
+# and passed. Every process a worker's tests start inherits its TMPDIR.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     _worker_tmp = Path("/tmp") / f"tunecv-{os.environ['PYTEST_XDIST_WORKER']}"
     _worker_tmp.mkdir(exist_ok=True)
