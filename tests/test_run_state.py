@@ -180,6 +180,47 @@ def test_of_two_drivers_claiming_a_run_at_one_instant_exactly_one_wins(where, tm
         assert second.started == won[0].state.started  # the winner's start file, not the loser's
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_resume_commands_started_at_one_instant_one_searches_the_other_exits_2(where, tmp_path, request):
+    """Two real `tunecv run --resume RUN` processes started together: one claims the run
+    and goes on to search; the other exits 2 naming the live driver. The winner is then
+    interrupted (SIGINT) before it trains, leaving the run resumable by the next driver."""
+    import signal
+    import subprocess
+    import sys
+
+    root = str(tmp_path / "runs") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/race"
+    store = RunStore.at(f"{root}/t-20261101-000000")
+    (tmp_path / "data").mkdir()
+    cfg = parse_config(small_run_config(tmp_path / "data", root))
+    write_config(store, cfg)
+    store.write_text(SPACE, "backbones: {}\n")
+    DriverRecord(store, 1, settle_s=0).finish(INTERRUPTED)
+    tunecv = [str(Path(sys.executable).parent / "tunecv"), "run", "--resume", store.location]
+    procs = [subprocess.Popen(tunecv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        [loser] = [p for p in procs if p.poll() is not None]
+        [winner] = [p for p in procs if p is not loser]
+        err = loser.stderr.read()
+        assert loser.returncode == 2, err
+        assert f"pid {winner.pid} on {socket.gethostname()}" in err, err
+        while len(read_drivers(store)) < 2 and winner.poll() is None:  # its claim may still be settling
+            time.sleep(0.1)
+        assert winner.poll() is None, winner.stderr.read()
+        first, second = read_drivers(store)
+        assert (first.status, second.status, second.pid) == (INTERRUPTED, RUNNING, winner.pid)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            proc.wait(timeout=120)
+    assert [d.status for d in read_drivers(store)] == [INTERRUPTED, INTERRUPTED]  # resumable again
+
+
 def test_a_driver_writes_each_file_once(tmp_path):
     """Its start file keeps the start; the end file is written by the first finish only."""
     store = RunStore.at(tmp_path / "run")
