@@ -180,11 +180,24 @@ def test_of_two_drivers_claiming_a_run_at_one_instant_exactly_one_wins(where, tm
         assert second.started == won[0].state.started  # the winner's start file, not the loser's
 
 
+# Each contender imports the CLI and the driver (seconds, and uneven under load) before a
+# shared start line, then runs `tunecv run --resume RUN` as the console script does.
+_CONTENDER = """\
+import pathlib, sys, time
+import search.cli, search.run.driver
+ready, go, run = sys.argv[1:]
+pathlib.Path(ready).touch()
+while not pathlib.Path(go).exists():
+    time.sleep(0.002)
+sys.exit(search.cli.main(["run", "--resume", run]))
+"""
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_two_resume_commands_started_at_one_instant_one_searches_the_other_exits_2(where, tmp_path, request):
-    """Two real `tunecv run --resume RUN` processes started together: one claims the run
-    and goes on to search; the other exits 2 naming the live driver. The winner is then
-    interrupted (SIGINT) before it trains, leaving the run resumable by the next driver."""
+    """Two real `tunecv run --resume RUN` processes released at one instant: one claims the
+    run and goes on to search; the other exits 2 naming it. The winner is then interrupted
+    (SIGINT) before it trains, and the run is left resumable for the next driver."""
     import signal
     import subprocess
     import sys
@@ -194,14 +207,22 @@ def test_two_resume_commands_started_at_one_instant_one_searches_the_other_exits
     (tmp_path / "data").mkdir()
     cfg = parse_config(small_run_config(tmp_path / "data", root))
     write_config(store, cfg)
-    store.write_text(SPACE, "backbones: {}\n")
+    store.write_text(SPACE, "needs_pretrained: false\nbackbones: {test_resnet: {unfreeze_depth: [all]}}\n"
+                            "lr_head: {low: 1.0e-3, high: 1.0e-2}\nlr_base: {ratio: {low: 0.5, high: 1.0}}\n"
+                            "losses: {ce: {}}\n")
     DriverRecord(store, 1, settle_s=0).finish(INTERRUPTED)
-    tunecv = [str(Path(sys.executable).parent / "tunecv"), "run", "--resume", store.location]
-    procs = [subprocess.Popen(tunecv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    (tmp_path / "contender.py").write_text(_CONTENDER)
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "contender.py"), str(tmp_path / f"ready{i}"), str(go),
+                               store.location], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
     try:
         deadline = time.monotonic() + 120
+        while not all((tmp_path / f"ready{i}").exists() for i in range(2)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        go.touch()
         while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            time.sleep(0.1)
+            time.sleep(0.05)
         [loser] = [p for p in procs if p.poll() is not None]
         [winner] = [p for p in procs if p is not loser]
         err = loser.stderr.read()
