@@ -379,3 +379,19 @@ def test_a_full_disk_and_a_final_error_are_found_behind_rays_wrappers():
     assert final_cause(WorkerGroupError("rank 1", {0: RuntimeError("collective aborted"), 1: bad})) is bad
     assert isinstance(final_cause(pickle.loads(pickle.dumps(ControllerError(bad)))), TrialConfigError)
     assert final_cause(WorkerGroupError("rank 0", {0: RuntimeError("crash")})) is None
+
+
+def test_a_resume_whose_space_no_longer_checks_stops_before_ray_and_stays_resumable(tmp_path):
+    """The stored space is checked again on resume (the weights it names may be gone):
+    before Ray starts, and the claimed driver ends interrupted, not left running."""
+    import ray
+
+    from search.run.driver import run_search
+    from search.space.model import SpaceError
+
+    cfg = _cfg(tmp_path)
+    store = _run(tmp_path, cfg, "t-20261101-000000", driver_status=INTERRUPTED)  # its space lists no backbone
+    with pytest.raises(SpaceError, match="backbones: empty"):
+        run_search(cfg, run_dir=store.location)
+    assert not ray.is_initialized()
+    assert [d.status for d in read_drivers(store)] == [INTERRUPTED, INTERRUPTED]

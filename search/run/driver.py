@@ -160,6 +160,8 @@ def run_search(
             most_train = listing.most_train_images(cfg.data.val_fraction, cfg.data.test_fraction, cfg.optim.seed)
             checked = _check_data_and_space(cfg, explicit, most_train)
     try:
+        if resuming:  # before Ray: the run's space may name weights that are gone since
+            space = check_space(cfg, store.read_text(SPACE), store.uri(SPACE))
         connect_ray()
         trial_resources = trial_resources or _trial_resources(cfg)
         check_trials_fit(cfg, trial_resources)
@@ -172,9 +174,7 @@ def run_search(
             driver.finish(INTERRUPTED)
         raise
     print_fn(f"{'resuming run directory' if resuming else 'run directory'}: {store}")
-    if resuming:
-        space = check_space(cfg, store.read_text(SPACE), store.uri(SPACE))
-    else:
+    if not resuming:
         write_config(store, cfg)
         # From here on the run has a live driver: no other `tunecv run` takes it over.
         driver = DriverRecord(store, 1)
