@@ -223,10 +223,11 @@ def test_two_resume_commands_started_at_one_instant_one_searches_the_other_exits
         go.touch()
         while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
             time.sleep(0.05)
-        [loser] = [p for p in procs if p.poll() is not None]
-        [winner] = [p for p in procs if p is not loser]
+        exited = [p for p in procs if p.poll() is not None]
+        assert len(exited) == 1, ("neither contender stopped: both took the run", read_drivers(store))
+        [loser], [winner] = exited, [p for p in procs if p is not exited[0]]
         err = loser.stderr.read()
-        assert loser.returncode == 2, err
+        assert loser.returncode == 2, err[-3000:]
         assert f"pid {winner.pid} on {socket.gethostname()}" in err, err
         while len(read_drivers(store)) < 2 and winner.poll() is None:  # its claim may still be settling
             time.sleep(0.1)

@@ -149,8 +149,8 @@ def run_search(
     store, resuming = locate_run(cfg, run_dir)
     driver = None
     if resuming:
+        earlier = read_drivers(store)  # before the check: a driver started since is met at the claim of k
         check_resumable(store, cfg)
-        earlier = read_drivers(store)
         driver = DriverRecord(store, earlier[-1].k + 1)  # the claim, before Ray (search/drivers.py)
     else:
         # A bad data root, layout or batch size fails on the data's listing, before Ray starts; the images
