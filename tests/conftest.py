@@ -9,9 +9,11 @@ import pytest
 # `make test` runs the suite in two pytest-xdist workers. Two local Rays sharing /tmp/ray
 # (session files, the "latest cluster" address file) made a 2-worker TorchTrainer trial
 # die (ray-notes.md); with a temp directory per worker, two of those trials ran at once
-# and passed. Every process a worker's tests start inherits its TMPDIR.
+# and passed. Every process a worker's tests start inherits its TMPDIR, named for the
+# pytest session too, so two sessions at once (a loop beside a suite) stay apart as well.
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    _worker_tmp = Path("/tmp") / f"tunecv-{os.environ['PYTEST_XDIST_WORKER']}"
+    _session = os.environ.get("PYTEST_XDIST_TESTRUNUID", "")[:8]
+    _worker_tmp = Path("/tmp") / f"tunecv-{_session}-{os.environ['PYTEST_XDIST_WORKER']}"
     _worker_tmp.mkdir(exist_ok=True)
     os.environ["TMPDIR"] = str(_worker_tmp)
     tempfile.tempdir = None
