@@ -89,8 +89,9 @@ def _wait_for_dashboard(address: str, env: dict) -> None:
     probe = (
         "import sys; from ray.job_submission import JobSubmissionClient; "
         "from search.jobs.submit import auth_headers; "
-        "JobSubmissionClient(sys.argv[1], headers=auth_headers()).list_jobs()"
-    )
+        "JobSubmissionClient(sys.argv[1], headers=auth_headers()).submit_job(entrypoint='true')"
+    )  # a job, not a listing: the head's job agent may register seconds after the dashboard
+    # answers, and Ray refuses a job meanwhile ("No available agent", after 10 s under load)
     deadline = time.time() + 90
     while True:
         done = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True)
