@@ -58,7 +58,7 @@ def head(tmp_path_factory, s3_bucket):
     token = work / "auth_token"
     token.write_text(os.urandom(16).hex())
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a limit
-    gcs_port, dashboard_port = _free_port(), _free_port()
+    gcs_port, dashboard_port, agent_port = _free_port(), _free_port(), _free_port()
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "token",
@@ -69,6 +69,9 @@ def head(tmp_path_factory, s3_bucket):
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
          "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+         # The job agent's HTTP port is 52365 unless set, and every other Ray on the host
+         # (another pytest worker's) wants it too; one that lost it takes no jobs.
+         "--dashboard-agent-listen-port", str(agent_port),
          "--num-cpus", "2", "--temp-dir", temp_dir, "--disable-usage-stats"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -91,7 +94,7 @@ def _wait_for_dashboard(address: str, env: dict) -> None:
         "from search.jobs.submit import auth_headers; "
         "JobSubmissionClient(sys.argv[1], headers=auth_headers()).submit_job(entrypoint='true')"
     )  # a job, not a listing: the head's job agent may register seconds after the dashboard
-    # answers, and Ray refuses a job meanwhile ("No available agent", after 10 s under load)
+    # answers, and Ray refuses a job meanwhile ("No available agent")
     deadline = time.time() + 90
     while True:
         done = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True)

@@ -222,10 +222,12 @@ def test_two_resume_commands_started_at_one_instant_one_searches_the_other_exits
         while not all((tmp_path / f"ready{i}").exists() for i in range(2)) and time.monotonic() < deadline:
             time.sleep(0.01)
         go.touch()
+        deadline = time.monotonic() + 90  # a claim takes ~3 s on S3; imports are done
         while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
             time.sleep(0.05)
         exited = [i for i, p in enumerate(procs) if p.poll() is not None]
-        assert len(exited) == 1, ("not exactly one contender stopped", read_drivers(store))
+        assert len(exited) == 1, ("not exactly one contender stopped", read_drivers(store),
+                                  [out.read_text()[-1500:] for out in outs])
         loser, winner = procs[exited[0]], procs[1 - exited[0]]
         said = outs[exited[0]].read_text()
         assert loser.returncode == 2, said[-3000:]
