@@ -61,11 +61,12 @@ postgres:
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; } || \
 	  echo "no PostgreSQL: the search.storage tests will skip (apt-get install postgresql)"
 
-# Two pytest-xdist workers, each taking whole test modules (a module's Ray starts once);
-# tests/conftest.py gives each worker its own temp directory, so their Rays stay apart.
-# The suite is half waiting (Ray start-up, subprocesses, servers): two fill both cores.
+# One process. The suite runs in two pytest-xdist workers too (`pytest -n 2 --dist
+# loadfile`: tests/conftest.py keeps their Rays apart), but on 2 cores it kept the CPU 92 %
+# busy, and the tests with time budgets (a trial timeout, a retrain's budget, a server's
+# start) then failed now and then; `make test` stays serial until they do not.
 test: $(STAMP) browser postgres
-	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -ra
 
 bench: $(STAMP) data/digits
 	$(BIN)/python -m bench.throughput
