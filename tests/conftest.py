@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-# `make test` runs the suite in two pytest-xdist workers. Two local Rays sharing /tmp/ray
+# Under pytest-xdist (`pytest -n 2 --dist loadfile`). Two local Rays sharing /tmp/ray
 # (session files, the "latest cluster" address file) made a 2-worker TorchTrainer trial
 # die (ray-notes.md); with a temp directory per worker, two of those trials ran at once
 # and passed. Every process a worker's tests start inherits its TMPDIR, named for the
@@ -27,6 +27,23 @@ def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
     write_synthetic(root, num_classes=4, images_per_class=40, image_size=32, seed=0)
     return root
+
+
+def at_once(n: int, fn) -> None:
+    """Call ``fn`` in ``n`` threads released together by a barrier; return when all end."""
+    import threading
+
+    barrier = threading.Barrier(n)
+
+    def released() -> None:
+        barrier.wait()
+        fn()
+
+    threads = [threading.Thread(target=released) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def small_run_config(data_root: Path, output_dir: Path, **sections) -> dict:
@@ -109,8 +126,8 @@ def s3_bucket():
 
 def pytest_collection_modifyitems(items):
     """Modules with the most end-to-end (``slow``) tests first, each module's tests kept
-    together and in order: `make test`'s xdist workers take whole modules (--dist
-    loadfile, so a module's Ray fixture starts once) in this order, and the long ones
+    together and in order: xdist workers (`pytest -n 2 --dist loadfile`) take whole
+    modules (a module's Ray fixture starts once) in this order, and the long ones
     started first leave the short ones to fill the end instead of one worker finishing
     alone."""
     slow = {}

@@ -15,7 +15,7 @@ from search.layout import CONFIG, CONFIG_DIGEST, SPACE
 from search.run.location import check_resumable, locate_run
 from search.storage import RunStore, config_digest, read_config, write_config
 from search.study import TRIAL_ID_KEY, StoreJournal
-from tests.conftest import small_run_config
+from tests.conftest import at_once, small_run_config
 
 
 def _cfg(tmp_path, **raw):
@@ -151,28 +151,21 @@ def test_each_driver_writes_its_own_state_file(tmp_path):
 def test_of_two_drivers_claiming_a_run_at_one_instant_exactly_one_wins(where, tmp_path, request):
     """Two resumes that both found the run resumable: 20 rounds of two threads released
     at once; one becomes driver 2, the other is refused naming it (search/drivers.py)."""
-    import threading
-
     from search.drivers import RunTakenError
 
     root = str(tmp_path) if where == "local" else f"{request.getfixturevalue('s3_bucket')}/claims"
     for attempt in range(20):
         store = RunStore.at(f"{root}/run-{attempt}")
         DriverRecord(store, 1, settle_s=0).finish(INTERRUPTED)
-        barrier, won, lost = threading.Barrier(2), [], []
+        won, lost = [], []
 
         def contend() -> None:
-            barrier.wait()
             try:
                 won.append(DriverRecord(store, 2, settle_s=0.3))
             except RunTakenError as err:
                 lost.append(str(err))
 
-        threads = [threading.Thread(target=contend) for _ in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        at_once(2, contend)
         assert len(won) == 1 and len(lost) == 1, (attempt, won, lost)
         assert "was taken at the same moment by another driver, pid" in lost[0] and "drivers/002.json" in lost[0]
         first, second = read_drivers(store)

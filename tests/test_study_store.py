@@ -138,28 +138,22 @@ def test_openers_of_an_empty_database_at_once_all_get_the_study_tables(postgres_
     """Optuna creates its tables on first use; openers racing on an empty database failed
     on the catalogue ("duplicate key ... alembic_version"). 5 rounds of 4 at once, each
     round on a new database, as a first driver and a polled report meet."""
-    import threading
-
     import psycopg
 
     from search.study import _database
+    from tests.conftest import at_once
 
     base = postgres_url.rsplit("/", 1)[0]
     for round_ in range(5):
         with psycopg.connect(postgres_url, autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE race{round_}")
-        url, barrier, errors = f"{base}/race{round_}", threading.Barrier(4), []
+        url, errors = f"{base}/race{round_}", []
 
         def open_it() -> None:
-            barrier.wait()
             try:
                 _database.__wrapped__(url).get_all_studies()
             except Exception as err:  # noqa: BLE001 - the assertion names it
                 errors.append(repr(err))
 
-        threads = [threading.Thread(target=open_it) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        at_once(4, open_it)
         assert errors == [], (round_, errors)
