@@ -29,6 +29,10 @@ import time
 from pathlib import Path
 
 BUDGET_S = 60.0
+# Tune's time budget bounds the restored search; a restoring driver still running at
+# this point has hung (once in CI, 600 s with its result line printed): it dumps its
+# threads' stacks a little before, and the run records where it stood.
+RESTORE_TIMEOUT_S, STACKS_BEFORE_S = 4 * BUDGET_S, 15.0
 # (trials, epochs, seconds an epoch): the measurement, and the smoke run's
 FULL, SMOKE = (8, 4, 1.0), (3, 2, 0.3)
 
@@ -90,10 +94,13 @@ def first_driver(work: Path, samples: int, epochs: int, epoch_s: float) -> None:
 
 
 def restore(work: Path) -> dict:
+    import faulthandler
+
     import ray
     import ray.cloudpickle
     from ray import tune
 
+    faulthandler.dump_traceback_later(RESTORE_TIMEOUT_S - STACKS_BEFORE_S)
     loads = {"n": 0}
     for module in (pickle, ray.cloudpickle):
         for name in ("load", "loads"):
@@ -139,16 +146,18 @@ def measure(samples: int, epochs: int, epoch_s: float, address: str | None = Non
     time.sleep(2 * epoch_s)  # the killed driver's trial workers go down with it: let them
     before = [json.loads(line) for line in log.read_text().splitlines()]
     killed_at = time.time()
-    out = subprocess.run([sys.executable, __file__, "restore", str(work)], env=env, capture_output=True,
-                         text=True, timeout=600)
-    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    stdout, stderr, returncode = _restore(work, env)
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     measured = {k: v for line in lines for k, v in line.items()}
     if "unpickle_calls_during_restore" not in measured:
-        raise BenchError("resume_tuner_restore: the restoring driver printed nothing (exit "
-                         f"{out.returncode}): {out.stderr[-500:]}")
-    if out.returncode != 0:  # the restored search itself failed: keep its last exception line
-        errors = [line for line in out.stderr.splitlines() if "Error:" in line or "Exception:" in line]
-        measured["restore_failed"] = errors[-1].strip() if errors else out.stderr[-500:]
+        raise BenchError(f"resume_tuner_restore: the restoring driver printed nothing (exit {returncode}): "
+                         f"{stderr[-500:]}")
+    if returncode is None:
+        measured["restore_failed"] = (f"no exit after {RESTORE_TIMEOUT_S:.0f} s (time_budget_s {BUDGET_S:.0f}); "
+                                      f"main thread in: {_main_thread_frames(stderr)}")
+    elif returncode != 0:  # the restored search itself failed: keep its last exception line
+        errors = [line for line in stderr.splitlines() if "Error:" in line or "Exception:" in line]
+        measured["restore_failed"] = errors[-1].strip() if errors else stderr[-500:]
     after = [e for e in (json.loads(line) for line in log.read_text().splitlines()) if e["t"] > killed_at]
     done_before = {e["trial"] for e in before if e["epoch"] == epochs}
     seen = {}
@@ -172,6 +181,30 @@ def measure(samples: int, epochs: int, epoch_s: float, address: str | None = Non
         "study_trials_by_state": {s.name: sum(t.state == s for t in study.trials) for s in optuna.trial.TrialState},
     }
     return result
+
+
+def _restore(work: Path, env: dict) -> tuple[str, str, int | None]:
+    """The restoring driver's stdout, stderr and exit code; ``None`` when it had to be killed."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, __file__, "restore", str(work)], env=env, stdout=out, stderr=err,
+                                text=True)
+        try:
+            returncode = proc.wait(timeout=RESTORE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            returncode = None
+        out.seek(0)
+        err.seek(0)
+        return out.read(), err.read(), returncode
+
+
+def _main_thread_frames(stderr: str, depth: int = 4) -> str:
+    """The innermost frames of the main thread in faulthandler's dump, innermost first."""
+    dump = stderr.split("Thread 0x")
+    main = next((block for block in reversed(dump) if "most recent call first" in block), "")
+    frames = [line.strip() for line in main.splitlines() if line.strip().startswith("File ")]
+    return "; ".join(frames[:depth]) or "no stack dump"
 
 
 def main(argv: list[str] | None = None) -> Path:

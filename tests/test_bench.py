@@ -180,6 +180,27 @@ def test_resume_tuner_restore_smoke_run_kills_and_restores(tmp_path, shared_ray)
     assert not math.isnan(run["epochs_trained_twice"])
 
 
+def test_a_hung_restore_is_recorded_with_where_its_main_thread_stood():
+    """The smoke run once hung 600 s in CI after restoring: the restoring driver now dumps
+    its stacks before it is killed, and the result names the main thread's frames."""
+    import subprocess
+    import sys
+
+    from bench.resume_tuner_restore import _main_thread_frames
+
+    code = ("import faulthandler, threading, time\n"
+            "threading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n"
+            "def fit():\n    time.sleep(5)\n"
+            "faulthandler.dump_traceback_later(0.2)\nfit()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(timeout=1.5)
+    proc.kill()
+    frames = _main_thread_frames(proc.stderr.read())
+    assert frames.startswith('File "<string>", line 4 in fit;') and "threading.py" not in frames
+    assert _main_thread_frames("") == "no stack dump"
+
+
 def test_report_html_smoke_run_times_a_page_with_every_trial(tmp_path):
     from bench.report_html import main
 
