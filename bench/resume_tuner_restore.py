@@ -143,7 +143,7 @@ def measure(samples: int, epochs: int, epoch_s: float, address: str | None = Non
     first.send_signal(signal.SIGKILL)
     first.wait()
     killed_after = round(time.time() - started, 1)
-    time.sleep(2 * epoch_s)  # the killed driver's trial workers go down with it: let them
+    _wait_for_workers_gone(2 * epoch_s)
     before = [json.loads(line) for line in log.read_text().splitlines()]
     killed_at = time.time()
     stdout, stderr, returncode = _restore(work, env)
@@ -181,6 +181,20 @@ def measure(samples: int, epochs: int, epoch_s: float, address: str | None = Non
         "study_trials_by_state": {s.name: sum(t.state == s for t in study.trials) for s in optuna.trial.TrialState},
     }
     return result
+
+
+def _wait_for_workers_gone(at_least_s: float, at_most_s: float = 60.0) -> None:
+    """The killed driver's trial workers go down with it: let them. On a Ray this process
+    has joined (the tests'), wait until their CPUs are free again, so the restore does not
+    start against a cluster whose CPUs a dead driver still holds."""
+    import ray
+
+    time.sleep(at_least_s)
+    deadline = time.time() + at_most_s
+    while ray.is_initialized() and time.time() < deadline:
+        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0):
+            return
+        time.sleep(0.2)
 
 
 def _restore(work: Path, env: dict) -> tuple[str, str, int | None]:
