@@ -110,3 +110,12 @@ def test_interval_holds_the_sklearn_macro_f1_and_paired_ties_are_found():
     assert paired_difference(labels, good, worse, 6).low > 0
     with pytest.raises(ValueError, match="expected one prediction per image"):
         macro_f1_interval(labels, good[:10], 6)
+
+    # The report scores every trial on one draw of resamples: the same intervals and
+    # paired differences as one model or one pair at a time.
+    from search.results.intervals import interval_of, resampled_macro_f1
+
+    scored = resampled_macro_f1(labels, {"good": good, "one_flip": one_flip, "worse": worse}, 6)
+    assert interval_of(*scored["good"]) == interval
+    (a, a_samples), (b, b_samples) = scored["good"], scored["one_flip"]
+    assert interval_of(a - b, a_samples - b_samples) == tie

@@ -67,3 +67,26 @@ def test_too_few_trials_for_importances_says_so(tmp_path):
     run = write_synthetic_run(tmp_path / "runs" / "few-20261130-000000", 3, seed=1)
     html = build_report(load_run(run)).html
     assert "Parameter importances need at least 5 trials with a result; this run has" in html
+
+
+def test_learning_curves_share_a_trace_per_status_beyond_the_legend_s_trials(tmp_path):
+    """A trace per trial up to TRIALS_IN_LEGEND; beyond, one per status, the curves kept
+    apart by gaps and each point still naming its trial (1,000 traces took plotly 1 s)."""
+    from search.results.figures import TRIALS_IN_LEGEND, learning_curves
+    from search.results.trials import load_run
+
+    trials = load_run(write_synthetic_run(tmp_path / "runs" / "many-20261207-000000", TRIALS_IN_LEGEND + 5,
+                                          running=2, finished=False)).trials
+    shown = [t for t in trials if t.epochs]
+    grouped = learning_curves(list(trials), rungs=[1])
+    by_status = {t.status for t in shown}
+    assert len(grouped.data) == len(by_status) < len(shown)
+    for trace in grouped.data:
+        status = trace.name.split(" (")[0]
+        group = [t for t in shown if t.status == status]
+        assert trace.name == f"{status} ({len(group)} trials)"
+        points = [(x, text) for x, text in zip(trace.x, trace.text) if x is not None]
+        assert points == [(e["epoch"], f"{t.trial_id} {t.config.model.backbone}") for t in group for e in t.epochs]
+        assert sum(x is None for x in trace.x) == len(group) - 1  # a gap between two trials' curves
+    per_trial = learning_curves(shown[:TRIALS_IN_LEGEND], rungs=[1])
+    assert [trace.name for trace in per_trial.data] == [f"{t.trial_id} ({t.status})" for t in shown[:TRIALS_IN_LEGEND]]

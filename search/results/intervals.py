@@ -75,21 +75,35 @@ def _bounds(samples: np.ndarray) -> tuple[float, float]:
     return float(low), float(high)
 
 
+def resampled_macro_f1(labels, predictions: dict[str, object], num_classes: int,
+                       resamples: int = RESAMPLES) -> dict[str, tuple[float, np.ndarray]]:
+    """Each model's macro-F1 and its ``resamples`` bootstrap values, all scored on the same
+    resamples: the weights are drawn once for every model (a report of 1,000 trials drew
+    them 2,000 times, 1.7 s of its 8), and the difference of two models' samples is their
+    paired bootstrap."""
+    labels, preds = _check(labels, list(predictions.values()))
+    ones = np.ones((1, len(labels)))
+    chunks: list[list[np.ndarray]] = [[] for _ in preds]
+    for weights in _resample_weights(labels, resamples, _SEED):
+        for scored, p in zip(chunks, preds):
+            scored.append(_macro_f1(weights, labels, p, num_classes))
+    return {key: (float(_macro_f1(ones, labels, p, num_classes)[0]), np.concatenate(scored))
+            for key, p, scored in zip(predictions, preds, chunks)}
+
+
+def interval_of(value: float, samples: np.ndarray) -> Interval:
+    return Interval(value, *_bounds(samples))
+
+
 def macro_f1_interval(labels, predictions, num_classes: int, resamples: int = RESAMPLES) -> Interval:
     """Macro-F1 of ``predictions`` with its stratified bootstrap 95 % interval."""
-    labels, (preds,) = _check(labels, [predictions])
-    value = float(_macro_f1(np.ones((1, len(labels))), labels, preds, num_classes)[0])
-    samples = np.concatenate([_macro_f1(w, labels, preds, num_classes)
-                              for w in _resample_weights(labels, resamples, _SEED)])
-    return Interval(value, *_bounds(samples))
+    ((value, samples),) = resampled_macro_f1(labels, {"model": predictions}, num_classes, resamples).values()
+    return interval_of(value, samples)
 
 
 def paired_difference(labels, first, second, num_classes: int, resamples: int = RESAMPLES) -> Interval:
     """Macro-F1 of ``first`` minus that of ``second``, both resampled on the same images:
     an interval that holds 0 means the split cannot tell the two models apart."""
-    labels, (a, b) = _check(labels, [first, second])
-    ones = np.ones((1, len(labels)))
-    value = float(_macro_f1(ones, labels, a, num_classes)[0] - _macro_f1(ones, labels, b, num_classes)[0])
-    samples = np.concatenate([_macro_f1(w, labels, a, num_classes) - _macro_f1(w, labels, b, num_classes)
-                              for w in _resample_weights(labels, resamples, _SEED)])
-    return Interval(value, *_bounds(samples))
+    scored = resampled_macro_f1(labels, {"first": first, "second": second}, num_classes, resamples)
+    (a, a_samples), (b, b_samples) = scored["first"], scored["second"]
+    return interval_of(a - b, a_samples - b_samples)
