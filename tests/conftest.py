@@ -46,6 +46,37 @@ def at_once(n: int, fn) -> None:
         thread.join()
 
 
+@pytest.fixture
+def tunecv_here(monkeypatch, capsys):
+    """``tunecv ARGS`` run in this process: its exit code, stdout and stderr as a
+    ``CompletedProcess``. A subprocess spends ~2 s importing torch and Ray before its first
+    check; the refusals and the small commands tested here take less. ``RAY_ADDRESS`` points
+    where nothing listens, so a check that let bad input through fails to join a cluster
+    rather than start a Ray in the test process. The subprocess path itself stays tested
+    (test_cli.py's training run, the cluster and fault tests)."""
+    import subprocess
+    import sys
+    import warnings
+
+    from search.cli import main
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # main() installs its own hooks
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+
+    def run(*args) -> subprocess.CompletedProcess:
+        argv = [str(a) for a in args]
+        capsys.readouterr()
+        try:
+            code = main(argv)
+        except SystemExit as exit_:  # argparse's usage errors
+            code = exit_.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["tunecv", *argv], code, out, err)
+
+    return run
+
+
 def small_run_config(data_root: Path, output_dir: Path, **sections) -> dict:
     """A raw run config for a tiny, fast trial; ``sections`` override whole sections."""
     raw = {

@@ -1,4 +1,5 @@
-"""The tunecv command line, run as a user runs it."""
+"""The tunecv command line: its commands through ``main()`` in this process (conftest's
+``tunecv_here``), and one training run and one killed search as a user starts them."""
 
 import contextlib
 import shutil
@@ -42,18 +43,18 @@ def test_train_prints_epochs_and_per_class_report(synthetic_root, tmp_path):
         assert (run_dirs[0] / name).exists(), name
 
 
-def test_bad_config_fails_fast_with_exit_2_and_no_traceback(tmp_path):
+def test_bad_config_fails_fast_with_exit_2_and_no_traceback(tmp_path, tunecv_here):
     path = tmp_path / "run.yaml"
     raw = small_run_config(tmp_path, tmp_path / "runs", optim={"epochz": 3})
     path.write_text(yaml.safe_dump(raw))
-    proc = _tunecv("train", "--config", str(path))
+    proc = tunecv_here("train", "--config", str(path))
     assert proc.returncode == 2
     assert "optim.epochz: unknown key" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists()  # nothing created before validation passed
 
 
-def test_corrupt_images_are_listed_and_skipped(synthetic_root, tmp_path):
+def test_corrupt_images_are_listed_and_skipped(synthetic_root, tmp_path, tunecv_here):
     import shutil
 
     root = tmp_path / "data"
@@ -62,30 +63,30 @@ def test_corrupt_images_are_listed_and_skipped(synthetic_root, tmp_path):
     (root / "class_1" / "empty.png").write_bytes(b"")
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(small_run_config(root, tmp_path / "runs")))
-    proc = _tunecv("train", "--config", str(path), "--set", "optim.epochs=1")
+    proc = tunecv_here("train", "--config", str(path), "--set", "optim.epochs=1")
     assert proc.returncode == 0, proc.stderr
     assert "skipped 2 bad file(s)" in proc.stdout
     assert "class_0/broken.png" in proc.stdout and "class_1/empty.png" in proc.stdout
-    strict = _tunecv("train", "--config", str(path), "--set", "data.strict=true")
+    strict = tunecv_here("train", "--config", str(path), "--set", "data.strict=true")
     assert strict.returncode == 2
     assert "broken.png" in strict.stderr and "empty.png" in strict.stderr
 
 
-def test_data_digits_writes_the_bundled_set(tmp_path):
-    proc = _tunecv("data", "digits", str(tmp_path / "digits"), "--image-size", "16")
+def test_data_digits_writes_the_bundled_set(tmp_path, tunecv_here):
+    proc = tunecv_here("data", "digits", str(tmp_path / "digits"), "--image-size", "16")
     assert proc.returncode == 0, proc.stderr
     assert "1797 digit images in 10 classes" in proc.stdout
     assert len(list((tmp_path / "digits").glob("*/*.png"))) == 1797
 
 
-def test_data_commands_never_overwrite_or_traceback_on_bad_arguments(tmp_path):
+def test_data_commands_never_overwrite_or_traceback_on_bad_arguments(tmp_path, tunecv_here):
     out = tmp_path / "synth"
-    assert _tunecv("data", "synthetic", str(out), "--image-size", "16").returncode == 0
+    assert tunecv_here("data", "synthetic", str(out), "--image-size", "16").returncode == 0
     first = (out / "class_0" / "0000.png").read_bytes()
-    again = _tunecv("data", "synthetic", str(out), "--image-size", "16", "--seed", "1")
+    again = tunecv_here("data", "synthetic", str(out), "--image-size", "16", "--seed", "1")
     assert again.returncode == 2 and "is not empty" in again.stderr and "--overwrite" in again.stderr
     assert (out / "class_0" / "0000.png").read_bytes() == first  # nothing of the user's replaced
-    forced = _tunecv("data", "synthetic", str(out), "--image-size", "16", "--seed", "1", "--overwrite")
+    forced = tunecv_here("data", "synthetic", str(out), "--image-size", "16", "--seed", "1", "--overwrite")
     assert forced.returncode == 0 and (out / "class_0" / "0000.png").read_bytes() != first
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
@@ -94,24 +95,24 @@ def test_data_commands_never_overwrite_or_traceback_on_bad_arguments(tmp_path):
         (["synthetic", str(tmp_path / "s"), "--image-size", "-5"], "image_size must be an integer of at least 8"),
         (["digits", str(a_file)], "is a file"),
     ):
-        proc = _tunecv("data", *args)
+        proc = tunecv_here("data", *args)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
-def test_run_with_bad_data_fails_before_ray_and_leaves_no_run_directory(tmp_path):
+def test_run_with_bad_data_fails_before_ray_and_leaves_no_run_directory(tmp_path, tunecv_here):
     empty = tmp_path / "empty"
     (empty / "cat").mkdir(parents=True)
     (empty / "dog").mkdir()
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(small_run_config(empty, tmp_path / "runs")))
-    proc = _tunecv("run", "--config", str(path))
+    proc = tunecv_here("run", "--config", str(path))
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "have no valid training image;" in proc.stderr  # none skipped
     assert "Ray" not in proc.stdout + proc.stderr  # no "Started a local Ray instance"
     assert not (tmp_path / "runs").exists()  # the listing showed it: not even a scan
 
 
-def test_a_symlink_looping_back_into_the_data_root_is_one_line_before_any_work(synthetic_root, tmp_path):
+def test_a_symlink_looping_back_into_the_data_root_is_one_line_before_any_work(synthetic_root, tmp_path, tunecv_here):
     import shutil
 
     root = tmp_path / "data"
@@ -119,7 +120,7 @@ def test_a_symlink_looping_back_into_the_data_root_is_one_line_before_any_work(s
     (root / "class_0" / "loop").symlink_to("..")  # would label the other classes' images class_0
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(small_run_config(root, tmp_path / "runs")))
-    proc = _tunecv("train", "--config", str(path))
+    proc = tunecv_here("train", "--config", str(path))
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [
         "tunecv: error: symlink 'class_0/loop' -> '..' points back to the data root itself, which contains "
@@ -139,9 +140,12 @@ def _space_file(tmp_path, **extra):
 
 
 def _refused_before_ray(proc, tmp_path, *phrases):
+    import ray
+
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-2000:]
     assert "Traceback" not in out and "Ray" not in out, out[-2000:]
+    assert not ray.is_initialized()
     for phrase in phrases:
         assert phrase in proc.stderr, proc.stderr
     runs = tmp_path / "runs"
@@ -151,37 +155,37 @@ def _refused_before_ray(proc, tmp_path, *phrases):
 
 
 def test_a_batch_larger_than_the_training_set_is_refused_before_ray_and_before_a_run_directory(
-        synthetic_root, tmp_path):
+        synthetic_root, tmp_path, tunecv_here):
     path = tmp_path / "run.yaml"
     # 160 images, 20% held out for validation by hash: 130 train.
     path.write_text(yaml.safe_dump(small_run_config(synthetic_root, tmp_path / "runs")))
-    proc = _tunecv("train", "--config", str(path), "--set", "optim.batch_size=500")
+    proc = tunecv_here("train", "--config", str(path), "--set", "optim.batch_size=500")
     _refused_before_ray(proc, tmp_path, "optim.batch_size 500 is larger than the 130 training images; "
                                         "set optim.batch_size to at most 130.")
     plain = _space_file(tmp_path)
-    proc = _tunecv("run", "--config", str(path), "--set", "optim.batch_size=500", "--space", str(plain))
+    proc = tunecv_here("run", "--config", str(path), "--set", "optim.batch_size=500", "--space", str(plain))
     _refused_before_ray(proc, tmp_path, "optim.batch_size 500 is larger than the 130 training images")
-    proc = _tunecv("run", "--config", str(path), "--set", "optim.batch_size=100", "--set",
+    proc = tunecv_here("run", "--config", str(path), "--set", "optim.batch_size=100", "--set",
                    "scaling.num_workers=2", "--space", str(plain))
     _refused_before_ray(proc, tmp_path, "(65 for each of 2 workers)", "at most 65")
     searched = _space_file(tmp_path, batch_size=[16, 200, 500])
-    proc = _tunecv("run", "--config", str(path), "--space", str(searched))
+    proc = tunecv_here("run", "--config", str(path), "--space", str(searched))
     _refused_before_ray(proc, tmp_path, "searches batch_size [16, 200, 500], and [200, 500] are larger than the "
                                         "130 training images")
 
 
-def test_resume_of_a_train_directory_is_refused_before_ray(synthetic_root, tmp_path):
+def test_resume_of_a_train_directory_is_refused_before_ray(synthetic_root, tmp_path, tunecv_here):
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(small_run_config(synthetic_root, tmp_path / "trained")))
-    assert _tunecv("train", "--config", str(path), "--set", "optim.epochs=1").returncode == 0
+    assert tunecv_here("train", "--config", str(path), "--set", "optim.epochs=1").returncode == 0
     (train_dir,) = [d for d in (tmp_path / "trained").iterdir() if d.name != CACHE_DIR]
-    proc = _tunecv("run", "--resume", str(train_dir))
+    proc = tunecv_here("run", "--resume", str(train_dir))
     _refused_before_ray(proc, tmp_path, f"'{train_dir}' is not a search run", "tunecv run --config")
-    proc = _tunecv("report", str(train_dir))
+    proc = tunecv_here("report", str(train_dir))
     assert proc.returncode == 2 and f"'{train_dir}' is not a search run" in proc.stderr, proc.stderr
 
 
-def test_report_on_a_run_that_stopped_in_its_set_up_says_so(synthetic_root, tmp_path):
+def test_report_on_a_run_that_stopped_in_its_set_up_says_so(synthetic_root, tmp_path, tunecv_here):
     from search.config import dump_config, parse_config
     from search.drivers import INTERRUPTED, DriverRecord
     from search.layout import CONFIG
@@ -190,7 +194,7 @@ def test_report_on_a_run_that_stopped_in_its_set_up_says_so(synthetic_root, tmp_
     store = RunStore.at(tmp_path / "runs" / "t-1")
     store.write_text(CONFIG, dump_config(parse_config(small_run_config(synthetic_root, tmp_path / "runs"))))
     DriverRecord(store, 1).finish(INTERRUPTED)  # it stopped before writing space.yaml
-    proc = _tunecv("report", store.location)
+    proc = tunecv_here("report", store.location)
     assert proc.returncode == 2 and "never started searching" in proc.stderr, proc.stdout + proc.stderr
 
 
@@ -202,8 +206,8 @@ def _run_file(tmp_path, **sections):
     return path
 
 
-def test_a_set_value_that_is_not_yaml_is_one_line_naming_it(tmp_path):
-    proc = _tunecv("run", "--config", str(_run_file(tmp_path)), "--set", "optim.epochs=[1,2")
+def test_a_set_value_that_is_not_yaml_is_one_line_naming_it(tmp_path, tunecv_here):
+    proc = tunecv_here("run", "--config", str(_run_file(tmp_path)), "--set", "optim.epochs=[1,2")
     _refused_before_ray(proc, tmp_path)
     assert proc.stderr.splitlines() == [
         "tunecv: error: --set optim.epochs: the value '[1,2' is not valid YAML (while parsing a flow sequence: "
@@ -213,13 +217,13 @@ def test_a_set_value_that_is_not_yaml_is_one_line_naming_it(tmp_path):
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc: os.access calls it writable "
                                                            "(for root), and it refuses every new file")
-def test_an_output_dir_where_no_file_can_be_made_is_one_line_before_ray(tmp_path):
+def test_an_output_dir_where_no_file_can_be_made_is_one_line_before_ray(tmp_path, tunecv_here):
     from search.config import ConfigError, parse_config
 
     raw = yaml.safe_load(_run_file(tmp_path).read_text())
     with pytest.raises(ConfigError, match="cannot be created or written"):  # first here, where no Ray can start
         parse_config({**raw, "output_dir": "/proc/tunecv-runs"})
-    proc = _tunecv("run", "--config", str(tmp_path / "run.yaml"), "--set", "output_dir=/proc/tunecv-runs")
+    proc = tunecv_here("run", "--config", str(tmp_path / "run.yaml"), "--set", "output_dir=/proc/tunecv-runs")
     _refused_before_ray(proc, tmp_path)
     (line,) = proc.stderr.splitlines()
     assert line.startswith(f"tunecv: error: invalid config '{tmp_path / 'run.yaml'}': output_dir: '/proc/tunecv-runs' "
@@ -228,11 +232,11 @@ def test_an_output_dir_where_no_file_can_be_made_is_one_line_before_ray(tmp_path
     assert not Path("/proc/tunecv-runs").exists()
 
 
-def test_report_on_a_folder_that_is_not_a_run_names_what_it_expected(tmp_path):
+def test_report_on_a_folder_that_is_not_a_run_names_what_it_expected(tmp_path, tunecv_here):
     data = tmp_path / "data"
     for name in ("cat", "dog"):
         (data / name).mkdir(parents=True)
-    proc = _tunecv("report", str(data))
+    proc = tunecv_here("report", str(data))
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [
         f"tunecv: error: '{data}' is not a tunecv run directory: expected one holding config.yaml and space.yaml, as "
@@ -241,7 +245,7 @@ def test_report_on_a_folder_that_is_not_a_run_names_what_it_expected(tmp_path):
     assert sorted(p.name for p in data.rglob("*")) == ["cat", "dog"]  # nothing written
 
 
-def test_resume_of_a_hand_edited_config_is_refused_before_ray(tmp_path):
+def test_resume_of_a_hand_edited_config_is_refused_before_ray(tmp_path, tunecv_here):
     from search.config import ConfigError, load_config
     from search.drivers import INTERRUPTED, DriverRecord
     from search.layout import CONFIG, SPACE
@@ -257,7 +261,7 @@ def test_resume_of_a_hand_edited_config_is_refused_before_ray(tmp_path):
     with pytest.raises(ConfigError, match="was edited after the run started"):  # first here, where no Ray can start
         check_resumable(store, read_config(store))
     before = {p: p.read_bytes() for p in (tmp_path / "old").rglob("*") if p.is_file()}
-    proc = _tunecv("run", "--resume", store.location)
+    proc = tunecv_here("run", "--resume", store.location)
     _refused_before_ray(proc, tmp_path)
     edited = config_digest(store.read_text(CONFIG))[:12]
     assert proc.stderr.splitlines() == [

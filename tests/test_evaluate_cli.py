@@ -1,12 +1,9 @@
 """``tunecv evaluate`` refuses a folder that is not a checkpoint, or a split that is not
-there, in one line and before Ray starts. No test here starts Ray: the subprocesses get
-an unreachable ``RAY_ADDRESS``, so a check that let a bad input through would fail to
-join a cluster rather than start one."""
+there, in one line and before Ray starts. No test here starts Ray: the command runs with
+an unreachable ``RAY_ADDRESS`` (conftest's ``tunecv_here``), so a check that let a bad
+input through would fail to join a cluster rather than start one."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +13,6 @@ from search.jobs.evaluate import check_evaluation_inputs
 from trainables.model.checkpoint import FORMAT_VERSION, META_FILE, WEIGHTS_FILE
 from trainables.data.datasets import prepare_split
 from trainables.data.split_files import write_split
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +30,12 @@ def _checkpoint(directory: Path, class_names: list[str], format_version: int = F
     return directory
 
 
-def _tunecv(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}  # nothing listens there
-    return subprocess.run([sys.executable, "-m", "search.cli", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60)
-
-
 def _listing(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
 @pytest.mark.parametrize("case", ["trial folder", "missing split"])
-def test_evaluate_refuses_bad_inputs_in_one_line_before_ray(tmp_path, split_file, case):
+def test_evaluate_refuses_bad_inputs_in_one_line_before_ray(tmp_path, split_file, case, tunecv_here):
     classes = list(json.loads(split_file.with_suffix(".json").read_text())["class_names"])
     if case == "trial folder":  # the folder above the checkpoints, as a user may pass it
         target = tmp_path / "t0003"
@@ -59,7 +48,7 @@ def test_evaluate_refuses_bad_inputs_in_one_line_before_ray(tmp_path, split_file
         split = tmp_path / "split.parquet"
         expected = [f"split file '{split}' does not exist", "RUN/split.parquet"]
     before = _listing(tmp_path)
-    done = _tunecv("evaluate", target, "--split", split)
+    done = tunecv_here("evaluate", target, "--split", split)
     assert done.returncode == 2, done.stderr
     assert done.stdout == ""
     lines = done.stderr.splitlines()

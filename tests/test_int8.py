@@ -5,8 +5,6 @@ model that loses more than ``max_drop`` is refused while fp32 ships."""
 import dataclasses
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +23,6 @@ from tests.conftest import small_run_config
 from trainables.model.checkpoint import read_meta
 from trainables.data.split_files import read_split
 from trainables.data.demo_data import write_digits
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -108,12 +104,10 @@ def test_an_int8_model_that_loses_more_than_max_drop_is_refused_and_fp32_ships(w
     assert "refused" in (out / "README.md").read_text()
 
 
-def test_int8_options_are_checked_before_any_work(tmp_path):
-    bad = subprocess.run([sys.executable, "-m", "search.cli", "export", str(tmp_path / "no-run"), "--int8",
-                          "--int8-method", "kl"], capture_output=True, text=True, cwd=REPO)
+def test_int8_options_are_checked_before_any_work(tmp_path, tunecv_here):
+    bad = tunecv_here("export", tmp_path / "no-run", "--int8", "--int8-method", "kl")
     assert bad.returncode == 2 and "--int8-method: Input should be 'minmax', 'entropy' or 'percentile'" in bad.stderr
-    bad = subprocess.run([sys.executable, "-m", "search.cli", "export", str(tmp_path / "no-run"), "--int8-images", "8"],
-                         capture_output=True, text=True, cwd=REPO)
+    bad = tunecv_here("export", tmp_path / "no-run", "--int8-images", "8")
     assert bad.returncode == 2 and "--int8-images need --int8" in bad.stderr
     with pytest.raises(ValueError, match="max_drop"):
         Int8Config(max_drop=-1)
