@@ -12,6 +12,7 @@ import pytest
 from search.config import parse_config
 from search.jobs.train import train
 from tests.conftest import small_run_config
+from tests.test_loop import _evaluate_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,12 @@ def test_two_worker_ddp_across_two_nodes_trains_and_evaluates_like_one_worker(tw
     assert two["world_size"] == 2 and len(set(two["nodes"])) == 2  # one rank per node
     for key in ("macro_f1", "accuracy", "balanced_accuracy", "val_loss"):
         assert two[key] == pytest.approx(one[key], abs=1e-9), key
-    # ...and both equal what the 2-rank training run reported for that checkpoint.
+    # ...and both equal what the 2-rank training run reported for that checkpoint, as does
+    # the checkpoint reloaded and evaluated in this process, as a user would.
     assert two["macro_f1"] == pytest.approx(meta["metrics"]["macro_f1"], abs=1e-9)
+    single, _, _ = _evaluate_checkpoint(run_dir, batch_size=32)
+    assert single.macro_f1 == pytest.approx(meta["metrics"]["macro_f1"], abs=1e-9)
+    assert single.accuracy == pytest.approx(meta["metrics"]["accuracy"], abs=1e-9)
 
 
 class _S3Requests(logging.Handler):

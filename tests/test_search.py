@@ -333,7 +333,7 @@ def test_multi_worker_trials_run_through_torch_trainer(synthetic_root, tmp_path)
     assert (Path(store.location) / best / "model.safetensors").is_file()
     table = pq.read_table(Path(store.location) / REPORT_PARQUET).to_pylist()
     # Rank 0's gathered metrics reach the report (two epochs of 2-rank training on 130
-    # images is near chance: whether it learned is test_loop's two-rank test).
+    # images is near chance: whether 2 ranks learn is test_multinode's DDP test).
     assert table[0]["macro_f1"] == first.best_epoch["macro_f1"] > 0
 
 
