@@ -12,6 +12,7 @@ import pytest
 from search.config import parse_config
 from search.jobs.train import train
 from tests.conftest import small_run_config
+from tests.fault_hooks import runtime_env
 from tests.test_loop import _evaluate_checkpoint
 
 
@@ -22,7 +23,8 @@ def two_nodes(s3_bucket):  # the S3 endpoint's variables must be set before the 
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address)
+    # The S3 search's second trial (its only test_efficientnet) fails in its ranks.
+    ray.init(address=cluster.address, runtime_env=runtime_env(config_error={"model.backbone": "test_efficientnet"}))
     try:
         yield cluster
     finally:
@@ -84,22 +86,38 @@ class _S3Requests(logging.Handler):
 
 
 @pytest.mark.slow
-def test_multi_worker_trial_across_nodes_uploads_each_checkpoint_once(two_nodes, s3_bucket, synthetic_root, tmp_path):
-    """Object-store run, 2 DDP workers on 2 nodes: Ray Train uploads each epoch's
-    checkpoint once, from whichever node rank 0 is on, and nothing else copies it."""
+def test_multi_worker_trials_across_nodes_end_on_their_own_and_upload_each_checkpoint_once(
+        two_nodes, s3_bucket, synthetic_root, tmp_path):
+    """An object-store run whose trials each drive a TorchTrainer of 2 DDP workers on 2
+    nodes, one trial after the other (FIFO: ASHA may stop a trial at epoch 1, and a
+    TorchTrainer stopped mid-run keeps its placement group when Ray's State API is down,
+    as it is without a dashboard: the next trial would wait for workers forever).
+
+    - The first completes and ends on its own. Were Tune to stop it at its final result,
+      it would kill the TorchTrainer mid-teardown, record an error and leave the workers'
+      resources held, and the second trial would never get its workers.
+    - The second trial's ranks raise a TrialConfigError (a test fault): Ray Train wraps it
+      in a WorkerGroupError, and the trial still fails at once.
+    - Rank 0 keeps the trial's metrics and checkpoints like an in-process trial. Ray Train
+      uploads each epoch's checkpoint once, from whichever node rank 0 is on, and nothing
+      else copies it.
+    """
+    import pyarrow.parquet as pq
     import yaml
 
-    from search.results.trials import COMPLETED, load_run
+    from search.layout import REPORT_PARQUET
+    from search.results.trials import COMPLETED, FAILED, load_run
     from search.run.driver import run_search
     from search.storage import RunStore, check_shared_storage
-    from tests.test_cluster import SPACE
+    from tests.test_search import SPACE
 
     check_shared_storage(RunStore.at(f"{s3_bucket}/multi"))  # both nodes read the probe through S3
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
     cfg = parse_config(small_run_config(
         synthetic_root, f"{s3_bucket}/multi", name="multi", optim={"epochs": 2},
         scaling={"num_workers": 2, "cpus_per_worker": 0.9},
-        search={"space": str(tmp_path / "space.yaml"), "num_samples": 1, "export": False, "scheduler": "fifo"},
+        search={"space": str(tmp_path / "space.yaml"), "num_samples": 2, "warm_start": True, "export": False,
+                "scheduler": "fifo"},
     ))
     requests, werkzeug = _S3Requests(), logging.getLogger("werkzeug")
     werkzeug.addHandler(requests)
@@ -111,16 +129,28 @@ def test_multi_worker_trial_across_nodes_uploads_each_checkpoint_once(two_nodes,
         werkzeug.removeHandler(requests)
         werkzeug.setLevel(logging.WARNING)
         werkzeug.propagate = True
-    (trial,) = load_run(store).trials
-    assert trial.status == COMPLETED and [e["epoch"] for e in trial.epochs] == [1, 2]
-    checkpoints = [e["checkpoint"] for e in trial.epochs]
-    assert all(c.startswith(f"tune/001/{trial.trial_id}/train/checkpoint_") for c in checkpoints)
+    first, failed = sorted(load_run(store).trials, key=lambda t: t.trial_id)
+    assert failed.config.model.backbone == "test_efficientnet"
+    assert failed.status == FAILED and failed.attempts == 1, failed.reason
+    assert failed.reason.startswith("TrialConfigError: test fault")
+    assert first.status == COMPLETED and first.attempts == 1, first.reason
+    assert [e["epoch"] for e in first.epochs] == [1, 2]
+    checkpoints = [e["checkpoint"] for e in first.epochs]
+    assert all(c.startswith(f"tune/001/{first.trial_id}/train/checkpoint_") for c in checkpoints)
+    # The study points at Ray Train's checkpoints, and the best one is there.
+    (best,) = first.checkpoints_by_rank()[:1]
+    assert best in checkpoints and store.exists(f"{best}/model.safetensors")
     for name in ("model.safetensors", "train_state/optimizer.safetensors", "meta.json", "metrics.json"):
         uploads = requests.uploads(f"/{name}")
-        assert len(uploads) == 2, (name, uploads)  # one per epoch, 2 epochs
+        assert len(uploads) == 2, (name, uploads)  # one per epoch, 2 epochs, none from the failed trial
         assert len(set(uploads)) == 2  # each key once: no checkpoint is rewritten
         assert sorted(u.split("/train/")[1].split("/")[0] for u in uploads) == sorted(
             c.split("/train/")[1] for c in checkpoints)
+    # Rank 0's gathered metrics reach the report (two epochs of 2-rank training on 130
+    # images is near chance: whether 2 ranks learn is the DDP test above).
+    table = pq.read_table(store.fs_path(REPORT_PARQUET), filesystem=store.filesystem).to_pylist()
+    assert table[0]["trial_id"] == first.trial_id
+    assert table[0]["macro_f1"] == first.best_epoch["macro_f1"] > 0
 
 
 def test_shared_storage_check_names_what_to_configure(tmp_path):

@@ -288,55 +288,6 @@ def test_bad_search_config_is_named(tmp_path):
     assert "search.num_samples" in str(info.value)
 
 
-@pytest.mark.slow
-def test_multi_worker_trials_run_through_torch_trainer(synthetic_root, tmp_path):
-    """scaling.num_workers >= 1: each trial drives a TorchTrainer (here 2 gloo workers)
-    whose rank 0 keeps the trial's metrics and best checkpoint like an in-process trial.
-
-    A completed trial ends on its own: were Tune to stop it at its final result, it
-    would kill the TorchTrainer mid-teardown, record an error and leave the workers'
-    resources held, and the second trial would never get its workers. The second
-    trial's ranks raise a config error, so it also shows that a rank's TrialConfigError
-    fails the trial at once: two trials check both, one worker-group start fewer.
-    """
-    import ray
-
-    from search.run.driver import run_search
-
-    cfg = _search_config(synthetic_root, tmp_path, num_samples=2, warm_start=True, export=False)
-    raw = cfg.model_dump(mode="json")
-    raw["scaling"] = {"num_workers": 2, "cpus_per_worker": 0.9}
-    raw["optim"]["epochs"] = 2
-    # FIFO: ASHA may stop a trial at epoch 1 (which one depends on the data), and a
-    # TorchTrainer stopped mid-run keeps its placement group when Ray's State API is
-    # down (no dashboard here): the third trial would wait for workers forever.
-    raw["search"]["scheduler"] = "fifo"
-    # The second warm start (the only test_efficientnet of the two trials) fails in its ranks.
-    ray.init(num_cpus=2, include_dashboard=False,
-             runtime_env=runtime_env(config_error={"model.backbone": "test_efficientnet"}))
-    try:
-        store = run_search(parse_config(raw), print_fn=lambda *_: None)
-    finally:
-        ray.shutdown()
-    trials = sorted(load_run(store).trials, key=lambda t: t.trial_id)
-    assert len(trials) == 2
-    # The second warm start's ranks raise TrialConfigError (a test fault); Ray Train wraps
-    # it in a WorkerGroupError, and the trial still fails at once.
-    assert trials[1].status == FAILED and trials[1].attempts == 1, trials[1].reason
-    assert trials[1].reason.startswith("TrialConfigError: test fault")
-    first = trials[0]
-    assert first.status == COMPLETED and first.attempts == 1, first.reason
-    assert [e["epoch"] for e in first.epochs] == [1, 2]
-    # Ray Train wrote the checkpoints, inside the trial's Tune directory; the study points at them.
-    (best,) = first.checkpoints_by_rank()[:1]
-    assert best.startswith(f"tune/001/{first.trial_id}/train/checkpoint_")
-    assert (Path(store.location) / best / "model.safetensors").is_file()
-    table = pq.read_table(Path(store.location) / REPORT_PARQUET).to_pylist()
-    # Rank 0's gathered metrics reach the report (two epochs of 2-rank training on 130
-    # images is near chance: whether 2 ranks learn is test_multinode's DDP test).
-    assert table[0]["macro_f1"] == first.best_epoch["macro_f1"] > 0
-
-
 def test_tune_keeps_as_many_trials_pending_as_the_search_runs_at_once(monkeypatch):
     """With TUNE_MAX_PENDING_TRIALS_PG=1 the simulated cluster started one trial at a time:
     24.5 trials/min against 110 with Tune's default (bench/results/cluster_sim_100*.json).
