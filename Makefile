@@ -65,8 +65,10 @@ postgres:
 # loadfile`: tests/conftest.py keeps their Rays apart), but on 2 cores it kept the CPU 92 %
 # busy, and the tests with time budgets (a trial timeout, a retrain's budget, a server's
 # start) then failed now and then; `make test` stays serial until they do not.
+# Two pytest-xdist workers, each taking whole modules (a module's Ray starts once), the
+# slowest first (tests/conftest.py): serial, the suite kept the 2 cores half busy.
 test: $(STAMP) browser postgres
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile
 
 bench: $(STAMP) data/digits
 	$(BIN)/python -m bench.throughput
