@@ -115,8 +115,7 @@ class StoreJournal(BaseJournalBackend):
         legacy = store.read_bytes(rel) if store.exists(rel) else b""
         # A whole file (a filesystem run's, being appended to) may end mid-line: left out.
         self._lines = [line + b"\n" for line in legacy[: legacy.rfind(b"\n") + 1].splitlines() if line.strip()]
-        self._logs = [json.loads(line) for line in self._lines]
-        self._base = len(self._logs)  # logs in the whole file; segments start here
+        self._base = len(self._lines)  # logs in the whole file; segments start here
         self._chain: list[tuple[int, int, int]] = []  # (first, end, level) of the segments read, in order
         self.refresh()
 
@@ -131,13 +130,14 @@ class StoreJournal(BaseJournalBackend):
         else:
             contents = [self.store.read_bytes(path) for path in paths]
         for (first, end, level), data in zip(chain, contents):
-            lines = [line + b"\n" for line in data.splitlines() if line.strip()]
-            self._lines += lines
-            self._logs += [json.loads(line) for line in lines]
+            self._lines += [line + b"\n" for line in data.splitlines() if line.strip()]
             self._chain.append((first, end, level))
 
     def read_logs(self, log_number_from: int):
-        return self._logs[log_number_from:]
+        # Parsed when read, as a file backend does: Optuna's storage replays each log once
+        # into its own trials, and a parsed copy kept here as well was 3 times the
+        # journal's size (16 MB of 28 for a 1,000-trial journal of 5.3 MB).
+        return [json.loads(line) for line in self._lines[log_number_from:]]
 
     def encoded(self) -> bytes:
         """The whole journal in Optuna's file format: what ``optuna-dashboard`` opens."""
@@ -147,9 +147,7 @@ class StoreJournal(BaseJournalBackend):
         if not self.writable:
             raise RuntimeError(f"the study in {self.store.uri(self.rel)} was opened read-only.")
         for log in logs:
-            line = json.dumps(log, separators=(",", ":"))
-            self._logs.append(json.loads(line))  # a copy, as a file backend would return
-            self._lines.append(line.encode("utf-8") + b"\n")
+            self._lines.append(json.dumps(log, separators=(",", ":")).encode("utf-8") + b"\n")
 
     @property
     def persisted(self) -> int:
@@ -158,9 +156,9 @@ class StoreJournal(BaseJournalBackend):
 
     def flush(self) -> None:
         """Upload the events since the last flush as one new segment, then any merge it completes."""
-        if len(self._logs) == self.persisted:
+        if len(self._lines) == self.persisted:
             return
-        self._write(self.persisted, len(self._logs), 0)
+        self._write(self.persisted, len(self._lines), 0)
         while True:
             tail = self._chain[-self.fanout:]
             level = tail[0][2]
