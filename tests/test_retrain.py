@@ -213,15 +213,16 @@ def test_the_second_and_third_retrain_stop_at_the_search_budget(snapshots, tmp_p
     from search.retrain.job import retrain
     from search.study import TIMESTAMP
 
-    # 30 s: under `pytest -n 2` a 20 s budget once ran out before any trial's first epoch.
+    # Under `pytest -n 2` a budget of 20 s, then of 30 s with two trials at once, ran out
+    # before any trial's first epoch: here one trial at a time gets both CPUs.
     budget = 30
     # The first registers a model to retrain, under no budget: its one trial ends at its count.
     retrain(_config(tmp_path, snapshots["v1"], search={"num_samples": 1}), print_fn=lambda *_: None)
     registry = _registry(tmp_path)
+    later = {"time_budget_s": budget, "max_concurrent_trials": 1, "cpus_per_trial": 2}
     for n, snapshot in ((2, "v2"), (3, "v3")):
         lines = []
-        retrain(_config(tmp_path, snapshots[snapshot], search={"time_budget_s": budget}, num_samples=50, top_k=0),
-                print_fn=lines.append)
+        retrain(_config(tmp_path, snapshots[snapshot], search=later, num_samples=50, top_k=0), print_fn=lines.append)
         version = registry.versions()[-1]
         run = RunStore.at(version.tags[RUN_DIR])
         assert version.number == str(n) and snapshot in run.read_text(CONFIG)
