@@ -75,8 +75,11 @@ def test_cluster_sim_smoke_run_places_every_trial_on_a_logical_gpu(tmp_path):
     memory = result["driver_memory"]
     assert {str(SMOKE.rss_from_trial), str(SMOKE.trials)} <= set(memory["rss_mb"])
     assert all(mb > 100 for mb in memory["rss_mb"].values())  # a driver with torch and Ray loaded
-    assert memory["rss_growth_mb"] == pytest.approx(
-        memory["rss_mb"][str(SMOKE.trials)] - memory["rss_mb"][str(SMOKE.rss_from_trial)], abs=0.11)
+    last, low = memory["rss_mb"][str(SMOKE.trials)], memory["rss_mb"][str(memory["rss_low_trial"])]
+    assert low == min(mb for n, mb in memory["rss_mb"].items() if int(n) >= SMOKE.rss_from_trial)
+    assert memory["rss_growth_mb"] == pytest.approx(last - low, abs=0.11)
+    assert memory["rss_growth_from_first_mb"] == pytest.approx(last - memory["rss_mb"][str(SMOKE.rss_from_trial)],
+                                                               abs=0.11)
     assert result["write_run_report_s"] > 0 and result["wall_s"]["to_report_line"] > 0
     steps = [v for k, v in result["wall_s"].items() if k != "total"]
     assert all(v >= 0 for v in steps) and sum(steps) == pytest.approx(result["wall_s"]["total"], abs=0.5)
