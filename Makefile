@@ -61,12 +61,9 @@ postgres:
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; } || \
 	  echo "no PostgreSQL: the search.storage tests will skip (apt-get install postgresql)"
 
-# One process. The suite runs in two pytest-xdist workers too (`pytest -n 2 --dist
-# loadfile`: tests/conftest.py keeps their Rays apart), but on 2 cores it kept the CPU 92 %
-# busy, and the tests with time budgets (a trial timeout, a retrain's budget, a server's
-# start) then failed now and then; `make test` stays serial until they do not.
 # Two pytest-xdist workers, each taking whole modules (a module's Ray starts once), the
-# slowest first (tests/conftest.py): serial, the suite kept the 2 cores half busy.
+# slowest first; tests/conftest.py keeps their Rays apart. Serial, the suite kept the 2
+# cores half busy; the tests with time budgets leave room for the other worker's load.
 test: $(STAMP) browser postgres
 	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile
 
