@@ -146,7 +146,14 @@ class RunStore:
         import pyarrow.fs as pafs
 
         selector = pafs.FileSelector(self.fs_path(rel), allow_not_found=True)
-        return sorted(info.base_name for info in self.filesystem.get_file_info(selector))
+        try:
+            infos = self.filesystem.get_file_info(selector)
+        except FileNotFoundError:
+            # pyarrow's local listing raises rather than honour allow_not_found when the
+            # directory is created between its failed listing and its existence check (seen
+            # in CI, a test polling a run a driver was creating); by now it exists.
+            infos = self.filesystem.get_file_info(selector)
+        return sorted(info.base_name for info in infos)
 
     @contextlib.contextmanager
     def local_files(self, rel: str, names: Sequence[str]) -> Iterator[Path]:

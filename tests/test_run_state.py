@@ -391,3 +391,25 @@ def test_a_resume_whose_space_no_longer_checks_stops_before_ray_and_stays_resuma
         run_search(cfg, run_dir=store.location)
     assert not ray.is_initialized()
     assert [d.status for d in read_drivers(store)] == [INTERRUPTED, INTERRUPTED]
+
+
+def test_listing_a_directory_created_while_it_is_listed_names_what_it_holds(tmp_path):
+    """pyarrow's local listing with allow_not_found raises FileNotFoundError when the
+    directory appears between its failed listing and its existence check (a test polling a
+    run its driver was creating hit it in CI). Here the first listing fails as pyarrow's did."""
+    import pyarrow.fs as pafs
+    from fsspec.implementations.local import LocalFileSystem
+
+    class CreatedMeanwhile(pafs.FSSpecHandler):
+        failed = False
+
+        def get_file_info_selector(self, selector):
+            if not CreatedMeanwhile.failed:
+                CreatedMeanwhile.failed = True
+                raise FileNotFoundError(f"Cannot list directory '{selector.base_dir}'")
+            return super().get_file_info_selector(selector)
+
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    store = RunStore.at(tmp_path / "runs")
+    store.__dict__["_resolved"] = (pafs.PyFileSystem(CreatedMeanwhile(LocalFileSystem())), store.location)
+    assert store.list_names() == ["a"] and CreatedMeanwhile.failed
