@@ -1,5 +1,6 @@
 """moto's S3 server (the app ``ThreadedMotoServer`` serves) in a process of its own, with a
-WSGI layer that logs every request: when, the method, the path and the bytes sent. A
+WSGI layer that logs every request: when, the method, the path, the bytes sent and the
+query (a LIST is a GET of the bucket with ``list-type`` and ``prefix`` in it). A
 benchmark reads the log to count what its run sent to S3. Its own process, because moto
 keeps every object in memory: inside the driver it would be the driver's growth.
 
@@ -25,6 +26,7 @@ class Request:
     method: str
     path: str
     bytes_in: int
+    query: str = ""
 
 
 def serve(log: Path) -> None:
@@ -39,7 +41,9 @@ def serve(log: Path) -> None:
 
     def counted(environ, start_response):
         sent = environ.get("HTTP_X_AMZ_DECODED_CONTENT_LENGTH") or environ.get("CONTENT_LENGTH") or 0
-        out.write(f"{time.time():.4f}\t{environ['REQUEST_METHOD']}\t{environ.get('PATH_INFO', '')}\t{int(sent)}\n")
+        query = environ.get("QUERY_STRING", "").replace("\t", " ")
+        out.write(f"{time.time():.4f}\t{environ['REQUEST_METHOD']}\t{environ.get('PATH_INFO', '')}\t{int(sent)}"
+                  f"\t{query}\n")
         return app(environ, start_response)
 
     server = make_server("127.0.0.1", 0, counted, True, request_handler=MotoRequestHandler)
@@ -50,8 +54,8 @@ def serve(log: Path) -> None:
 def read_log(log: Path) -> list[Request]:
     requests = []
     for line in log.read_text().splitlines():
-        at, method, path, sent = line.split("\t")
-        requests.append(Request(float(at), method, path, int(sent)))
+        at, method, path, sent, query = line.split("\t")
+        requests.append(Request(float(at), method, path, int(sent), query))
     return requests
 
 

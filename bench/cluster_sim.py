@@ -41,6 +41,7 @@ import dataclasses
 import gc
 import logging
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -252,10 +253,30 @@ def s3_traffic(requests, probe: DriverProbe, sizes: Sizes) -> dict:
                 "study_requests": round(len(study) / span, 2),
                 "study_put_kb": round(sum(r.bytes_in for r in puts(study)) / span / 1e3, 2)}
 
+    def kinds(first: int) -> collections.Counter:
+        begin, end = ends[first - 1], ends[first - 1 + span]
+        return collections.Counter(request_kind(r) for r in requests if begin <= r.at < end)
+
     study = [r for r in requests if "optuna.journal" in r.path]
+    early, late = kinds(sizes.rss_from_trial), kinds(sizes.trials - span)
+    changed = sorted(early.keys() | late.keys(), key=lambda k: -abs(late[k] - early[k]))[:10]
     return {"per_trial_early": window(sizes.rss_from_trial), "per_trial_late": window(sizes.trials - span),
             "total_requests": len(requests), "total_put_mb": round(sum(r.bytes_in for r in requests) / 1e6, 1),
-            "study_requests": len(study), "study_put_mb": round(sum(r.bytes_in for r in study) / 1e6, 2)}
+            "study_requests": len(study), "study_put_mb": round(sum(r.bytes_in for r in study) / 1e6, 2),
+            # requests per trial of each kind, early and late: the ten that changed most
+            "changed_kinds": {k: [round(early[k] / span, 2), round(late[k] / span, 2)] for k in changed}}
+
+
+def request_kind(request) -> str:
+    """What a request did, without which run, trial or number: its method, its key (a
+    LIST's prefix) below the run with digits as #, and the names of its query's fields."""
+    from urllib.parse import parse_qs
+
+    query = parse_qs(request.query, keep_blank_values=True)
+    key = query["prefix"][0] if "prefix" in query else request.path.lstrip("/").partition("/")[2]
+    key = re.sub(r"\d+", "#", re.sub(r"^runs/[^/]+/", "", key))
+    fields = ",".join(sorted(k for k in query if k != "prefix"))
+    return f"{request.method} {key}" + (f" ?{fields}" if fields else "")
 
 
 def run(sizes: Sizes, trace_memory: bool, work: Path, output_dir: str | None = None) -> dict:

@@ -4,13 +4,15 @@ a smoke run of the real search on a simulated 2-node cluster.
 Its own module, not ``test_bench.py``: the smoke run starts a ``ray.cluster_utils.Cluster``
 of its own, which it cannot do while that module's shared local Ray is alive."""
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
 import pytest
 
 from bench._common import BenchError
-from bench.cluster_sim import SMOKE, DriverProbe, check, packing
+from bench._s3_counter import Request
+from bench.cluster_sim import SMOKE, DriverProbe, check, packing, s3_traffic
 
 
 def _probe(intervals: dict[str, tuple[float, float]]) -> DriverProbe:
@@ -47,6 +49,25 @@ def test_check_refuses_trials_without_a_placement_or_a_gpu():
         check(probe, {**placed, "t0": {"node": "n1", "gpus": [], "pid": 1}}, views, SMOKE)
     with pytest.raises(BenchError, match="12 trials asked for"):
         check(probe, placed, views[1:], SMOKE)
+
+
+def test_s3_traffic_names_the_kinds_of_request_that_grew_per_trial():
+    # 12 trials ending a second apart; windows of one trial: early (trial 2), late (trial 11).
+    probe = _probe({f"t{i:04d}": (0.0, float(i)) for i in range(1, 13)})
+    run = "/b/runs/sim-20261207-101010"
+
+    def at(second: float, method: str, path: str, query: str = "") -> Request:
+        return Request(second, method, path, 0, query)
+
+    early = [at(2.5, "PUT", f"{run}/tune/001/t0002/checkpoint_000001/model.safetensors"),
+             at(2.6, "GET", "/b/", "list-type=2&prefix=runs%2Fsim-20261207-101010%2Ftune%2F&delimiter=%2F")]
+    late = [at(11.5, "PUT", f"{run}/tune/001/t0011/checkpoint_000001/model.safetensors")]
+    late += [at(11.6, "GET", "/b/", "list-type=2&prefix=runs%2Fsim-20261207-101010%2Ftune%2F&delimiter=%2F")] * 3
+    result = s3_traffic(early + late, probe, dataclasses.replace(SMOKE, rss_from_trial=2))
+    assert result["per_trial_early"]["requests"] == 2 and result["per_trial_late"]["requests"] == 4
+    kinds = result["changed_kinds"]
+    assert list(kinds)[0] == "GET tune/ ?delimiter,list-type" and kinds["GET tune/ ?delimiter,list-type"] == [1, 3]
+    assert kinds["PUT tune/#/t#/checkpoint_#/model.safetensors"] == [1, 1]
 
 
 @pytest.mark.slow
