@@ -263,8 +263,10 @@ def s3_traffic(requests, probe: DriverProbe, sizes: Sizes) -> dict:
     return {"per_trial_early": window(sizes.rss_from_trial), "per_trial_late": window(sizes.trials - span),
             "total_requests": len(requests), "total_put_mb": round(sum(r.bytes_in for r in requests) / 1e6, 1),
             "study_requests": len(study), "study_put_mb": round(sum(r.bytes_in for r in study) / 1e6, 2),
-            # requests per trial of each kind, early and late: the ten that changed most
-            "changed_kinds": {k: [round(early[k] / span, 2), round(late[k] / span, 2)] for k in changed}}
+            # requests per trial of each kind, early and late: the ten that changed most, and
+            # the ten most frequent late
+            "changed_kinds": {k: [round(early[k] / span, 2), round(late[k] / span, 2)] for k in changed},
+            "top_kinds": {k: [round(early[k] / span, 2), round(n / span, 2)] for k, n in late.most_common(10)}}
 
 
 def request_kind(request) -> str:

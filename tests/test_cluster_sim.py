@@ -68,6 +68,8 @@ def test_s3_traffic_names_the_kinds_of_request_that_grew_per_trial():
     kinds = result["changed_kinds"]
     assert list(kinds)[0] == "GET tune/ ?delimiter,list-type" and kinds["GET tune/ ?delimiter,list-type"] == [1, 3]
     assert kinds["PUT tune/#/t#/checkpoint_#/model.safetensors"] == [1, 1]
+    assert result["top_kinds"] == {"GET tune/ ?delimiter,list-type": [1, 3],
+                                   "PUT tune/#/t#/checkpoint_#/model.safetensors": [1, 1]}
 
 
 @pytest.mark.slow
