@@ -47,6 +47,7 @@ import tempfile
 import time
 import tracemalloc
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import psutil
 from ray import tune
@@ -243,9 +244,12 @@ def s3_traffic(requests, probe: DriverProbe, sizes: Sizes) -> dict:
     ends = sorted(probe.end.values())
     span = max(1, (sizes.trials - sizes.rss_from_trial) // 9)
 
-    def window(first: int) -> dict:
+    def sent_in(first: int) -> list:
+        """The requests sent between the ends of the ``first``-th and the ``first + span``-th trial."""
         begin, end = ends[first - 1], ends[first - 1 + span]
-        sent = [r for r in requests if begin <= r.at < end]
+        return [r for r in requests if begin <= r.at < end]
+
+    def window(first: int, sent: list) -> dict:
         study = [r for r in sent if "optuna.journal" in r.path]
         puts = lambda rs: [r for r in rs if r.method in ("PUT", "POST")]  # noqa: E731
         return {"trials": f"{first}-{first + span}", "requests": round(len(sent) / span, 1),
@@ -253,14 +257,13 @@ def s3_traffic(requests, probe: DriverProbe, sizes: Sizes) -> dict:
                 "study_requests": round(len(study) / span, 2),
                 "study_put_kb": round(sum(r.bytes_in for r in puts(study)) / span / 1e3, 2)}
 
-    def kinds(first: int) -> collections.Counter:
-        begin, end = ends[first - 1], ends[first - 1 + span]
-        return collections.Counter(request_kind(r) for r in requests if begin <= r.at < end)
-
-    study = [r for r in requests if "optuna.journal" in r.path]
-    early, late = kinds(sizes.rss_from_trial), kinds(sizes.trials - span)
+    first_early, first_late = sizes.rss_from_trial, sizes.trials - span
+    sent_early, sent_late = sent_in(first_early), sent_in(first_late)
+    early = collections.Counter(request_kind(r) for r in sent_early)
+    late = collections.Counter(request_kind(r) for r in sent_late)
     changed = sorted(early.keys() | late.keys(), key=lambda k: -abs(late[k] - early[k]))[:10]
-    return {"per_trial_early": window(sizes.rss_from_trial), "per_trial_late": window(sizes.trials - span),
+    study = [r for r in requests if "optuna.journal" in r.path]
+    return {"per_trial_early": window(first_early, sent_early), "per_trial_late": window(first_late, sent_late),
             "total_requests": len(requests), "total_put_mb": round(sum(r.bytes_in for r in requests) / 1e6, 1),
             "study_requests": len(study), "study_put_mb": round(sum(r.bytes_in for r in study) / 1e6, 2),
             # requests per trial of each kind, early and late: the ten that changed most, and
@@ -272,8 +275,6 @@ def s3_traffic(requests, probe: DriverProbe, sizes: Sizes) -> dict:
 def request_kind(request) -> str:
     """What a request did, without which run, trial or number: its method, its key (a
     LIST's prefix) below the run with digits as #, and the names of its query's fields."""
-    from urllib.parse import parse_qs
-
     query = parse_qs(request.query, keep_blank_values=True)
     key = query["prefix"][0] if "prefix" in query else request.path.lstrip("/").partition("/")[2]
     key = re.sub(r"\d+", "#", re.sub(r"^runs/[^/]+/", "", key))
