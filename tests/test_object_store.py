@@ -51,12 +51,21 @@ class _ReportPoller(threading.Thread):
             time.sleep(0.5)
 
 
-@pytest.mark.parametrize("storage", ["s3", "local"])
-def test_search_keeps_its_whole_run_in_storage_and_reports_from_it_throughout(
-    s3_bucket, synthetic_root, tmp_path, capsys, storage
-):
+@pytest.fixture(scope="module")
+def ray_2cpu(s3_bucket):
+    """One local Ray for this module's searches (a start and a stop cost ~10 s here),
+    started after ``s3_bucket`` has set the AWS variables its workers inherit."""
     import ray
 
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("storage", ["s3", "local"])
+def test_search_keeps_its_whole_run_in_storage_and_reports_from_it_throughout(
+    ray_2cpu, s3_bucket, synthetic_root, tmp_path, capsys, storage
+):
     from search.run.driver import run_search
 
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
@@ -68,14 +77,12 @@ def test_search_keeps_its_whole_run_in_storage_and_reports_from_it_throughout(
     ))
     run_uri = f"{output_dir}/polled-run"
     poller = _ReportPoller(run_uri)
-    ray.init(num_cpus=2, include_dashboard=False)
     try:
         poller.start()
         run_search(cfg, print_fn=lambda *_: None, run_dir=run_uri)
     finally:
         poller.stop.set()
         poller.join(timeout=120)
-        ray.shutdown()
     capsys.readouterr()  # the poller's tables
 
     # Before the driver wrote config.yaml the run did not exist yet (exit code 2, "not a
@@ -124,12 +131,10 @@ def test_search_keeps_its_whole_run_in_storage_and_reports_from_it_throughout(
         table[1]["macro_f1"])
 
 
-def test_a_search_reads_its_images_from_the_bucket(s3_bucket, synthetic_root, tmp_path):
+def test_a_search_reads_its_images_from_the_bucket(ray_2cpu, s3_bucket, synthetic_root, tmp_path):
     """data.root is an s3:// prefix and no local copy exists: the driver lists the bucket,
     Ray tasks scan it, and every trial (and the export's check) reads its images from it."""
     import shutil
-
-    import ray
 
     from search.run.driver import run_search
     from trainables.data.split_files import read_split
@@ -148,11 +153,7 @@ def test_a_search_reads_its_images_from_the_bucket(s3_bucket, synthetic_root, tm
                 "scheduler": "fifo"},
     ))
     lines: list[str] = []
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        store = run_search(cfg, print_fn=lambda line="", *_: lines.append(str(line)))
-    finally:
-        ray.shutdown()
+    store = run_search(cfg, print_fn=lambda line="", *_: lines.append(str(line)))
     assert any("reading 160 on Ray" in line for line in lines), lines[:20]
     split = read_split(store.uri("split.parquet"))
     assert split.root == data_uri and len(split.train) + len(split.val) == 160

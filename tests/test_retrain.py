@@ -165,7 +165,8 @@ def test_retrain_warm_starts_gates_on_new_data_registers_and_never_trains_twice(
 def test_a_weak_challenger_on_changed_classes_is_refused_with_its_numbers(snapshots, tmp_path, ray_address):
     from search.retrain.job import retrain
 
-    retrain(_config(tmp_path, snapshots["v2"]), print_fn=lambda *_: None)
+    # The champion: one trial is enough (nothing here checks how it was found).
+    retrain(_config(tmp_path, snapshots["v2"], search={"num_samples": 1}), print_fn=lambda *_: None)
     registry = _registry(tmp_path)
     champion = registry.alias(CHAMPION)
     # One trial, no warm start, and a gain no model can make: refused, whatever it scores.
@@ -299,7 +300,7 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.mark.slow
 def test_killed_and_concurrent_retrains_against_an_mlflow_server(snapshots, tmp_path, ray_address, mlflow_server):
-    cfg = _config(tmp_path, snapshots["v1"])
+    cfg = _config(tmp_path, snapshots["v1"], search={"num_samples": 1})  # the first retrain: search.num_samples
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = {**os.environ, "RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": mlflow_server}
@@ -358,7 +359,8 @@ def test_a_retrain_killed_in_either_alias_window_is_repaired_by_the_next(snapsho
     env = {**os.environ, "RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": mlflow_server}
     for window in ("model-version", "champion"):
         name = f"digits-{window}"
-        cfg = _config(tmp_path, snapshots["v1"], model_name=name, num_samples=1)
+        # A first retrain searches search.num_samples trials (retrain.num_samples is for later ones).
+        cfg = _config(tmp_path, snapshots["v1"], search={"num_samples": 1}, model_name=name)
         config = tmp_path / f"{window}.yaml"
         config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
         first = subprocess.Popen([sys.executable, str(REPO / "tests" / "retrain_paused.py"), window, "--config",

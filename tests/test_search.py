@@ -232,13 +232,11 @@ def test_winner_is_exported_and_verified(search_run):
 
 
 @pytest.mark.slow
-def test_report_rebuilds_from_the_run_via_cli_without_writing_into_it(search_run, tmp_path):
+def test_report_rebuilds_from_the_run_via_cli_without_writing_into_it(search_run, tmp_path, tunecv_here):
     store, _ = search_run
     before = (Path(store.location) / REPORT_PARQUET).read_bytes()
-    proc = subprocess.run(
-        [sys.executable, "-m", "search.cli", "report", store.location, "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=120,
-    )
+    # In this process (the CLI's main): `tunecv report` as a subprocess is test_object_store's.
+    proc = tunecv_here("report", store.location, "--out", tmp_path / "out")
     assert proc.returncode == 0, proc.stderr
     assert sum(t.trial_id in proc.stdout for t in load_run(store).trials) == 6
     rebuilt = pq.read_table(tmp_path / "out" / REPORT_PARQUET).to_pylist()
@@ -248,20 +246,21 @@ def test_report_rebuilds_from_the_run_via_cli_without_writing_into_it(search_run
 
 
 @pytest.mark.slow
-def test_export_into_a_folder_of_the_users_files_is_refused_unless_told(search_run, tmp_path):
+def test_export_into_a_folder_of_the_users_files_is_refused_unless_told(search_run, tmp_path, tunecv_here):
     store, _ = search_run
     project = tmp_path / "myproject"
     project.mkdir()
     (project / "README.md").write_text("my project\n")
-    cli = [sys.executable, "-m", "search.cli", "export", store.location, "--out", str(project)]
-    proc = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+    # In this process (the CLI's main): `tunecv export` as a subprocess is test_object_store's.
+    cli = ["export", store.location, "--out", project]
+    proc = tunecv_here(*cli)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"tunecv: error: OUT '{project}' is not empty (1 entries: README.md); nothing was written. Give a new or "
         "empty directory, or --overwrite to replace files of the same names.")
     assert [p.name for p in project.iterdir()] == ["README.md"]
     assert (project / "README.md").read_text() == "my project\n"
-    proc = subprocess.run([*cli, "--overwrite"], capture_output=True, text=True, timeout=300)
+    proc = tunecv_here(*cli, "--overwrite")
     assert proc.returncode == 0, proc.stderr
     assert (project / "model.onnx").is_file() and (project / "README.md").read_text() != "my project\n"
 
