@@ -90,3 +90,24 @@ def test_learning_curves_share_a_trace_per_status_beyond_the_legend_s_trials(tmp
         assert sum(x is None for x in trace.x) == len(group) - 1  # a gap between two trials' curves
     per_trial = learning_curves(shown[:TRIALS_IN_LEGEND], rungs=[1])
     assert [trace.name for trace in per_trial.data] == [f"{t.trial_id} ({t.status})" for t in shown[:TRIALS_IN_LEGEND]]
+
+
+def test_parallel_coordinates_draw_the_best_trials_beyond_the_limit(tmp_path):
+    """Optuna draws a trace per trial: beyond the limit, only the best trials' lines, and
+    the title says how many of how many."""
+    from search.results.figures import parallel_coordinates, parameter_study
+    from search.results.trials import load_run
+
+    run = load_run(write_synthetic_run(tmp_path / "runs" / "lines-20261207-000000", 12, seed=2))
+    study = parameter_study(list(run.trials), run.space)
+    values = sorted((t.value for t in study.trials), reverse=True)
+    assert len(values) > 5
+    whole, best = parallel_coordinates(study, limit=len(values)), parallel_coordinates(study, limit=5)
+    lines = [trace for trace in best.data if trace.mode == "lines"]
+    assert len([trace for trace in whole.data if trace.mode == "lines"]) == len(values)
+    assert len(lines) == 5
+    assert best.layout.title.text.startswith(f"Parallel coordinates of the best 5 of {len(values)} trials")
+    assert whole.layout.title.text.startswith("Parallel coordinates (colour")
+    # Colour is the value: the 5 lines drawn are the 5 best values, by the colour bar's range.
+    colour_bar = best.data[-1].marker
+    assert (colour_bar.cmin, colour_bar.cmax) == (min(values[:5]), max(values[:5]))

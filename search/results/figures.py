@@ -24,6 +24,9 @@ from search.study import TIMESTAMP
 from trainables.training.metrics import RANKING_METRIC
 
 TRIALS_IN_LEGEND = 40  # learning curves: a trace and a legend entry per trial up to this many
+# Parallel coordinates: the lines of the best this many trials. Optuna draws a trace per
+# trial; at 1,000 they were 3-5 s of the report and one tangle of lines.
+PARALLEL_TRIALS = 200
 MIN_TRIALS_FOR_IMPORTANCE = 5  # fewer results say nothing about which parameter mattered
 _LAYOUT = {"template": "plotly_white", "margin": {"l": 60, "r": 20, "t": 50, "b": 50}}
 _STATUS_STYLE = {  # line dash and colour of a learning curve, by how the trial ended
@@ -118,12 +121,7 @@ class _UncopiedTrials(optuna.storages.InMemoryStorage):
 def parameter_study(trials: list[TrialView], space: SearchSpace) -> optuna.Study:
     """One finished in-memory trial per run-level trial with a result, valued at its best
     macro-F1: the study Optuna's parameter plots read."""
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
-    try:
-        study = optuna.create_study(storage=_UncopiedTrials(), direction="maximize", study_name="report")
-    finally:
-        optuna.logging.set_verbosity(verbosity)
+    study = _empty_study()
     for trial in trials:
         best = trial.best_epoch
         distributions = space.distributions_of(trial.params) if best else None
@@ -137,11 +135,27 @@ def parameter_study(trials: list[TrialView], space: SearchSpace) -> optuna.Study
     return study
 
 
-def parallel_coordinates(study: optuna.Study) -> go.Figure | None:
-    if len(study.trials) < 2:
+def _empty_study() -> optuna.Study:
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
+    try:
+        return optuna.create_study(storage=_UncopiedTrials(), direction="maximize", study_name="report")
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def parallel_coordinates(study: optuna.Study, limit: int = PARALLEL_TRIALS) -> go.Figure | None:
+    """Optuna's parallel coordinates of the study's best ``limit`` trials."""
+    trials = study.get_trials(deepcopy=False)
+    if len(trials) < 2:
         return None
+    title = f"Parallel coordinates (colour: best {RANKING_METRIC})"
+    if len(trials) > limit:
+        study = _empty_study()
+        study.add_trials(sorted(trials, key=lambda t: t.value, reverse=True)[:limit])
+        title = f"Parallel coordinates of the best {limit} of {len(trials)} trials (colour: best {RANKING_METRIC})"
     fig = optuna.visualization.plot_parallel_coordinate(study, target_name=RANKING_METRIC)
-    fig.update_layout(title=f"Parallel coordinates (colour: best {RANKING_METRIC})", height=440, **_LAYOUT)
+    fig.update_layout(title=title, height=440, **_LAYOUT)
     return fig
 
 
