@@ -2,7 +2,8 @@
 real space (its parameters asked through Optuna and the space's own define-by-run), a
 split, the driver's files, and a study whose trials report an epoch at a time (ASHA
 stops, failures, and trials still running included). Every trial's best epoch has a
-``metrics.json`` computed by ``trainables.training.metrics`` from simulated predictions.
+``metrics.json`` computed by ``trainables.training.metrics`` from simulated predictions,
+which it keeps (the report's intervals read them).
 
 Used by ``bench/report_html.py`` (200 trials) and the report page's tests.
 """
@@ -25,7 +26,7 @@ from trainables.model.checkpoint import METRICS_FILE
 from trainables.data.datasets import DataSplit, Sample
 from trainables.data.split_files import write_split
 from trainables.data.images import BadImage
-from trainables.training.metrics import compute_metrics
+from trainables.training.metrics import PREDICTIONS, compute_metrics
 
 SPACE_FILE = Path(__file__).resolve().parents[1] / "spaces" / "tier_1k_10k.yaml"
 CLASSES = tuple(f"class_{i}" for i in range(10))
@@ -89,7 +90,7 @@ def write_synthetic_run(location: Path, n_trials: int, *, epochs: int = 6, runni
             metrics = compute_metrics(labels, preds[:, None], np.full(len(labels), 0.5), CLASSES)
             rel = f"{trial_dir(1, trial_id)}/checkpoint_{best[1] - 1:06d}/{METRICS_FILE}"
             store.write_json(rel, {"per_class": {k: vars(v) for k, v in metrics.per_class.items()},
-                                   "confusion_matrix": metrics.confusion_matrix})
+                                   "confusion_matrix": metrics.confusion_matrix, PREDICTIONS: preds.tolist()})
         if failed:
             trial.set_user_attr(REASON, "RuntimeError: CUDA out of memory (simulated)")
             study.tell(trial, state=optuna.trial.TrialState.FAIL)

@@ -111,3 +111,25 @@ def test_parallel_coordinates_draw_the_best_trials_beyond_the_limit(tmp_path):
     # Colour is the value: the 5 lines drawn are the 5 best values, by the colour bar's range.
     colour_bar = best.data[-1].marker
     assert (colour_bar.cmin, colour_bar.cmax) == (min(values[:5]), max(values[:5]))
+
+
+def test_intervals_are_for_the_top_trials_and_only_theirs_are_read(tmp_path, monkeypatch):
+    """Each interval needs its trial's checkpoint metrics, a read per trial: the report
+    reads the top TOP_WITH_INTERVALS trials' only, and the rows below get none."""
+    import math
+
+    from search.results import report
+    from search.results.trials import load_run
+
+    run = load_run(write_synthetic_run(tmp_path / "runs" / "top-20261207-000000", 12, seed=3))
+    read, read_details = [], report.read_epoch_details
+    monkeypatch.setattr(report, "read_epoch_details", lambda store, t: read.append(t.trial_id) or
+                        read_details(store, t))
+    monkeypatch.setattr(report, "TOP_WITH_INTERVALS", 4)
+    rows = report.build_report(run).rows
+    scored = [r for r in rows if r["best_epoch"]]
+    assert len(scored) > 4
+    assert sorted(read) == sorted(r["trial_id"] for r in scored[:4])
+    assert all(r["macro_f1_low"] < r["macro_f1_high"] and r["vs_leader"] for r in scored[:4])
+    assert scored[0]["vs_leader"] == report.LEADER
+    assert all(math.isnan(r["macro_f1_low"]) and r["vs_leader"] == "" for r in rows[4:])
